@@ -1,0 +1,91 @@
+"""The `i2v` command line: parse arguments, call one library function, print.
+
+Machine-readable output goes to stdout alone; progress, logs and summaries go to stderr. A user's
+mistake is one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from .errors import UserError
+
+app = typer.Typer(
+    help="illust2vec: crawl a board, train a tagger, tag, embed and search anime-style illustrations.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+fakebooru = typer.Typer(
+    help="A synthetic Danbooru-compatible board for offline tests and the demo.", no_args_is_help=True
+)
+app.add_typer(fakebooru, name="fakebooru")
+err = Console(stderr=True)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages to stderr.")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def version() -> None:
+    """Print the installed version."""
+    from . import __version__
+
+    print(__version__)
+
+
+@fakebooru.command("serve")
+def fakebooru_serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (loopback unless told otherwise)."),
+    port: int = typer.Option(0, help="Port; 0 picks a free one."),
+    posts: int = typer.Option(2000, min=1, help="Number of posts on the board."),
+    seed: int = typer.Option(0, help="Seed: the same seed gives the same board, byte for byte."),
+    characters: int = typer.Option(40, min=0, help="Size of the cast."),
+    series: int = typer.Option(8, min=1, help="Number of series (copyrights)."),
+    label_noise: float = typer.Option(0.03, min=0.0, max=1.0, help="Chance that a true general tag is missing."),
+) -> None:
+    """Serve the synthetic board; prints its URL as the first line on stdout once it listens."""
+    from .synth.cast import SynthConfig
+    from .synth.server import serve_forever
+
+    cfg = SynthConfig(posts=posts, seed=seed, characters=characters, series=series, label_noise=label_noise)
+    serve_forever(cfg, host=host, port=port)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="Directory for the demo's outputs."),
+    posts: int = typer.Option(300, min=20, help="Posts on the synthetic board."),
+    seed: int = typer.Option(0, help="Seed of the synthetic board."),
+) -> None:
+    """Run the whole flow that exists so far on the synthetic board, offline."""
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=out, posts=posts, seed=seed), console=err)
+
+
+def main() -> None:
+    """Console-script entry point: turns a UserError into one line and exit status 2."""
+    try:
+        app()
+    except UserError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
