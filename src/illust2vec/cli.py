@@ -15,6 +15,11 @@ from rich.console import Console
 
 from .errors import UserError
 
+try:  # recent typer vendors click; its exceptions are the ones raised
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # older typer on top of click
+    from click import exceptions as click_exceptions
+
 app = typer.Typer(
     help="illust2vec: crawl a board, train a tagger, tag, embed and search anime-style illustrations.",
     no_args_is_help=True,
@@ -76,15 +81,26 @@ def demo(
 
 
 def main() -> None:
-    """Console-script entry point: turns a UserError into one line and exit status 2."""
+    """Console-script entry point: a user's mistake becomes one line on stderr and exit status 2."""
     try:
-        app()
-    except UserError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
+        code = app(standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as e:
+        print(e.format_message(), file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
+    except click_exceptions.UsageError as e:
+        path = e.ctx.command_path if e.ctx else "i2v"
+        print(f"error: {e.format_message()} (see '{path} --help')", file=sys.stderr)
+        sys.exit(2)
+    except click_exceptions.ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
