@@ -59,13 +59,26 @@ def fakebooru_serve(
     characters: int = typer.Option(40, min=0, help="Size of the cast."),
     series: int = typer.Option(8, min=1, help="Number of series (copyrights)."),
     label_noise: float = typer.Option(0.03, min=0.0, max=1.0, help="Chance that a true general tag is missing."),
+    error_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Fault: fraction of answers that are a 5xx."),
+    truncate_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Fault: fraction of bodies cut short."),
+    bad_md5_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Fault: fraction of files not matching md5."),
+    rate_limit: int = typer.Option(0, min=0, help="Fault: requests per second before 429 (0: no limit)."),
+    latency: float = typer.Option(0.0, min=0.0, help="Fault: seconds added to every answer."),
 ) -> None:
     """Serve the synthetic board; prints its URL as the first line on stdout once it listens."""
     from .synth.cast import SynthConfig
-    from .synth.server import serve_forever
+    from .synth.server import Faults, serve_board
 
     cfg = SynthConfig(posts=posts, seed=seed, characters=characters, series=series, label_noise=label_noise)
-    serve_forever(cfg, host=host, port=port)
+    faults = Faults(
+        error_rate=error_rate,
+        truncate_rate=truncate_rate,
+        bad_md5_rate=bad_md5_rate,
+        rate_limit=rate_limit,
+        slow_rate=1.0 if latency > 0 else 0.0,
+        slow_seconds=latency,
+    )
+    serve_board(cfg, host=host, port=port, faults=faults)
 
 
 @app.command()

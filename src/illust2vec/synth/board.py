@@ -350,9 +350,14 @@ class Board:
     def file_size(self, post: SynthPost) -> int:
         return self._file_info(post)[1]
 
+    @staticmethod
+    def has_large(post: SynthPost) -> bool:
+        """Whether the post has a sample (Danbooru's `has_large`): images wider than the sample width."""
+        return post.is_image and post.width > SAMPLE_WIDTH
+
     def sample(self, post: SynthPost) -> bytes | None:
-        """Danbooru's 'large' file: a JPEG 850 px wide, only for images wider than that (bytes differ from md5)."""
-        if not post.is_image or post.width <= SAMPLE_WIDTH:
+        """Danbooru's 'large' file: a JPEG 850 px wide, only where `has_large` (its bytes differ from md5)."""
+        if not self.has_large(post):
             return None
         image = draw_post(post, self.config.pixel_noise).convert("RGB")
         image = image.resize((SAMPLE_WIDTH, round(post.height * SAMPLE_WIDTH / post.width)), Image.Resampling.LANCZOS)
