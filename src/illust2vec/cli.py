@@ -6,6 +6,7 @@ mistake is one line on stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -79,6 +80,82 @@ def fakebooru_serve(
         slow_seconds=latency,
     )
     serve_board(cfg, host=host, port=port, faults=faults)
+
+
+@app.command()
+def crawl(
+    url: str = typer.Option(..., help="The board's address, e.g. https://danbooru.donmai.us."),
+    out: Path = typer.Option(..., help="Crawl directory: posts/*.parquet, images/*.tar, crawl.sqlite."),
+    site: str = typer.Option("danbooru", help="danbooru, moebooru (yande.re, konachan) or gelbooru."),
+    tags: str = typer.Option("", help="Search query that every post must match (the board's syntax)."),
+    ids: str = typer.Option(None, help="Only posts with ids A..B (both ends included)."),
+    shard: str = typer.Option("0/1", help="Take part I of N of the id range (0 <= I < N), for job arrays."),
+    limit: int = typer.Option(None, min=1, help="List at most this many posts (newest first)."),
+    concurrency: int = typer.Option(16, min=1, help="Downloads in flight."),
+    api_rate: float = typer.Option(None, min=0.01, help="API requests per second (default: the site's)."),
+    file_rate: float = typer.Option(None, min=0.01, help="File requests per second (default: the site's)."),
+    image_size: str = typer.Option("original", help="Longer side to resize to while downloading, or 'original'."),
+    keep_non_images: bool = typer.Option(False, help="Store zip, mp4 and other non-image files as they are."),
+    shard_size: int = typer.Option(1000, min=1, help="Images per tar shard."),
+    login: str = typer.Option(None, help="Account name (or I2V_LOGIN, or --key-file)."),
+    api_key: str = typer.Option(None, help="API key; prefer I2V_API_KEY or --key-file: a flag shows in `ps`."),
+    key_file: Path = typer.Option(None, help="File holding login:api_key on its first line."),
+    user_agent: str = typer.Option(None, help="User-Agent header (default: illust2vec's own)."),
+    dry_run: bool = typer.Option(False, help="List the posts and count them; download and write nothing."),
+) -> None:
+    """Crawl a board: posts to Parquet, images verified and written to tar shards; resumable."""
+    from .booru.client import USER_AGENT
+    from .booru.crawl import CrawlConfig, parse_ids, parse_shard, print_summary
+    from .booru.crawl import crawl as run_crawl
+    from .booru.sites import load_auth
+
+    if image_size == "original":
+        size = None
+    elif image_size.isdigit() and int(image_size) >= 16:
+        size = int(image_size)
+    else:
+        raise UserError(f"--image-size takes a number of pixels (at least 16) or 'original', not {image_size!r}")
+    cfg = CrawlConfig(
+        url=url,
+        out=out,
+        site=site,
+        tags=tags,
+        ids=parse_ids(ids) if ids else None,
+        shard=parse_shard(shard),
+        limit=limit,
+        concurrency=concurrency,
+        api_rate=api_rate,
+        file_rate=file_rate,
+        image_size=size,
+        user_agent=user_agent or USER_AGENT,
+        keep_non_images=keep_non_images,
+        shard_size=shard_size,
+        dry_run=dry_run,
+    )
+    auth = load_auth(login, api_key, key_file=key_file)
+    result = run_crawl(cfg, auth, console=err)
+    if dry_run:
+        print(json.dumps(result))
+        return
+    print_summary(result, err)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@app.command("export-csv")
+def export_csv(
+    dirs: list[Path] = typer.Argument(..., help="Crawl directories."),
+    out: Path = typer.Option(None, help="CSV file to write (default: stdout)."),
+) -> None:
+    """Write the crawled posts as the seed's tags.csv: id, md5, rating, tags per category."""
+    from .booru.posts import export_csv as write_csv
+
+    if out is None:
+        rows = write_csv(dirs)
+    else:
+        with open(out, "w", newline="") as f:
+            rows = write_csv(dirs, f)
+    err.print(f"{rows} posts written")
 
 
 @app.command()

@@ -1,8 +1,9 @@
-"""A Danbooru-compatible HTTP server over the synthetic board, with the faults a crawler must survive."""
+"""An HTTP server over the synthetic board that speaks Danbooru's, Moebooru's and Gelbooru's APIs, faults included."""
 
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .board import Board, SynthPost
+from .board import SAMPLE_WIDTH, Board, SynthPost
 from .cast import SynthConfig
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,13 @@ MAX_PLAIN_TAGS = 2  # tags per search for anonymous users; metatags (id:, rating
 CATEGORIES = {"general": 0, "artist": 1, "copyright": 3, "character": 4, "meta": 5}
 RATINGS = {"g": "g", "general": "g", "s": "s", "sensitive": "s", "q": "q", "questionable": "q"}
 RATINGS |= {"e": "e", "explicit": "e"}
+MOEBOORU_LIMIT, MOEBOORU_LIMIT_MAX = 40, 100  # post.json's default page and its documented hard limit
+MOEBOORU_TAG_LIMIT = 50  # tag.json's default page; limit=0 answers every tag
+GELBOORU_LIMIT_MAX = 100
+# Moebooru knows s, q and e only; the board's meta tags become yande.re's "faults" (type 6).
+MOEBOORU_RATINGS = {"g": "s", "s": "s", "q": "q", "e": "e"}
+MOEBOORU_TYPES = {0: 0, 1: 1, 3: 3, 4: 4, 5: 6}
+GELBOORU_RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit"}
 CONTENT_TYPES = {
     "jpg": "image/jpeg",
     "png": "image/png",
@@ -49,10 +57,13 @@ JSON_TYPE = "application/json; charset=utf-8"
 FAULT_PATHS = ("api", "files", "all")
 STAT_KEYS = ("requests", "api", "files", "rate_limited", "throttled", "errors", "slow", "truncated", "bad_md5")
 
-try:  # Danbooru answers in US Eastern time; the offset is what a client must parse
+try:  # Danbooru answers in US Eastern time, Gelbooru in US Central; the offset is what a client must parse
     _ZONE: Any = ZoneInfo("America/New_York")
+    _GELBOORU_ZONE: Any = ZoneInfo("America/Chicago")
 except ZoneInfoNotFoundError:
-    _ZONE = timezone(timedelta(hours=-5))
+    _ZONE, _GELBOORU_ZONE = timezone(timedelta(hours=-5)), timezone(timedelta(hours=-6))
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 _FILE_RE = re.compile(r"/(original|sample|180x180|preview)/([0-9a-f]{2})/([0-9a-f]{2})/(sample-)?([0-9a-f]{32})\.(\w+)")
 _POST_RE = re.compile(r"/posts/(\d+)\.json")
@@ -199,6 +210,45 @@ def _make_tags(posts: list[SynthPost]) -> list[Tag]:
 Predicate = Callable[[SynthPost, frozenset[str]], bool]
 
 
+@dataclass(frozen=True)
+class Flavour:
+    """How one board software reads a search, so one search engine serves all three APIs (STYLE rule 9)."""
+
+    name: str
+    max_plain_tags: int  # plain tags one search may hold; 0: no limit
+    order_key: str  # the ordering metatag: order:id (Danbooru, Moebooru) or sort:id:asc (Gelbooru)
+    ascending: tuple[str, ...]  # its values that mean oldest first; any other means newest first
+    ratings: dict[str, frozenset[str]]  # rating:<word> -> the board ratings it keeps
+    deleted: str  # deleted and banned posts: "shown", "metatag" (hidden unless deleted:true or deleted:all), "never"
+
+
+def _ratings(table: dict[str, str]) -> dict[str, frozenset[str]]:
+    return {word: frozenset(code) for word, code in table.items()}
+
+
+FLAVOURS = {
+    "danbooru": Flavour("danbooru", MAX_PLAIN_TAGS, "order", ("id", "id_asc"), _ratings(RATINGS), "shown"),
+    # Moebooru rates safe, questionable or explicit; its safe covers the board's general and sensitive.
+    "moebooru": Flavour(
+        name="moebooru",
+        max_plain_tags=6,
+        order_key="order",
+        ascending=("id",),
+        ratings=_ratings({"s": "gs", "safe": "gs", "q": "q", "questionable": "q", "e": "e", "explicit": "e"}),
+        deleted="metatag",
+    ),
+    # Gelbooru's API lists active posts only; its legacy "safe" covers general and sensitive.
+    "gelbooru": Flavour(
+        name="gelbooru",
+        max_plain_tags=0,
+        order_key="sort",
+        ascending=("id:asc",),
+        ratings=_ratings({"safe": "gs"} | {word: code for code, word in GELBOORU_RATINGS.items()}),
+        deleted="never",
+    ),
+}
+
+
 @dataclass
 class Search:
     """A parsed `tags` parameter: what to keep and in which order."""
@@ -207,33 +257,39 @@ class Search:
     ascending: bool = False
 
 
-def parse_search(text: str) -> Search:
-    """Parse Danbooru's search syntax: plain tags, `-negation`, `*` wildcards, `id:`, `rating:` and `order:`."""
+def parse_search(text: str, flavour: Flavour = FLAVOURS["danbooru"]) -> Search:
+    """Parse a search: plain tags, `-negation`, `*` wildcards, `id:`, `rating:`, the flavour's order and `deleted:`."""
     search = Search([])
     plain = 0
+    deleted = "all" if flavour.deleted == "shown" else "hide"
     for term in text.split():
         negated = term.startswith("-") and len(term) > 1
         body = (term[1:] if negated else term).lower()
         key, colon, value = body.partition(":")
-        if colon and key == "order" and not negated:
-            # Unknown orders fall back to newest first, as Danbooru does.
-            search.ascending = value in ("id", "id_asc")
+        if colon and key == flavour.order_key and not negated:
+            # Unknown orders fall back to newest first, as the boards do.
+            search.ascending = value in flavour.ascending
+            continue
+        if colon and key == "deleted" and flavour.deleted == "metatag" and not negated:
+            deleted = "only" if value == "true" else "all"
             continue
         if colon and key == "id":
             test = _id_predicate(value)
         elif colon and key == "rating":
-            test = _rating_predicate(value)
+            test = _rating_predicate(value, flavour)
         else:
             plain += 1
             test = _tag_predicate(body)
         search.predicates.append((lambda p, t, test=test: not test(p, t)) if negated else test)
-    if plain > MAX_PLAIN_TAGS:
+    if flavour.max_plain_tags and plain > flavour.max_plain_tags:
         raise ApiError(
             422,
             "PostQuery::TagLimitError",
-            f"You cannot search for more than {MAX_PLAIN_TAGS} tags at a time. "
+            f"You cannot search for more than {flavour.max_plain_tags} tags at a time. "
             "Upgrade your account to search for more tags at once.",
         )
+    if deleted != "all":
+        search.predicates.append(lambda p, _, only=deleted == "only": _hidden(p) == only)
     return search
 
 
@@ -258,11 +314,11 @@ def _id_predicate(value: str) -> Predicate:
     return lambda p, _: p.id == n
 
 
-def _rating_predicate(value: str) -> Predicate:
+def _rating_predicate(value: str, flavour: Flavour) -> Predicate:
     names = value.split(",")
-    if not all(name in RATINGS for name in names):
-        raise _bad_parameter(f"Invalid rating: rating:{value} (use g, s, q, e or their full names)")
-    wanted = {RATINGS[name] for name in names}
+    if not all(name in flavour.ratings for name in names):
+        raise _bad_parameter(f"Invalid rating: rating:{value} (use {', '.join(flavour.ratings)})")
+    wanted = frozenset().union(*(flavour.ratings[name] for name in names))
     return lambda p, _: p.rating in wanted
 
 
@@ -319,6 +375,26 @@ def paginate(items: list, page: tuple[str, int], limit: int, ordered: list | Non
         return items[max(i - limit, 0) : i][::-1]
     i = bisect_right(ids, n)
     return items[i : i + limit][::-1]
+
+
+def parse_page_number(params: dict[str, str], key: str = "page", first: int = 1) -> int:
+    """A numbered page counted from `first` (Moebooru's page from 1, Gelbooru's pid from 0) as a page from 1."""
+    text = params.get(key, "").strip()
+    if not text:
+        return 1
+    if not re.fullmatch(r"-?\d+", text):
+        raise _bad_parameter(f"{key} must be a whole number, not {text!r}")
+    return max(int(text) - first, 0) + 1
+
+
+def _int_param(params: dict[str, str], key: str) -> int | None:
+    text = params.get(key, "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise _bad_parameter(f"{key} must be a whole number, not {text!r}") from None
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -396,9 +472,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class BoardServer:
-    """A running fake Danbooru: `url`, `board`, `stats` (faults fired and requests seen), `close()`.
+    """A running fake board: `url`, `board`, `stats` (faults fired and requests seen), `close()`.
 
-    Start one with `start_board`. Use it as a context manager, or call `close()`.
+    It answers Danbooru's API (/posts.json, /tags.json), Moebooru's (/post.json, /tag.json) and Gelbooru's
+    (/index.php?page=dapi&json=1) over the same posts and files. Start one with `start_board`. Use it as a
+    context manager, or call `close()`.
     """
 
     def __init__(
@@ -598,6 +676,12 @@ class BoardServer:
             return _json(200, {"counts": {"posts": len(self._matching(search))}})
         if path == "/tags.json":
             return self._tags(params)
+        if path == "/post.json":
+            return self._moebooru_posts(params, base)
+        if path == "/tag.json":
+            return self._moebooru_tags(params)
+        if path == "/index.php" and params.get("page") == "dapi":
+            return self._gelbooru(params, base)
         if m := _POST_RE.fullmatch(path):
             post = self.board.get(int(m[1]))
             if post is None:
@@ -614,13 +698,16 @@ class BoardServer:
         tag_sets = self._tag_sets
         return [p for p in self.board.posts if all(test(p, tag_sets[p.id]) for test in search.predicates)]
 
-    def _posts(self, params: dict[str, str], base: str) -> Response:
-        search = parse_search(params.get("tags", ""))
-        limit = parse_limit(params, POST_LIMIT_MAX)
-        page = parse_page(params)
+    def _search_page(self, search: Search, page: tuple[str, int], limit: int) -> tuple[list[SynthPost], int]:
+        """One page of the posts a search keeps, rendered (md5s ready), and how many it keeps in all."""
         matching = self._matching(search)
         posts = paginate(matching, page, limit, ordered=matching if search.ascending else None)
         self._render_all(posts)
+        return posts, len(matching)
+
+    def _posts(self, params: dict[str, str], base: str) -> Response:
+        search = parse_search(params.get("tags", ""))
+        posts, _ = self._search_page(search, parse_page(params), parse_limit(params, POST_LIMIT_MAX))
         return _json(200, [self.post_json(p, base) for p in posts])
 
     def _tags(self, params: dict[str, str]) -> Response:
@@ -645,6 +732,76 @@ class BoardServer:
         keep = {t.id for t in kept}
         rows = paginate(kept, page, limit, ordered=[t for t in ordered if t.id in keep])
         return _json(200, [t.to_json() for t in rows])
+
+    # Moebooru and Gelbooru: the same board through their APIs
+
+    def _moebooru_posts(self, params: dict[str, str], base: str) -> Response:
+        search = parse_search(params.get("tags", ""), FLAVOURS["moebooru"])
+        limit = parse_limit(params, MOEBOORU_LIMIT_MAX, MOEBOORU_LIMIT)
+        posts, _ = self._search_page(search, ("n", parse_page_number(params, "page", first=1)), limit)
+        return _json(200, [self.moebooru_json(p, base) for p in posts])
+
+    def _moebooru_tags(self, params: dict[str, str]) -> Response:
+        # As Moebooru's tag/index: name matches a substring unless it has a * wildcard; limit=0 answers every tag.
+        limit = _int_param(params, "limit")
+        if limit is None:
+            limit = MOEBOORU_TAG_LIMIT
+        elif limit <= 0:
+            limit = max(len(self.tags), 1)
+        order = params.get("order", "")
+        ordered = {"count": self._tags_by_count, "date": self.tags[::-1]}.get(order, self._tags_by_name)
+        tests: list[Callable[[Tag], bool]] = []
+        if name := params.get("name", "").strip().lower():
+            regex = _wildcard(name if "*" in name else f"*{name}*")
+            tests.append(lambda t: regex.fullmatch(t.name) is not None)
+        if (kind := _int_param(params, "type")) is not None:
+            tests.append(lambda t: MOEBOORU_TYPES[t.category] == kind)
+        if (after := _int_param(params, "after_id")) is not None:
+            tests.append(lambda t: t.id >= after)
+        if (tag_id := _int_param(params, "id")) is not None:
+            tests.append(lambda t: t.id == tag_id)
+        kept = [t for t in ordered if all(test(t) for test in tests)]
+        rows = paginate(kept, ("n", parse_page_number(params, "page", first=1)), limit, ordered=kept)
+        return _json(200, [_moebooru_tag(t) for t in rows])
+
+    def _gelbooru(self, params: dict[str, str], base: str) -> Response:
+        kind = params.get("s")
+        if params.get("q") != "index" or kind not in ("post", "tag"):
+            raise _not_found()
+        if params.get("json") != "1":
+            raise _bad_parameter("fakebooru answers Gelbooru's API in JSON only: add json=1")
+        limit = parse_limit(params, GELBOORU_LIMIT_MAX if kind == "post" else TAG_LIMIT_MAX, GELBOORU_LIMIT_MAX)
+        page = ("n", parse_page_number(params, "pid", first=0))
+        rows: list[dict[str, Any]]
+        if kind == "post":
+            posts, count = self._search_page(parse_search(params.get("tags", ""), FLAVOURS["gelbooru"]), page, limit)
+            rows = [self.gelbooru_json(p, base) for p in posts]
+        else:
+            tags = self._gelbooru_tags(params)
+            rows, count = [_gelbooru_tag(t) for t in paginate(tags, page, limit, ordered=tags)], len(tags)
+        answer: dict[str, Any] = {"@attributes": {"limit": limit, "offset": (page[1] - 1) * limit, "count": count}}
+        if rows:  # Gelbooru leaves the list out of an empty answer
+            answer[kind] = rows
+        return _json(200, answer)
+
+    def _gelbooru_tags(self, params: dict[str, str]) -> list[Tag]:
+        tests: list[Callable[[Tag], bool]] = []
+        if names := params.get("names", "").split():  # as Gelbooru stores them: HTML-escaped
+            wanted = set(names)
+            tests.append(lambda t: _php_escape(t.name) in wanted)
+        if name := params.get("name", "").strip():
+            tests.append(lambda t: _php_escape(t.name) == name)
+        if pattern := params.get("name_pattern", "").strip():  # SQL LIKE: % any run, _ any one character
+            regex = re.compile("".join({"%": ".*", "_": "."}.get(c, re.escape(c)) for c in pattern))
+            tests.append(lambda t: regex.fullmatch(_php_escape(t.name)) is not None)
+        if (after := _int_param(params, "after_id")) is not None:
+            tests.append(lambda t: t.id > after)
+        key = {"count": lambda t: t.post_count, "date": lambda t: t.id}.get(params.get("orderby", ""), lambda t: t.name)
+        return sorted(
+            (t for t in self.tags if all(test(t) for test in tests)),
+            key=key,
+            reverse=params.get("order", "").upper() == "DESC",
+        )
 
     def _file(self, kind: str, ab: str, cd: str, sample_prefix: str | None, md5: str, ext: str) -> Response:
         if ab != md5[:2] or cd != md5[2:4] or (sample_prefix is not None) != (kind == "sample"):
@@ -674,6 +831,12 @@ class BoardServer:
 
     # Post objects
 
+    def _file_urls(self, post: SynthPost, md5: str, base: str) -> tuple[str, str | None, str]:
+        """The original, the sample (None without one) and the preview URL of a post: the same files for every API."""
+        original = f"{base}/original/{md5[:2]}/{md5[2:4]}/{md5}.{post.file_ext}"
+        sample = f"{base}/sample/{md5[:2]}/{md5[2:4]}/sample-{md5}.jpg" if self.board.has_large(post) else None
+        return original, sample, f"{base}/180x180/{md5[:2]}/{md5[2:4]}/{md5}.jpg"
+
     def post_json(self, post: SynthPost, base: str | None = None) -> dict[str, Any]:
         """The post as Danbooru's API shows it to an anonymous user (hidden files: no md5 and no file URLs)."""
         base = base or self.url
@@ -686,12 +849,12 @@ class BoardServer:
         down = min(down, post.score) if post.score < 0 else down
         created = _timestamp(post.created_at)
         pixiv = _PIXIV_RE.search(post.source)
-        has_large = self.board.has_large(post)
-        original = f"{base}/original/{md5[:2]}/{md5[2:4]}/{md5}.{post.file_ext}"
+        original, sample, preview = self._file_urls(post, md5, base)
+        has_large = sample is not None
         fields: dict[str, Any] = {
             "id": post.id,
             "created_at": created,
-            "uploader_id": 10_000 + int(_unit(0, "uploader", post.id) * 990_000),
+            "uploader_id": _uploader(post),
             "score": post.score,
             "source": post.source,
             "md5": md5,
@@ -725,13 +888,147 @@ class BoardServer:
             "has_visible_children": active,
             **{f"tag_string_{c}": " ".join(groups[c]) for c in ("general", "character", "copyright", "artist", "meta")},
             "file_url": original,
-            "large_file_url": f"{base}/sample/{md5[:2]}/{md5[2:4]}/sample-{md5}.jpg" if has_large else original,
-            "preview_file_url": f"{base}/180x180/{md5[:2]}/{md5[2:4]}/{md5}.jpg",
+            "large_file_url": sample or original,
+            "preview_file_url": preview,
         }
         if _hidden(post):
             for key in ("md5", "file_url", "large_file_url", "preview_file_url"):
                 del fields[key]
         return fields
+
+    def moebooru_json(self, post: SynthPost, base: str | None = None) -> dict[str, Any]:
+        """The post as Moebooru's API shows it (yande.re's fields): one flat tag string, unix time, s/q/e ratings.
+
+        Deleted posts (the board's banned ones too) keep their md5 but lose their file URLs, as on Moebooru.
+        """
+        base = base or self.url
+        md5 = self._render(post)
+        original, sample, preview = self._file_urls(post, md5, base)
+        sample_size = (SAMPLE_WIDTH, round(post.height * SAMPLE_WIDTH / post.width)) if sample else None
+        preview_size, actual_preview = _fit(post.width, post.height, 150), _fit(post.width, post.height, 300)
+        fields: dict[str, Any] = {
+            "id": post.id,
+            "tags": post.tag_string,
+            "created_at": int(post.created_at.timestamp()),
+            "creator_id": _uploader(post),
+            "author": "fakebooru",
+            "change": post.id,
+            "source": post.source,
+            "score": post.score,
+            "md5": md5,
+            "file_size": self.board.file_size(post),
+            "file_ext": post.file_ext,
+            "file_url": original,
+            "is_shown_in_index": True,
+            "preview_url": preview,
+            "preview_width": preview_size[0],
+            "preview_height": preview_size[1],
+            "actual_preview_width": actual_preview[0],
+            "actual_preview_height": actual_preview[1],
+            "sample_url": sample or original,
+            "sample_width": (sample_size or (post.width, post.height))[0],
+            "sample_height": (sample_size or (post.width, post.height))[1],
+            "sample_file_size": 0,  # not known until the sample is rendered, which listing never does
+            "jpeg_url": original,
+            "jpeg_width": post.width,
+            "jpeg_height": post.height,
+            "jpeg_file_size": 0,  # no separate JPEG version
+            "rating": MOEBOORU_RATINGS[post.rating],
+            "is_rating_locked": False,
+            "has_children": bool(self._children.get(post.id)),
+            "parent_id": post.parent_id,
+            "status": "deleted" if _hidden(post) else "active",
+            "is_pending": False,
+            "width": post.width,
+            "height": post.height,
+            "is_held": False,
+            "frames_pending_string": "",
+            "frames_pending": [],
+            "frames_string": "",
+            "frames": [],
+        }
+        if _hidden(post):
+            for key in ("file_url", "sample_url", "jpeg_url"):
+                del fields[key]
+            fields["flag_detail"] = None
+        return fields
+
+    def gelbooru_json(self, post: SynthPost, base: str | None = None) -> dict[str, Any]:
+        """The post as Gelbooru's JSON API shows it: tags and source HTML-escaped, flags as strings, 0 for no parent."""
+        base = base or self.url
+        md5 = self._render(post)
+        original, sample, preview = self._file_urls(post, md5, base)
+        preview_size = _fit(post.width, post.height, 250)
+        return {
+            "id": post.id,
+            "created_at": _gelbooru_time(post.created_at),
+            "score": post.score,
+            "width": post.width,
+            "height": post.height,
+            "md5": md5,
+            "directory": f"{md5[:2]}/{md5[2:4]}",
+            "image": f"{md5}.{post.file_ext}",
+            "rating": GELBOORU_RATINGS[post.rating],
+            "source": _php_escape(post.source),
+            "change": int(post.created_at.timestamp()),
+            "owner": "fakebooru",
+            "creator_id": _uploader(post),
+            "parent_id": post.parent_id or 0,
+            "sample": int(sample is not None),
+            "preview_height": preview_size[1],
+            "preview_width": preview_size[0],
+            "tags": _php_escape(post.tag_string),
+            "title": "",
+            "has_notes": "false",
+            "has_comments": "false",
+            "file_url": original,
+            "preview_url": preview,
+            "sample_url": sample or "",
+            "sample_height": round(post.height * SAMPLE_WIDTH / post.width) if sample else 0,
+            "sample_width": SAMPLE_WIDTH if sample else 0,
+            "status": "active",
+            "post_locked": 0,
+            "has_children": "true" if self._children.get(post.id) else "false",
+        }
+
+
+def _uploader(post: SynthPost) -> int:
+    return 10_000 + int(_unit(0, "uploader", post.id) * 990_000)
+
+
+def _fit(width: int, height: int, box: int) -> tuple[int, int]:
+    """The size of a thumbnail that fits in box x box."""
+    scale = min(box / max(width, 1), box / max(height, 1), 1.0)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _gelbooru_time(t: datetime) -> str:
+    # Written without strftime's %a and %b, which follow the locale.
+    local = t.astimezone(_GELBOORU_ZONE)
+    return f"{_DAYS[local.weekday()]} {_MONTHS[local.month - 1]} {local:%d %H:%M:%S %z %Y}"
+
+
+def _php_escape(text: str) -> str:
+    # PHP's htmlspecialchars with ENT_QUOTES, as Gelbooru stores tags and sources (rubik&#039;s_cube, &gt;_&lt;).
+    return html.escape(text, quote=True).replace("&#x27;", "&#039;")
+
+
+def _moebooru_tag(tag: Tag) -> dict[str, Any]:
+    return {
+        "id": tag.id,
+        "name": tag.name,
+        "count": tag.post_count,
+        "type": MOEBOORU_TYPES[tag.category],
+        "ambiguous": False,
+    }
+
+
+def _gelbooru_tag(tag: Tag) -> dict[str, Any]:
+    return {"id": tag.id, "name": _php_escape(tag.name), "count": tag.post_count, "type": tag.category, "ambiguous": 0}
+
+
+def _wildcard(pattern: str) -> re.Pattern[str]:
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
 
 
 def _hidden(post: SynthPost) -> bool:

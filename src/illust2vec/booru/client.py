@@ -1,0 +1,167 @@
+"""The one HTTP client of the crawler: request rates, retries, back-off, 429 handling and refusals live here."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import httpx
+
+from .. import __version__
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+# httpx logs every URL at INFO; URLs can carry credentials (Gelbooru, Moebooru), so keep it quiet.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+USER_AGENT = f"illust2vec/{__version__} (dataset crawler; https://pypi.org/project/illust2vec/)"
+TRANSIENT_STATUS = {408, 425, 500, 502, 503, 504, 520, 521, 522, 523, 524}  # 52x: Cloudflare's origin errors
+
+
+class Refused(UserError):
+    """The board persistently refuses us (403/401): stop the crawl instead of hammering it."""
+
+
+class GaveUp(Exception):
+    """A request still failed after every attempt; the reason says why (status, timeout, reset...)."""
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """HTTP policy: one instance for the whole crawl."""
+
+    api_rate: float = 1.0  # requests per second to the API
+    file_rate: float = 4.0  # requests per second for files
+    connections: int = 32  # open connections at most (keep-alive pool)
+    attempts: int = 6  # tries for 5xx, timeouts, resets and truncated bodies (429 does not count)
+    backoff: float = 1.0  # first wait before a retry, doubled each time, with jitter
+    max_backoff: float = 60.0
+    max_retry_after: float = 900.0  # longest single wait a 429 may ask for
+    forbidden_attempts: int = 3  # a 403 this many times in a row is a refusal, not a hiccup
+    timeout: float = 60.0
+    user_agent: str = USER_AGENT
+
+
+class RateLimiter:
+    """Spaces requests to at most `rate` per second (no bursts: Cloudflare blocks them); pausable after a 429."""
+
+    def __init__(self, rate: float):
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self._next = 0.0
+        self._paused_until = 0.0
+        self._lock = asyncio.Lock()
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request of this kind for `seconds`, as a 429's Retry-After asks of the whole client."""
+        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+    async def wait(self) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next, self._paused_until)
+            self._next = start + self.interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+def retry_after_seconds(value: str | None, default: float = 5.0) -> float:
+    """Seconds a Retry-After header asks for: a number of seconds or an HTTP date."""
+    if not value:
+        return default
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError):
+        return default
+
+
+_rng = random.Random()
+
+
+def backoff_seconds(attempt: int, cfg: ClientConfig, rng: random.Random = _rng) -> float:
+    """Exponential back-off with jitter before retry number `attempt` (1-based): base * 2**(attempt-1) * [0.5, 1.5)."""
+    return min(cfg.max_backoff, cfg.backoff * 2 ** (attempt - 1)) * (0.5 + rng.random())
+
+
+class Client:
+    """Async HTTP client with one policy for the API and for files; counts what happened in `stats`."""
+
+    def __init__(self, cfg: ClientConfig, transport: httpx.AsyncBaseTransport | None = None):
+        self.cfg = cfg
+        self.stats: Counter[str] = Counter()
+        self.limiters = {"api": RateLimiter(cfg.api_rate), "file": RateLimiter(cfg.file_rate)}
+        self._http = httpx.AsyncClient(
+            headers={"User-Agent": cfg.user_agent},
+            timeout=httpx.Timeout(cfg.timeout, connect=min(30.0, cfg.timeout)),
+            limits=httpx.Limits(max_connections=cfg.connections, max_keepalive_connections=cfg.connections),
+            follow_redirects=True,
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._http.aclose()
+
+    async def get(self, url: str, params: dict[str, str] | None = None, kind: str = "api") -> httpx.Response:
+        """GET with the policy: rate limit, 429 waits, retries with back-off; raises GaveUp or Refused.
+
+        Answers other than 2xx that retrying cannot fix (404, 410, 422, ...) are returned for the caller to judge.
+        """
+        where = httpx.URL(url).copy_with(query=None)  # never log query strings: they may hold credentials
+        attempt, forbidden = 0, 0
+        limiter = self.limiters[kind]
+        while True:
+            await limiter.wait()
+            self.stats["requests"] += 1
+            try:
+                response = await self._http.get(url, params=params)
+                reason = None
+            except httpx.TimeoutException:
+                reason = "timeout"
+            except httpx.RemoteProtocolError:
+                reason = "connection closed early (truncated body)"
+            except httpx.TransportError as e:
+                reason = f"connection error ({type(e).__name__})"
+            if reason is None:
+                status = response.status_code
+                self.stats["bytes"] += len(response.content)
+                if status < 400:
+                    return response
+                if status == 429:
+                    wait = min(self.cfg.max_retry_after, retry_after_seconds(response.headers.get("Retry-After")))
+                    self.stats["rate_limited"] += 1
+                    log.info("429 from %s: waiting %.1f s as Retry-After asks", where.host, wait)
+                    limiter.pause(wait)
+                    continue  # a 429 is the board pacing us, not a failure: no attempt is spent
+                if status in (401, 403):
+                    forbidden += 1
+                    if status == 401 or forbidden >= self.cfg.forbidden_attempts:
+                        raise Refused(
+                            f"{where.host} refuses us (HTTP {status} on {where.path}): check --login/--api-key, "
+                            "the User-Agent, or lower the request rate; the board may also block this network"
+                        )
+                    reason = f"HTTP {status}"
+                elif status in TRANSIENT_STATUS:
+                    reason = f"HTTP {status}"
+                else:
+                    return response
+            attempt += 1
+            self.stats["retries"] += 1
+            if attempt >= self.cfg.attempts:
+                self.stats["gave_up"] += 1
+                raise GaveUp(f"{reason} after {attempt} attempts")
+            wait = backoff_seconds(attempt, self.cfg)
+            log.debug("%s on %s%s: retry %d in %.1f s", reason, where.host, where.path, attempt, wait)
+            await asyncio.sleep(wait)

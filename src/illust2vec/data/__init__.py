@@ -1,0 +1,1 @@
+"""Data preparation: vocabulary, image decoding, training shards and the loader."""
