@@ -65,12 +65,25 @@ def fakebooru_serve(
     bad_md5_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Fault: fraction of files not matching md5."),
     rate_limit: int = typer.Option(0, min=0, help="Fault: requests per second before 429 (0: no limit)."),
     latency: float = typer.Option(0.0, min=0.0, help="Fault: seconds added to every answer."),
+    min_size: int = typer.Option(300, min=16, help="Shorter side of a picture at least, in pixels."),
+    max_size: int = typer.Option(2000, min=16, help="Longer side of a picture at most, in pixels."),
+    warm: bool = typer.Option(False, help="Render every file before printing the URL (for benchmarks)."),
 ) -> None:
     """Serve the synthetic board; prints its URL as the first line on stdout once it listens."""
     from .synth.cast import SynthConfig
     from .synth.server import Faults, serve_board
 
-    cfg = SynthConfig(posts=posts, seed=seed, characters=characters, series=series, label_noise=label_noise)
+    if min_size > max_size:
+        raise UserError(f"--min-size {min_size} is larger than --max-size {max_size}")
+    cfg = SynthConfig(
+        posts=posts,
+        seed=seed,
+        characters=characters,
+        series=series,
+        label_noise=label_noise,
+        min_size=min_size,
+        max_size=max_size,
+    )
     faults = Faults(
         error_rate=error_rate,
         truncate_rate=truncate_rate,
@@ -79,7 +92,7 @@ def fakebooru_serve(
         slow_rate=1.0 if latency > 0 else 0.0,
         slow_seconds=latency,
     )
-    serve_board(cfg, host=host, port=port, faults=faults)
+    serve_board(cfg, host=host, port=port, faults=faults, warm=warm)
 
 
 @app.command()

@@ -99,9 +99,10 @@ def test_crawl_keeps_originals_byte_for_byte(board_server, tmp_path):
 
 
 def test_crawl_resizes_the_longer_side(board_server, tmp_path):
-    crawl(fast_config(board_server.url, tmp_path, ids=(1, 60), image_size=256))
+    a, b = board_server.board.posts[3].id, board_server.board.posts[50].id
+    crawl(fast_config(board_server.url, tmp_path, ids=(a, b), image_size=256))
     got = check_exactly_once(tmp_path, board_server.board)
-    assert max(got["ids"]) <= 60
+    assert got["ids"] == {p.id for p in board_server.board.posts if a <= p.id <= b}  # both ends included
     for files in got["samples"].values():
         ext = next(k for k in files if k != "json")
         img = Image.open(io.BytesIO(files[ext]))
@@ -189,3 +190,34 @@ def test_export_csv_writes_the_seeds_columns(board_server, tmp_path):
     first = expected[0]
     assert lines[1].split(",")[0] == str(first.id)
     assert lines[1].split(",")[4] == " ".join(first.tags["character"])
+
+
+@pytest.mark.parametrize("site", ["moebooru", "gelbooru"])
+def test_flat_tag_sites_crawl_with_categories_from_their_tag_api(board_server, tmp_path, site):
+    summary = crawl(fast_config(board_server.url, tmp_path, site=site))
+    board = board_server.board
+    got = check_exactly_once(tmp_path, board)
+    visible = {p.id for p in board.posts if not (p.is_deleted or p.is_banned)}
+    assert visible <= got["ids"]  # Gelbooru hides deleted posts; Moebooru lists them without a file
+    by_id = {r["id"]: r for r in got["rows"]}
+    for post in board.posts:
+        if post.id not in visible:
+            continue
+        row = by_id[post.id]
+        assert row["site"] == site
+        assert sorted(row["tags_character"]) == sorted(post.tags["character"])
+        assert sorted(row["tags_copyright"]) == sorted(post.tags["copyright"])
+        assert sorted(row["tags_general"]) == sorted(post.tags["general"])
+        if post.is_image:
+            assert row["status"] == "ok" and row["md5"] in got["samples"]
+    assert summary.failed == 0
+
+
+def test_non_images_are_kept_when_asked(board_server, tmp_path):
+    crawl(fast_config(board_server.url, tmp_path, keep_non_images=True))
+    got = check_exactly_once(tmp_path, board_server.board)
+    others = [p for p in board_server.board.posts if not p.is_image and not (p.is_deleted or p.is_banned)]
+    assert others, "the board should hold a zip or an mp4"
+    for post in others:
+        md5 = board_server.board.md5(post)
+        assert got["samples"][md5][post.file_ext] == board_server.board.file(post)

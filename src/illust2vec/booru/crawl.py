@@ -500,9 +500,10 @@ class _Run:
             self.progress.update(self.tasks["done"], total=self.stats["listed"] + self.resumed)
         self.progress.advance(task, n)
         dt = max(1e-6, time.monotonic() - self.t0)
+        done = self.progress.tasks[self.tasks["done"]].completed
         info = (
-            f"{self.stats['images'] / dt:5.1f} img/s  {self.stats['bytes'] / dt / 1e6:5.1f} MB/s  "
-            f"{self.stats['failed']} failed"
+            f"{done / dt:5.1f} posts/s  {self.stats['images'] / dt:5.1f} img/s  "
+            f"{self.stats['bytes'] / dt / 1e6:5.1f} MB/s  {self.stats['failed']} failed"
         )
         self.progress.update(self.tasks["done"], info=info)
 

@@ -1079,10 +1079,16 @@ def serve_board(
     port: int = 0,
     faults: Faults | None = None,
     out: TextIO | None = None,
+    warm: bool = False,
 ) -> None:
-    """Serve the board until interrupted (Ctrl-C); the first line on `out` (stdout) is the server's URL."""
+    """Serve the board until interrupted (Ctrl-C); the first line on `out` (stdout) is the server's URL.
+
+    With `warm`, every file is rendered before the URL is printed, so no request waits on rendering.
+    """
     out = out or sys.stdout
     with start_board(config, host, port, faults) as server:
+        if warm:
+            server.wait_warm()
         print(server.url, file=out, flush=True)
         # Waiting on an event nobody sets: Ctrl-C raises KeyboardInterrupt here, and the server closes.
         with suppress(KeyboardInterrupt):
