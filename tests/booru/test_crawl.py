@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from illust2vec.booru import download
 from illust2vec.booru.crawl import CrawlConfig, DiskFull, crawl, parse_ids, parse_shard, shard_ranges
 from illust2vec.booru.posts import export_csv, read_posts
+from illust2vec.data import shards
 from illust2vec.errors import UserError
 from illust2vec.synth.cast import SynthConfig
 from illust2vec.synth.server import Faults, start_board
@@ -160,7 +160,7 @@ def test_faults_are_survived_and_bad_files_recorded(tmp_path):
 
 
 def test_disk_full_stops_cleanly_and_resumes(board_server, tmp_path, monkeypatch):
-    real_add = download.ShardWriter.add
+    real_add = shards.ShardWriter.add
     calls = {"n": 0}
 
     def add(self, key, files):
@@ -169,11 +169,11 @@ def test_disk_full_stops_cleanly_and_resumes(board_server, tmp_path, monkeypatch
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_add(self, key, files)
 
-    monkeypatch.setattr(download.ShardWriter, "add", add)
+    monkeypatch.setattr(shards.ShardWriter, "add", add)
     with pytest.raises(DiskFull, match="full"):
         crawl(fast_config(board_server.url, tmp_path, shard_size=10))
     assert not list(tmp_path.glob("**/*.tmp"))
-    monkeypatch.setattr(download.ShardWriter, "add", real_add)
+    monkeypatch.setattr(shards.ShardWriter, "add", real_add)
     crawl(fast_config(board_server.url, tmp_path, shard_size=10))
     got = check_exactly_once(tmp_path, board_server.board)
     assert got["ids"] == {p.id for p in board_server.board.posts}

@@ -28,9 +28,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..data.images import BadImage, Stored, shrink
+from ..data.shards import ShardWriter, sample_json
 from ..errors import UserError
 from .client import USER_AGENT, Client, ClientConfig
-from .download import DownloadFailed, ShardWriter, fetch_verified, sample_json
+from .download import DownloadFailed, fetch_verified
 from .posts import STATUSES, post_record, record_from_json, record_to_json, write_posts
 from .sites import (
     IMAGE_EXTS,
@@ -282,7 +283,7 @@ class Batcher:
     def __init__(self, out: Path, state: State, shard_size: int, flush_seconds: float):
         self.out, self.state = out, state
         (out / "posts").mkdir(parents=True, exist_ok=True)
-        self.shards = ShardWriter(out, "images", first_index=state.next_index("images"))
+        self.shards = ShardWriter(out, "images/{index:06d}.tar", first_index=state.next_index("images"))
         self.part = state.next_index("posts")
         self.rows: list[dict] = []
         self.shard_size, self.flush_seconds = shard_size, flush_seconds
