@@ -172,6 +172,77 @@ def export_csv(
 
 
 @app.command()
+def vocab(
+    dirs: list[Path] = typer.Argument(..., help="Crawl directories."),
+    out: Path = typer.Option(Path("selected_tags.csv"), help="File to write (WD's selected_tags.csv columns)."),
+    top: int = typer.Option(512, min=0, help="Most frequent tags to keep per category (the seed's 512)."),
+    top_general: int = typer.Option(None, min=0, help="General tags to keep (default: --top)."),
+    top_character: int = typer.Option(None, min=0, help="Character tags to keep (default: --top)."),
+    top_copyright: int = typer.Option(None, min=0, help="Copyright tags to keep (default: --top)."),
+    top_artist: int = typer.Option(None, min=0, help="Artist tags to keep, with --artist (default: --top)."),
+    min_count: int = typer.Option(1, min=1, help="Leave out tags on fewer posts than this."),
+    artist: bool = typer.Option(False, help="Give artists a head too (left out by default, as WD does)."),
+    aliases: Path = typer.Option(None, help="CSV of tag renames old,new (or Danbooru's tag_aliases)."),
+) -> None:
+    """Choose the tag vocabulary: the most frequent tags of each category in the crawled posts, as selected_tags.csv."""
+    from .data.vocab import build_vocab, read_aliases, write_vocab
+
+    if top_artist is not None and not artist:
+        raise UserError("--top-artist needs --artist")
+    given = {"general": top_general, "character": top_character, "copyright": top_copyright, "artist": top_artist}
+    renames = read_aliases(aliases) if aliases else None
+    result = build_vocab(
+        dirs,
+        top={c: top if n is None else n for c, n in given.items()},
+        min_count=min_count,
+        artist=artist,
+        aliases=renames,
+    )
+    write_vocab(result, out)
+    for head, rows in result.heads.items():
+        counts = [result.counts[i] for i in rows]
+        err.print(f"{head}: {len(rows)} tags, on {max(counts)} down to {min(counts)} posts each", highlight=False)
+    err.print(f"{out}: {len(result)} tags, vocabulary hash {result.hash[:12]}", highlight=False)
+
+
+@app.command("build")
+def build_shards(
+    dirs: list[Path] = typer.Argument(..., help="Crawl directories."),
+    vocab: Path = typer.Option(..., help="selected_tags.csv from `i2v vocab`."),
+    out: Path = typer.Option(..., help="Directory for the shards and dataset.json."),
+    size: int = typer.Option(256, min=16, help="Side of the square training images, in pixels."),
+    val_fraction: float = typer.Option(0.05, min=0.0, max=0.9, help="Share of posts held out for validation."),
+    test_fraction: float = typer.Option(0.05, min=0.0, max=0.9, help="Share of posts held out for the final test."),
+    format: str = typer.Option("jpg", help="Image format in the shards: jpg, webp or png."),
+    quality: int = typer.Option(95, min=1, max=100, help="JPEG/WebP quality."),
+    workers: int = typer.Option(None, min=1, help="Decoding processes (default: one per core)."),
+    shard_size: int = typer.Option(1000, min=1, help="Samples per shard."),
+    aliases: Path = typer.Option(None, help="Old tag name -> new CSV, as given to `i2v vocab`."),
+) -> None:
+    """Build training shards: padded, resized images with their labels, split train/val/test."""
+    from .data.build import BuildConfig, build
+
+    cfg = BuildConfig(
+        dirs=tuple(dirs),
+        vocab=vocab,
+        out=out,
+        size=size,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        format=format,
+        quality=quality,
+        workers=workers,
+        shard_size=shard_size,
+        aliases=aliases,
+    )
+    info = build(cfg, console=err)
+    for split, stat in info["splits"].items():
+        err.print(f"{split}: {stat['samples']} samples in {len(stat['shards'])} shards", highlight=False)
+    skipped = ", ".join(f"{n} {reason}" for reason, n in info["skipped"].items()) or "none"
+    err.print(f"skipped: {skipped}; wrote {out / 'dataset.json'} in {info['seconds']:.1f} s", highlight=False)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="Directory for the demo's outputs."),
     posts: int = typer.Option(300, min=20, help="Posts on the synthetic board."),

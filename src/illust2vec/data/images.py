@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 # One limit for crawl, build, tag and serve: about 16k x 16k. Bigger files are refused, not decoded.
 MAX_PIXELS = 268_435_456
@@ -16,21 +18,27 @@ EXT_BY_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP
 
 
 class BadImage(ValueError):
-    """Bytes that are not an image we can decode, or one over the pixel limit."""
+    """Bytes that are not an image we can decode, or one over the pixel limit; `reason` is a short code."""
+
+    def __init__(self, message: str, reason: str = "corrupt"):
+        super().__init__(message)
+        self.reason = reason  # empty, not_image, too_large or corrupt: what build and tag count skips by
 
 
 def open_image(data: bytes) -> Image.Image:
     """Open image bytes lazily (header only), refusing non-images and decompression bombs with BadImage."""
+    if not data:
+        raise BadImage("empty file", "empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(f"over the pixel limit ({MAX_PIXELS} pixels)") from e
+        raise BadImage(f"over the pixel limit ({MAX_PIXELS} pixels)", "too_large") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"not a decodable image ({e})") from e
+        raise BadImage(f"not a decodable image ({e})", "not_image") from e
     if image.width * image.height > MAX_PIXELS:
-        raise BadImage(f"over the pixel limit ({image.width}x{image.height})")
+        raise BadImage(f"over the pixel limit ({image.width}x{image.height})", "too_large")
     return image
 
 
@@ -82,3 +90,59 @@ def shrink(data: bytes, size: int | None, quality: int = 95) -> Stored:
         image.save(buf, "JPEG", quality=quality)
         ext = "jpg"
     return Stored(buf.getvalue(), ext, w, h, image.width, image.height)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode to RGB: transparency composited onto white, 16-bit scaled down, CMYK and palettes converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # Pillow's own conversion clips 16-bit values at 255 (a white picture); scale to 8 bits instead.
+        arr = np.asarray(image, dtype=np.uint32 if image.mode == "I" else np.uint16).astype(np.float32)
+        top = 65535.0 if image.mode != "I" or arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if has_alpha(image):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_rgb(data: bytes, shrink_to: int | None = None) -> Image.Image:
+    """Decode to upright RGB: first frame of an animation, EXIF orientation applied, transparency on white.
+
+    With `shrink_to`, a JPEG is decoded at the smallest DCT scale that keeps its longer side at least that big,
+    which skips most of the decoding work when the picture will be shrunk anyway.
+    """
+    image = open_image(data)
+    try:
+        if shrink_to and image.format == "JPEG":
+            w, h = image.size
+            scale = max(w, h) / shrink_to
+            if scale >= 2:
+                image.draft(image.mode, (math.ceil(w / scale), math.ceil(h / scale)))
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"over the pixel limit ({e})", "too_large") from e
+    except Exception as e:  # Pillow raises many kinds on broken files; each is one bad item, not a crash
+        raise BadImage(f"corrupt ({type(e).__name__}: {e})") from e
+
+
+def pad_square(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the longer side is `size`, then pad to a centred white square (as the WD taggers do).
+
+    White, not black: black bars teach a tagger a false "letterboxed" feature, and boards' art is mostly on white.
+    """
+    w, h = image.size
+    scale = size / max(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if new != (w, h):
+        image = image.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 1 else None)
+    if new == (size, size):
+        return image
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(image, ((size - new[0]) // 2, (size - new[1]) // 2))
+    return canvas
