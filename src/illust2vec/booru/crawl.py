@@ -340,6 +340,7 @@ class _Run:
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.concurrency * 4)
         self.t0 = time.monotonic()
         self.tag_cache: dict[str, int] = {}
+        self._shown = 0.0
 
     # Listing
 
@@ -496,14 +497,16 @@ class _Run:
     def advance(self, what: str, n: int) -> None:
         if self.progress is None:
             return
-        task = self.tasks[what]
-        if what == "listed":
-            self.progress.update(self.tasks["done"], total=self.stats["listed"] + self.resumed)
-        self.progress.advance(task, n)
-        dt = max(1e-6, time.monotonic() - self.t0)
-        done = self.progress.tasks[self.tasks["done"]].completed
+        self.progress.advance(self.tasks[what], n)
+        self.stats[f"progress_{what}"] += n
+        now = time.monotonic()
+        if now - self._shown < 0.25:  # the figures change slowly; formatting them per post costs real CPU
+            return
+        self._shown = now
+        self.progress.update(self.tasks["done"], total=self.stats["listed"] + self.resumed)
+        dt = max(1e-6, now - self.t0)
         info = (
-            f"{done / dt:5.1f} posts/s  {self.stats['images'] / dt:5.1f} img/s  "
+            f"{self.stats['progress_done'] / dt:5.1f} posts/s  {self.stats['images'] / dt:5.1f} img/s  "
             f"{self.stats['bytes'] / dt / 1e6:5.1f} MB/s  {self.stats['failed']} failed"
         )
         self.progress.update(self.tasks["done"], info=info)
@@ -548,6 +551,8 @@ class _Run:
                     await asyncio.gather(*tasks, ticker, return_exceptions=True)
                     self.stats.update({k: client.stats[k] for k in ("requests", "retries", "rate_limited")})
             self.batcher.flush()
+            self._shown = 0.0
+            self.advance("done", 0)  # the final figures
         except BaseException as e:
             if _disk_error(e):
                 self.batcher.abort()

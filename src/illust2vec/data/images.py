@@ -68,10 +68,8 @@ def shrink(data: bytes, size: int | None, quality: int = 95) -> Stored:
     w, h = image.size
     ext = EXT_BY_FORMAT.get(image.format or "", (image.format or "").lower())
     if size is None or max(w, h) <= size:
-        try:
-            image.verify()  # a cheap structural check; the pixels are decoded later, by the build stage
-        except Exception as e:  # Pillow's verify raises many types for broken files
-            raise BadImage(f"not a decodable image ({e})") from e
+        # Kept as is: the header was read and the md5 matched the board's, so the bytes are the board's own; the
+        # pixels are decoded (and a broken file reported) by the build stage, not twice.
         return Stored(data, ext, w, h, w, h)
     try:
         image.draft("RGB", (size, size))  # JPEG only; a no-op elsewhere
@@ -79,7 +77,9 @@ def shrink(data: bytes, size: int | None, quality: int = 95) -> Stored:
             image = image.convert("RGBA")
         elif image.mode != "RGB":
             image = image.convert("RGB")
-        image.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        # Area averaging (BOX), as img2dataset does with OpenCV's INTER_AREA: a proper anti-aliased shrink at a
+        # third of BICUBIC's cost; the build stage resizes these again, with BICUBIC, to the training size.
+        image.thumbnail((size, size), Image.Resampling.BOX)
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"not a decodable image ({e})") from e
     buf = io.BytesIO()

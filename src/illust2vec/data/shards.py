@@ -90,8 +90,12 @@ def split_name(member: str) -> tuple[str, str]:
     return (f"{folder}/{key}" if folder else key), ext
 
 
-def iter_samples(paths: Iterable[Path]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Every sample of these shards in order, as (key, {ext: bytes}); members of one sample are adjacent."""
+def iter_samples(paths: Iterable[Path], exts: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Every sample of these shards in order, as (key, {ext: bytes}); members of one sample are adjacent.
+
+    With `exts`, only those members are read (e.g. the labels without the images).
+    """
+    wanted = set(exts) if exts is not None else None
     for path in paths:
         with tarfile.open(path) as tar:
             key, files = None, {}
@@ -103,7 +107,8 @@ def iter_samples(paths: Iterable[Path]) -> Iterator[tuple[str, dict[str, bytes]]
                     yield key, files
                     files = {}
                 key = k
-                files[ext] = tar.extractfile(member).read()
+                if wanted is None or ext in wanted:
+                    files[ext] = tar.extractfile(member).read()
             if files:
                 yield key, files
 

@@ -403,6 +403,9 @@ class _HTTPServer(ThreadingHTTPServer):
     # which a framework's response machinery would hide or "fix".
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver listens with a backlog of 5: a crawler opening 32 connections at once overflows it, and the
+    # kernel drops the extra SYNs, which clients resend only after a second. Real boards accept far more.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], app: BoardServer):
         self.app = app

@@ -1,0 +1,74 @@
+"""Dataset benchmarks: build throughput per core on large JPEGs against a naive PIL baseline run beside it.
+
+Ours is exactly what `i2v build` does to each image (`process_chunk`: JPEG decoded at a DCT scale, EXIF
+orientation, transparency on white, resize, pad, encode). The baseline is the obvious code: open, convert to RGB
+at full size, resize, pad, encode. Both run on one core, on the same bytes, in this process.
+"""
+
+import argparse
+import io
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from illust2vec.data.build import process_chunk
+from illust2vec.data.shards import ShardWriter, index_shard
+from illust2vec.synth.board import Board
+from illust2vec.synth.cast import SynthConfig
+
+
+def naive(data: bytes, size: int) -> bytes:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    scale = size / max(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+    buf = io.BytesIO()
+    canvas.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def large_jpegs(n: int, tmp: Path) -> list:
+    """n JPEGs of 2000 to 3200 px from the synthetic board, in a tar shard as the crawler writes them."""
+    board = Board(SynthConfig(posts=n * 3, seed=7, min_size=2000, max_size=3200, pixel_noise=4.0))
+    writer = ShardWriter(tmp, "{index:06d}.tar")
+    count = 0
+    for post in board.posts:
+        if post.file_ext == "jpg" and not post.encoding.get("cmyk") and count < n:
+            writer.add(f"{post.id:08d}", {"jpg": board.file(post)})
+            count += 1
+    writer.close()
+    return [(m.key, m) for m in index_shard(tmp / "000000.tar")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench data")
+    parser.add_argument("--images", type=int, default=40)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="a few images, to check that it runs")
+    args = parser.parse_args(argv)
+    n = 6 if args.quick else args.images
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        members = large_jpegs(n, Path(tmp))
+        datas = [Path(m.shard).read_bytes()[m.offset : m.offset + m.size] for _, m in members]
+        mpx = sum(Image.open(io.BytesIO(d)).width * Image.open(io.BytesIO(d)).height for d in datas) / len(datas) / 1e6
+        t0 = time.process_time()
+        ours = process_chunk(members, args.size, "jpg", 95)
+        ours_s = time.process_time() - t0
+        assert all(data is not None for _, data, _ in ours)
+        t0 = time.process_time()
+        for d in datas:
+            naive(d, args.size)
+        naive_s = time.process_time() - t0
+    print(f"build: {len(datas)} JPEGs of {mpx:.1f} Mpx on average -> {args.size} px squares, one core (CPU time)")
+    print(
+        f"build: ours {len(datas) / ours_s:.1f} images/s vs naive PIL {len(datas) / naive_s:.1f} images/s: "
+        f"{naive_s / ours_s:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
