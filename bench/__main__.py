@@ -2,12 +2,14 @@
 
 import sys
 
-from . import crawl, fakebooru
+from . import crawl, data, fakebooru, quality
 
 # name -> entry point taking the remaining arguments
 BENCHMARKS = {
     "fakebooru": lambda argv: fakebooru.main(),
     "crawl": crawl.main,
+    "data": data.main,
+    "quality": quality.main,
 }
 
 

@@ -243,6 +243,62 @@ def build_shards(
 
 
 @app.command()
+def train(
+    data: Path = typer.Argument(..., help="Directory written by `i2v build`."),
+    out: Path = typer.Option(..., help="Run directory: config.json, checkpoints/, metrics.csv, curves.png."),
+    arch: str = typer.Option("i2v_small", help="A preset (i2v_vgg16, i2v_small, ...) or any timm model name."),
+    epochs: int = typer.Option(10, min=1),
+    batch_size: int = typer.Option(32, min=1),
+    lr: float = typer.Option(3e-3, min=0.0),
+    weight_decay: float = typer.Option(0.05, min=0.0),
+    warmup: float = typer.Option(0.2, min=0.0, help="Epochs of linear warm-up."),
+    workers: int = typer.Option(2, min=0, help="Data loader processes."),
+    seed: int = typer.Option(0),
+    select_by: str = typer.Option("general/mAP", help="Validation metric that picks the best epoch."),
+    loss: str = typer.Option("bce", help="bce or asl, for the sigmoid heads."),
+    frequency_weighting: bool = typer.Option(False, help="Scale each tag's loss by its rarity (WD v3)."),
+    exclusivity: float = typer.Option(0.0, min=0.0, help="Weight of the penalty on tags that never co-occur."),
+    softmax: str = typer.Option(None, help="Comma-separated heads with softmax (default: the preset's)."),
+    rating_head: bool = typer.Option(None, help="Add or drop the 4-way rating head (default: the preset's)."),
+    freeze: str = typer.Option(None, help="Freeze the backbone up to this named layer (the seed: block4_conv1)."),
+    pretrained: bool = typer.Option(False, help="Start from ImageNet weights (downloads them through timm)."),
+    amp: str = typer.Option("auto", help="auto (bf16 on a GPU), bf16, fp16 or off."),
+    device: str = typer.Option("auto", help="auto, cuda or cpu."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+) -> None:
+    """Train a tagger on built shards; checkpoints and curves every epoch. Under torchrun, with DDP."""
+    from .train.loop import TrainConfig, fit
+    from .train.losses import LossConfig
+
+    if loss not in ("bce", "asl"):
+        raise UserError(f"--loss must be bce or asl, not {loss!r}")
+    if amp not in ("auto", "bf16", "fp16", "off"):
+        raise UserError(f"--amp must be auto, bf16, fp16 or off, not {amp!r}")
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(out),
+        arch=arch,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        workers=workers,
+        seed=seed,
+        select_by=select_by,
+        amp=amp,
+        device=device,
+        pretrained=pretrained,
+        freeze=freeze,
+        rating_head=rating_head,
+        softmax=tuple(s.strip() for s in softmax.split(",") if s.strip()) if softmax is not None else None,
+        loss=LossConfig(kind=loss, frequency_weighting=frequency_weighting, exclusivity=exclusivity),
+    )
+    summary = fit(cfg, resume=resume, console=err)
+    err.print(f"best epoch {summary['best_epoch']} by {summary['select_by']} = {summary['best']:.4f}", highlight=False)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="Directory for the demo's outputs."),
     posts: int = typer.Option(300, min=20, help="Posts on the synthetic board."),

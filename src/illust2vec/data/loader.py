@@ -29,7 +29,7 @@ class LoaderConfig:
     shuffle_buffer: int = 2000  # samples mixed across shards before batching (training)
     seed: int = 0
     crop_scale: tuple[float, float] = (0.8, 1.0)  # light random crop, resized back to the image size
-    jitter: float = 0.1  # brightness, contrast and saturation; hue gets a fifth of it
+    jitter: float = 0.1  # brightness, contrast and saturation; never hue: colours are labels (aqua_hair vs blue_hair)
     flip: float = 0.5
 
 
@@ -95,7 +95,7 @@ def augmentation(size: int, cfg: LoaderConfig) -> v2.Transform:
         [
             v2.RandomHorizontalFlip(cfg.flip),
             v2.RandomResizedCrop(size, scale=cfg.crop_scale, ratio=(0.9, 1.1), antialias=True),
-            v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter, cfg.jitter / 5),
+            v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter),
         ]
     )
 
