@@ -2,14 +2,16 @@
 
 import sys
 
-from . import crawl, data, fakebooru, quality
+from . import crawl, data, fakebooru, quality, train
 
 # name -> entry point taking the remaining arguments
 BENCHMARKS = {
     "fakebooru": lambda argv: fakebooru.main(),
     "crawl": crawl.main,
     "data": data.main,
+    "loader": data.loader_vs_model,
     "quality": quality.main,
+    "train": train.main,
 }
 
 

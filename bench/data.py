@@ -7,6 +7,7 @@ at full size, resize, pad, encode. Both run on one core, on the same bytes, in t
 
 import argparse
 import io
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,8 +50,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a few images, to check that it runs")
     args = parser.parse_args(argv)
     n = 6 if args.quick else args.images
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         members = large_jpegs(n, Path(tmp))
         datas = [Path(m.shard).read_bytes()[m.offset : m.offset + m.size] for _, m in members]
@@ -72,3 +71,40 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def loader_vs_model(argv: list[str] | None = None) -> None:
+    """Loader images/s (training augmentation, 2 workers) against the demo model's forward+backward images/s."""
+    import torch
+
+    from bench.quality import prepare
+    from illust2vec.data.loader import LoaderConfig, make_loader, open_dataset
+    from illust2vec.models import create_tagger, default_heads
+
+    parser = argparse.ArgumentParser(prog="python -m bench loader")
+    parser.add_argument("--posts", type=int, default=800)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = open_dataset(prepare(Path(tmp), args.posts, args.size))
+        cfg = LoaderConfig(batch_size=args.batch_size, workers=2)
+        n, t0 = 0, time.perf_counter()
+        for images, _ in make_loader(ds, "train", cfg, train=True):
+            n += images.shape[0]
+        loader_rate = n / (time.perf_counter() - t0)
+        heads = default_heads({h: len(ix) for h, ix in ds.vocab.heads.items()})
+        model = create_tagger("i2v_small", heads=heads, image_size=args.size)
+        opt = torch.optim.AdamW(model.parameters())
+        x = torch.randint(0, 255, (args.batch_size, 3, args.size, args.size), dtype=torch.uint8)
+        for i in range(6):  # two warm-up steps, then four timed
+            if i == 2:
+                t0 = time.perf_counter()
+            loss = sum(v.float().square().mean() for v in model(x).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model_rate = 4 * args.batch_size / (time.perf_counter() - t0)
+    print(f"loader: {n} training images with augmentation, 2 workers: {loader_rate:.0f} images/s")
+    print(f"loader: i2v_small forward+backward at {args.size} px, batch {args.batch_size}: {model_rate:.0f} images/s")
+    print(f"loader: loader / model = {loader_rate / model_rate:.2f} (above 1: the loader is not the bottleneck)")

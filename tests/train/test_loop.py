@@ -102,3 +102,32 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_build, tmp_
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(UserError, match="other settings"):
         fit(TrainConfig(data=str(synth_build), out=str(killed), epochs=3, **{**TINY, "lr": 1.0}), resume=True)
+
+
+def test_train_command_mistakes_are_one_line(synth_build, tmp_path):
+    import subprocess
+    import sys
+
+    for args, needle in (
+        (["--arch", "no_such_model"], "unknown model"),
+        (["--loss", "hinge"], "--loss must be"),
+        (["--select-by", "general/nope", "--arch", "test_resnet", "--epochs", "1", "--workers", "0"], "no such metric"),
+    ):
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "illust2vec.cli",
+                "train",
+                str(synth_build),
+                "--out",
+                str(tmp_path / args[1]),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1].startswith("error: ") and needle in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
