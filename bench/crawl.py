@@ -46,7 +46,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "avif")  # what `i2v c
 class Plan:
     """The board and the settings every contender shares."""
 
-    posts: int = 600
+    posts: int = 1500  # big enough that our interpreter start-up (~0.4 s) weighs little
     seed: int = 7
     latency: float = 0.02  # seconds added to every answer
     min_size: int = 800  # illustration-sized: shorter side >= 800, longer side <= 2000
@@ -339,7 +339,7 @@ def report(runs: dict[str, list[Run]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench crawl", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small board, one run each (smoke test)")
-    parser.add_argument("--posts", type=int, help="posts on the board (default: 600, or 80 with --quick)")
+    parser.add_argument("--posts", type=int, help="posts on the board (default: 1500, or 80 with --quick)")
     parser.add_argument("--repeat", type=int, help="runs of each contender, the best kept (default: 3, 1 quick)")
     parser.add_argument("--no-img2dataset", action="store_true", help="skip the img2dataset comparison")
     parser.add_argument("--install", action="store_true", help="with --quick: install img2dataset if missing")
