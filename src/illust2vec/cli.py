@@ -301,13 +301,14 @@ def train(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="Directory for the demo's outputs."),
-    posts: int = typer.Option(300, min=20, help="Posts on the synthetic board."),
+    posts: int = typer.Option(1000, min=20, help="Posts on the synthetic board."),
+    epochs: int = typer.Option(5, min=1, help="Training epochs."),
     seed: int = typer.Option(0, help="Seed of the synthetic board."),
 ) -> None:
     """Run the whole flow that exists so far on the synthetic board, offline."""
     from .demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=out, posts=posts, seed=seed), console=err)
+    run_demo(DemoConfig(out=out, posts=posts, epochs=epochs, seed=seed), console=err)
 
 
 def main() -> None:

@@ -15,25 +15,31 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 
 from .booru.crawl import CrawlConfig, crawl, print_summary
+from .data.build import BuildConfig, build
+from .data.vocab import build_vocab, write_vocab
 from .synth.cast import SynthConfig
 from .synth.server import start_board
+from .train.loop import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
 # Stages of DESIGN.md that the demo will run once they exist.
-TO_COME = ["vocab", "build", "train", "evaluate", "export", "tag", "embed/index/similar", "serve"]
+TO_COME = ["evaluate", "export", "tag", "embed/index/similar", "serve"]
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     out: Path = Path("demo-out")
-    posts: int = 300
+    posts: int = 1000
     seed: int = 0
-    image_size: int = 512
+    image_size: int = 512  # longer side kept by the crawl
+    train_size: int = 96  # side of the training squares
+    epochs: int = 5
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
-    """Serve the synthetic board and crawl it with `i2v crawl`'s library function; returns the summary."""
+    """Serve the synthetic board, crawl it, choose the vocabulary, build shards and train, each stage through the
+    same library function as its command; returns the summary."""
     console = console or Console(stderr=True)
     cfg.out.mkdir(parents=True, exist_ok=True)
     # Each demo serves a new board on a new port: an earlier demo's crawl is not one to resume.
@@ -54,9 +60,44 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     sheet = cfg.out / "contact-sheet.jpg"
     _contact_sheet(_samples(crawl_cfg.out, 48)).save(sheet, quality=88)
     summary["contact_sheet"] = str(sheet)
+
+    console.print("[bold]vocab[/] the most frequent tags per category")
+    vocab = build_vocab([crawl_cfg.out])
+    write_vocab(vocab, cfg.out / "selected_tags.csv")
+    summary["stages"]["vocab"] = {head: len(rows) for head, rows in vocab.heads.items()}
+    console.print(", ".join(f"{head}: {n} tags" for head, n in summary["stages"]["vocab"].items()))
+
+    console.print(f"[bold]build[/] {cfg.train_size} px training shards")
+    data = build(
+        BuildConfig(
+            dirs=(crawl_cfg.out,),
+            vocab=cfg.out / "selected_tags.csv",
+            out=cfg.out / "dataset",
+            size=cfg.train_size,
+            val_fraction=0.1,
+        ),
+        console=console,
+    )
+    summary["stages"]["build"] = {s: v["samples"] for s, v in data["splits"].items()} | {"skipped": data["skipped"]}
+    console.print(f"samples per split: {summary['stages']['build']}")
+
+    console.print(f"[bold]train[/] i2v_small for {cfg.epochs} epochs on the CPU")
+    shutil.rmtree(cfg.out / "run", ignore_errors=True)
+    trained = fit(
+        TrainConfig(data=str(cfg.out / "dataset"), out=str(cfg.out / "run"), epochs=cfg.epochs), console=console
+    )
+    summary["stages"]["train"] = {
+        "best_epoch": trained["best_epoch"],
+        "select_by": trained["select_by"],
+        "best": trained["best"],
+        "curves": str(cfg.out / "run" / "curves.png"),
+    }
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    console.print(f"wrote {crawl_cfg.out} (posts/*.parquet, images/*.tar), {sheet}")
+    console.print(
+        f"wrote {crawl_cfg.out} (posts, images), {sheet}, {cfg.out / 'dataset'}, {cfg.out / 'run'}"
+        f" (metrics.csv, curves.png); {summary['seconds']:.0f} s in all"
+    )
     console.print("[yellow]still to come:[/] " + ", ".join(TO_COME))
     return summary
 
