@@ -1,7 +1,7 @@
 """Training throughput: the small preset fed by the real loader vs the same batches held in memory; the seed's rate.
 
-The loader runs its 2 worker processes on the same 2 cores as the training step, as it does in `i2v train`. A ratio
-near 1 says the loader keeps up. `--gpu` runs the same on CUDA with bf16 and channels-last, for a lent GPU.
+The loader runs its worker processes (`--workers`, default 2) on the same 2 cores as the training step, as in
+`i2v train`. A ratio near 1 says the loader keeps up. `--gpu` runs the same on CUDA with bf16 and channels-last.
 """
 
 import argparse
@@ -51,13 +51,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2, help="loader processes")
     parser.add_argument("--gpu", action="store_true", help="CUDA, bf16, channels-last; adds the 448 px base preset")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.gpu else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         ds = open_dataset(prepare(Path(tmp), args.posts, args.size))
         sizes = {h: len(ix) for h, ix in ds.vocab.heads.items()}
-        cfg = LoaderConfig(batch_size=args.batch_size, workers=2)
+        cfg = LoaderConfig(batch_size=args.batch_size, workers=args.workers)
 
         def real():
             loader = make_loader(ds, "train", cfg, train=True)
