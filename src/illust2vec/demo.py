@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import shutil
-import tarfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from rich.console import Console
 
 from .booru.crawl import CrawlConfig, crawl, print_summary
 from .data.build import BuildConfig, build
+from .data.shards import iter_samples
 from .data.vocab import build_vocab, write_vocab
 from .synth.cast import SynthConfig
 from .synth.server import start_board
@@ -105,18 +105,12 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
 def _samples(crawl_dir: Path, n: int) -> list[tuple[Image.Image, str]]:
     """The first n images of the crawl's shards with their character tags."""
     out: list[tuple[Image.Image, str]] = []
-    for path in sorted((crawl_dir / "images").glob("*.tar")):
-        with tarfile.open(path) as tar:
-            files: dict[str, dict[str, bytes]] = {}
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                files.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for sample in files.values():
-            meta = json.loads(sample.pop("json"))
-            image = Image.open(io.BytesIO(next(iter(sample.values()))))
-            out.append((image, " ".join(meta["tags_character"]) or "original"))
-            if len(out) >= n:
-                return out
+    for _, sample in iter_samples(sorted((crawl_dir / "images").glob("*.tar"))):
+        meta = json.loads(sample.pop("json"))
+        image = Image.open(io.BytesIO(next(iter(sample.values()))))
+        out.append((image, " ".join(meta["tags_character"]) or "original"))
+        if len(out) >= n:
+            break
     return out
 
 

@@ -4,7 +4,6 @@ import errno
 import hashlib
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,9 @@ def fast_config(url: str, out: Path, **kw) -> CrawlConfig:
 def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
     """Every sample in the crawl's tar shards, by key; fails on a key seen twice."""
     samples: dict[str, dict[str, bytes]] = {}
-    for path in sorted((out / "images").glob("*.tar")):
-        with tarfile.open(path) as tar:
-            members = {}
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for key, files in members.items():
-            assert key not in samples, f"{key} is in two shards"
-            samples[key] = files
+    for key, files in shards.iter_samples(sorted((out / "images").glob("*.tar"))):
+        assert key not in samples, f"{key} is in two samples"
+        samples[key] = files
     return samples
 
 

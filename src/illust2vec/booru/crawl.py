@@ -10,7 +10,6 @@ and run again ends with every post once in the Parquet and every image once in t
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ from rich.table import Table
 
 from ..data.images import BadImage, Stored, shrink
 from ..data.shards import ShardWriter, sample_json
-from ..errors import UserError
+from ..errors import UserError, is_disk_full
 from .client import USER_AGENT, Client, ClientConfig
 from .download import DownloadFailed, fetch_verified
 from .posts import STATUSES, post_record, record_from_json, record_to_json, write_posts
@@ -159,12 +158,6 @@ def shard_ranges(lo: int, hi: int, shard: tuple[int, int], contiguous: bool) -> 
             if a <= b:
                 ranges.append((a, b))
     return ranges[::-1]
-
-
-def _disk_error(e: BaseException) -> bool:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return isinstance(e, sqlite3.OperationalError) and "full" in str(e)
 
 
 class State:
@@ -554,7 +547,7 @@ class _Run:
             self._shown = 0.0
             self.advance("done", 0)  # the final figures
         except BaseException as e:
-            if _disk_error(e):
+            if is_disk_full(e):
                 self.batcher.abort()
                 raise DiskFull(
                     f"the disk under {cfg.out} is full ({e}); free some space and run the same command to resume"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -24,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..booru.posts import read_posts
-from ..errors import UserError
+from ..errors import UserError, is_disk_full
 from .images import BadImage, load_rgb, pad_square
 from .shards import Member, ShardWriter, index_shard, read_member, sample_json
 from .vocab import Vocab, apply_aliases, read_aliases, read_vocab
@@ -239,7 +238,7 @@ def build(cfg: BuildConfig, console: Console | None = None) -> dict:
     except OSError as e:
         for writer in writers.values():
             writer.abort()
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(e):
             raise UserError(f"the disk under {cfg.out} is full ({e}); free some space and build again") from e
         raise
 

@@ -243,7 +243,6 @@ def train_one_epoch(state: TrainState, ctx: Context, progress: Progress | None) 
 
 @torch.no_grad()
 def predict(
-    net: torch.nn.Module,
     model: Tagger,
     batches: Iterable,
     device: torch.device,
@@ -251,14 +250,14 @@ def predict(
     autocast: str | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Probabilities and targets per head over some batches, as numpy arrays."""
-    net.eval()
+    model.eval()
     probs: dict[str, list] = {}
     targets_out: dict[str, list] = {}
     for images, targets in batches:
         images, targets = _to(device, images, targets, channels_last)
         amp = torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast else nullcontext()
         with amp:
-            logits = net(images)
+            logits = model(images)
         for head, p in model.activate({k: v.float() for k, v in logits.items()}).items():
             probs.setdefault(head, []).append(p.cpu().numpy())
             targets_out.setdefault(head, []).append(targets[head].cpu().numpy())
@@ -271,7 +270,7 @@ def evaluate(state: TrainState, ctx: Context, split: str = "val") -> dict[str, f
     loader = make_loader(ctx.ds, split, LoaderConfig(batch_size=cfg.batch_size, workers=cfg.workers), train=False)
     # The bare model, not the DDP wrapper: ranks may hold different numbers of validation batches, and DDP's forward
     # would wait for the others at every batch.
-    probs, targets = predict(state.model, state.model, loader, ctx.dist.device, ctx.channels_last, ctx.autocast)
+    probs, targets = predict(state.model, loader, ctx.dist.device, ctx.channels_last, ctx.autocast)
     for head, n in ((h.name, h.classes) for h in state.model.cfg.heads):  # a rank whose share of shards was empty
         if head not in probs:
             probs[head] = np.zeros((0, n), np.float32)
