@@ -59,3 +59,13 @@ def synth_build(synth_crawl, synth_vocab, tmp_path_factory) -> Path:
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def synth_run(synth_build, tmp_path_factory) -> Path:
+    """A run of a tiny timm backbone trained for two epochs on synth_build: for evaluate, export and tag tests."""
+    from illust2vec.train.loop import TrainConfig, fit
+
+    run = tmp_path_factory.mktemp("run") / "run"
+    fit(TrainConfig(data=str(synth_build), out=str(run), epochs=2, arch="test_resnet", batch_size=16, workers=0))
+    return run

@@ -299,6 +299,74 @@ def train(
 
 
 @app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="Run directory of `i2v train`."),
+    epoch: str = typer.Option("best", help="An epoch number, best (as --select-by chose) or last."),
+    data: Path = typer.Option(None, help="Built dataset to evaluate on (default: the run's own)."),
+    split: str = typer.Option("val", help="val or test."),
+    per_tag: bool = typer.Option(False, help="Also calibrate one threshold per tag."),
+    mode: str = typer.Option("f1", help="Thresholds that maximise F1 (f1) or make precision equal recall (pr_equal)."),
+    batch_size: int = typer.Option(64, min=1),
+    workers: int = typer.Option(2, min=0),
+    device: str = typer.Option("auto", help="auto, cuda or cpu."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Per-category metrics of one epoch on held-out images; writes metrics.json, per_tag.csv, thresholds.json."""
+    from .evaluate import EvalConfig, evaluate_run
+
+    cfg = EvalConfig(
+        str(run),
+        epoch,
+        str(data) if data else None,
+        split,
+        per_tag,
+        mode,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+    )
+    report = evaluate_run(cfg, console=err)
+    if json_out:
+        print(json.dumps(report, indent=1))
+    _print_report(report)
+
+
+def _print_report(report: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{report['run']} epoch {report['epoch']} on {report['split']}", title_justify="left")
+    columns = ("P", "R", "F1", "macroF1", "mAP", "thr", "P=R@", "top1", "acc")
+    table.add_column("head")
+    for c in columns:
+        table.add_column(c, justify="right")
+    keys = {"P": "micro_precision", "R": "micro_recall", "F1": "micro_f1", "macroF1": "macro_f1", "thr": "threshold"}
+    keys |= {"P=R@": "threshold_p_eq_r", "acc": "accuracy"}
+    for head, r in report["heads"].items():
+        cells = [r.get(keys.get(c, c)) for c in columns]
+        table.add_row(head, *("" if v is None else f"{v:.3f}" for v in cells))
+    err.print(table, width=max(err.width, 110))
+    err.print(f"wrote {report['out']}/metrics.json, per_tag.csv, thresholds.json", highlight=False)
+
+
+@app.command("export")
+def export_bundle(
+    run: Path = typer.Argument(..., help="Run directory of `i2v train`."),
+    out: Path = typer.Option(..., help="Bundle directory to write."),
+    epoch: str = typer.Option("best", help="An epoch number, best or last."),
+    onnx: bool = typer.Option(False, "--onnx", help="Also write model.onnx in the WD taggers' convention."),
+    overwrite: bool = typer.Option(False, help="Replace an existing bundle in --out."),
+    workers: int = typer.Option(2, min=0),
+    device: str = typer.Option("auto", help="auto, cuda or cpu (for the calibration pass)."),
+) -> None:
+    """Write a model bundle (weights, config, labels, thresholds; optionally ONNX) from one epoch of a run."""
+    from .export import ExportConfig, export
+
+    s = export(ExportConfig(str(run), str(out), epoch, onnx, overwrite, workers, device), console=err)
+    onnx_note = f", ONNX within {s['onnx_max_abs_diff']:.1e} of torch" if "onnx_max_abs_diff" in s else ""
+    err.print(f"wrote {out} from epoch {s['epoch']} (thresholds: {s['thresholds']}{onnx_note})", highlight=False)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="Directory for the demo's outputs."),
     posts: int = typer.Option(1000, min=20, help="Posts on the synthetic board."),

@@ -121,3 +121,40 @@ def load_checkpoint(run: Path, epoch: int, model: torch.nn.Module, optimizer: to
     n = state["rng"]["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     return state
+
+
+def resolve_epoch(run: Path, epoch: str | int = "best") -> int:
+    """ "best" (the epoch `--select-by` chose), "last", or a number -> an epoch with a complete checkpoint."""
+    run = Path(run)
+    done = list_checkpoints(run)
+    if not done:
+        raise UserError(f"{run}: no checkpoints (is it a run directory of i2v train?)")
+    if epoch in ("last", "latest"):
+        return done[-1]
+    if epoch == "best":
+        best = None
+        if (run / "best.json").exists():
+            best = json.loads((run / "best.json").read_text()).get("best_epoch")
+        else:  # a run still going, or killed: the state of its latest checkpoint knows the best so far
+            best = json.loads((checkpoint_dir(run, done[-1]) / "state.json").read_text()).get("best_epoch")
+        return int(best) if best in done else done[-1]
+    try:
+        n = int(epoch)
+    except (TypeError, ValueError):
+        raise UserError(f"--epoch takes a number, best or last, not {epoch!r}") from None
+    if n not in done:
+        raise UserError(f"{run}: no checkpoint for epoch {n}; there are {', '.join(map(str, done))}")
+    return n
+
+
+def load_run_model(run: Path, epoch: int) -> torch.nn.Module:
+    """The run's tagger with the weights of one epoch, in eval mode (CPU)."""
+    from ..models.tagger import TaggerConfig, create_tagger
+
+    try:
+        config = json.loads((Path(run) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{run}: cannot read config.json ({e})") from None
+    model = create_tagger(TaggerConfig.from_dict(config["model"]))
+    load_weights(checkpoint_dir(Path(run), epoch) / "model.safetensors", model)
+    return model.eval()

@@ -1,0 +1,116 @@
+"""Backends run a model behind the WD interface: [N, H, W, 3] float32 BGR 0..255 -> (probabilities, features).
+
+The torch backend runs `models.interface` modules; the ONNX backend runs the exported file with onnxruntime and
+never imports torch, so a command that tags a folder with ONNX starts fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OnnxBackend:
+    """onnxruntime on the CPU, or on CUDA when onnxruntime-gpu is installed and asked for."""
+
+    session: Any
+    input_name: str
+    has_features: bool
+    name: str = "onnx"
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        probs = np.asarray(outputs[0], dtype=np.float32)
+        return probs, (np.asarray(outputs[1], dtype=np.float32) if self.has_features else None)
+
+
+def onnx_backend(path: Path, device: str = "cpu", threads: int = 0) -> OnnxBackend:
+    """Open an ONNX tagger (ours, or a WD tagger's: same input, probabilities first)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("the ONNX backend needs onnxruntime: pip install 'illust2vec[infer]'") from None
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UserError("--device cuda with ONNX needs onnxruntime-gpu; or use the torch backend")
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own types for a broken or foreign file
+        raise UserError(f"{path}: cannot open the ONNX model ({e})") from None
+    inputs = session.get_inputs()
+    shape = inputs[0].shape
+    if len(shape) != 4 or shape[3] != 3:
+        raise UserError(f"{path}: expected an NHWC input with 3 channels (the WD taggers'), found {shape}")
+    return OnnxBackend(session, inputs[0].name, has_features=len(session.get_outputs()) > 1)
+
+
+def onnx_input_size(backend: OnnxBackend) -> int | None:
+    """The fixed height of an ONNX tagger's input (WD's are 448), or None when dynamic."""
+    h = backend.session.get_inputs()[0].shape[1]
+    return h if isinstance(h, int) else None
+
+
+@dataclass
+class TorchBackend:
+    """A `models.interface` module on a device, with bf16 autocast on a GPU."""
+
+    module: Any
+    device: Any
+    autocast: Any = None  # torch dtype for autocast, or None
+    name: str = "torch"
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            if self.autocast is not None:
+                with torch.autocast(self.device.type, dtype=self.autocast):
+                    probs, features = self.module(x)
+            else:
+                probs, features = self.module(x)
+        return probs.float().cpu().numpy(), features.float().cpu().numpy()
+
+
+def resolve_device(device: str):
+    """ "auto" -> cuda when present, else cpu; a CUDA request without CUDA is the user's to fix."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"--device {device}: {e}") from None
+
+
+def torch_backend(module: Any, device: str = "auto", amp: bool = True) -> TorchBackend:
+    """Put an interface module on a device in eval mode (channels-last and bf16 autocast on a GPU)."""
+    import torch
+
+    dev = resolve_device(device)
+    module = module.eval().to(dev)
+    autocast = None
+    if dev.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)
+        autocast = torch.bfloat16 if amp else None
+    return TorchBackend(module, dev, autocast)

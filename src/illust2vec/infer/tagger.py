@@ -1,0 +1,368 @@
+"""The Tagger: the Python API for tagging images and extracting feature vectors, with the original
+Illustration2Vec's method names and return shapes, over our bundles and the WD taggers (timm or ONNX).
+
+    from illust2vec import Tagger
+    tagger = Tagger.load("bundle/")             # or a WD tagger v3 snapshot directory, or a WD ONNX directory
+    tagger.estimate_plausible_tags(["a.jpg"])   # [{"general": [("1girl", 0.98), ...], "character": [...], ...}]
+    tagger.extract_feature(["a.jpg"])           # [1, D] float32
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..bundle import DEFAULT_THRESHOLDS, Labels, Thresholds, is_bundle, read_bundle
+from ..data.vocab import read_vocab
+from ..errors import UserError
+from .backends import OnnxBackend, TorchBackend, onnx_backend, onnx_input_size, torch_backend
+from .preprocess import load_batch
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnx")
+MIN_CHARACTER_MCUT = 0.15  # the WD Space's floor under MCut's character threshold
+
+
+def mcut_threshold(probs: np.ndarray) -> float:
+    """Maximum Cut thresholding (Largeron et al., 2012), as the WD Space does it: the midpoint of the largest gap
+    between consecutive sorted scores."""
+    p = np.sort(np.asarray(probs, dtype=np.float64))[::-1]
+    if p.size < 2:
+        return 0.5
+    gaps = p[:-1] - p[1:]
+    t = int(gaps.argmax())
+    return float((p[t] + p[t + 1]) / 2)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How scores become tags: thresholds per head (None: the model's calibrated or default ones), MCut, exclusions."""
+
+    general: float | None = None
+    character: float | None = None
+    copyright: float | None = None
+    artist: float | None = None
+    mcut_general: bool = False
+    mcut_character: bool = False
+    exclude: frozenset[str] = field(default_factory=frozenset)
+
+    def override(self, head: str) -> float | None:
+        return getattr(self, head, None)
+
+
+@dataclass
+class Tagger:
+    """A loaded model: its backend, what its outputs mean, and its thresholds.
+
+    `backend` maps a prepared batch ([N, size, size, 3] float32 BGR 0..255, see `preprocess.prepare`) to
+    probabilities [N, tags] in `labels.names` order and feature vectors [N, D] (None for a WD ONNX file).
+    """
+
+    backend: OnnxBackend | TorchBackend
+    labels: Labels
+    thresholds: Thresholds
+    image_size: int
+    source: str = ""
+    kind: str = "bundle"  # bundle, wd-timm or wd-onnx
+    feature_dim: int | None = None  # the length of extract_feature's vectors; None: the model gives none
+    feature_center: np.ndarray | None = None  # per-dimension medians for binary codes, when the bundle has them
+    batch_size: int = 32
+
+    # ---- loading
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backend: str = "auto", device: str = "auto") -> Tagger:
+        """Open a model: our bundle, a WD tagger v3 timm snapshot directory (config.json, model.safetensors,
+        selected_tags.csv), a WD ONNX directory (model.onnx, selected_tags.csv), or a Hugging Face repo id of either
+        (downloaded once into the Hugging Face cache).
+
+        Args:
+            path: a directory, or a repo id such as "SmilingWolf/wd-vit-tagger-v3".
+            backend: "auto" (ONNX when the model has an ONNX file and onnxruntime is installed, unless a GPU is
+                asked for; else torch), "torch" or "onnx".
+            device: "auto", "cpu" or "cuda[:N]".
+        """
+        if backend not in BACKENDS:
+            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        root = Path(path)
+        if not root.exists():
+            if _looks_like_repo_id(str(path)):
+                root = download(str(path))
+            else:
+                raise UserError(f"{path}: no such model directory")
+        if not root.is_dir():
+            raise UserError(f"{root}: a model is a directory (a bundle, or a WD tagger's snapshot)")
+        if is_bundle(root):
+            return _load_bundle(root, backend, device)
+        if (root / "config.json").is_file() and (root / "model.safetensors").is_file() and backend != "onnx":
+            return _load_wd_timm(root, device)
+        if (root / "model.onnx").is_file() and backend != "torch":
+            return _load_wd_onnx(root, device)
+        raise UserError(
+            f"{root}: not a model: expected an illust2vec bundle (i2v export), a WD tagger v3 snapshot "
+            "(config.json, model.safetensors, selected_tags.csv) or a WD ONNX directory (model.onnx, selected_tags.csv)"
+        )
+
+    # ---- the forward pass
+
+    def prepare(self, images: Any) -> np.ndarray:
+        """Images (paths, bytes, PIL images or arrays) -> the model's input batch."""
+        return load_batch(images, self.image_size)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """A prepared batch -> (probabilities [N, tags], features [N, D] or None)."""
+        return self.backend(batch)
+
+    def _forward(self, images: Any, features: bool = False) -> np.ndarray:
+        items = _as_list(images)
+        outs = []
+        for start in range(0, len(items), self.batch_size):
+            probs, feats = self.run(self.prepare(items[start : start + self.batch_size]))
+            if features and feats is None:
+                raise UserError(f"{self.source}: this model gives no feature vector (a WD ONNX file gives tags only)")
+            outs.append(feats if features else probs)
+        if not outs:
+            n = self.feature_dim if features else len(self.labels)
+            return np.zeros((0, n or 0), np.float32)
+        return np.concatenate(outs)
+
+    def predict(self, images: Any) -> np.ndarray:
+        """Probabilities [N, tags] of images, in `labels.names` order."""
+        return self._forward(images)
+
+    # ---- scores to tags
+
+    def scores(self, probs: np.ndarray) -> dict[str, dict[str, float]]:
+        """One image's probabilities -> head -> {tag: score}, every tag, highest first."""
+        out = {}
+        for head, ix in self.labels.heads.items():
+            p = probs[list(ix)]
+            order = np.argsort(-p, kind="stable")
+            out[head] = {self.labels.names[ix[i]]: float(p[i]) for i in order}
+        return out
+
+    def select(self, probs: np.ndarray, selection: Selection = Selection()) -> dict[str, dict[str, float]]:
+        """One image's probabilities -> head -> {tag: score} above its threshold, highest first.
+
+        Rating keeps all its classes (scores sum to one), as the WD taggers report it. A threshold given in
+        `selection` replaces the model's for its head, per-tag ones included; MCut replaces both.
+        """
+        out: dict[str, dict[str, float]] = {}
+        for head, ix in self.labels.heads.items():
+            p = probs[list(ix)]
+            names = [self.labels.names[i] for i in ix]
+            order = np.argsort(-p, kind="stable")
+            if head == "rating":
+                out[head] = {names[i]: float(p[i]) for i in order}
+                continue
+            given = selection.override(head)
+            if head == "general" and selection.mcut_general:
+                thr = np.full(len(ix), mcut_threshold(p))
+            elif head == "character" and selection.mcut_character:
+                thr = np.full(len(ix), max(MIN_CHARACTER_MCUT, mcut_threshold(p)))
+            elif given is not None:
+                thr = np.full(len(ix), given)
+            else:
+                base = self.thresholds.heads.get(head, DEFAULT_THRESHOLDS.get(head, 0.5))
+                thr = np.array([self.thresholds.tags.get(n, base) for n in names])
+            out[head] = {names[i]: float(p[i]) for i in order if p[i] >= thr[i] and names[i] not in selection.exclude}
+        return out
+
+    # ---- the original Illustration2Vec's API
+
+    def estimate_top_tags(self, images: Any, n_tag: int = 10) -> list[dict[str, list[tuple[str, float]]]]:
+        """The `n_tag` highest-scoring tags of each head, per image (rating: all its classes)."""
+        out = []
+        for probs in self.predict(images):
+            s = self.scores(probs)
+            out.append({h: list(v.items())[: None if h == "rating" else n_tag] for h, v in s.items()})
+        return out
+
+    def estimate_plausible_tags(
+        self, images: Any, threshold: float | None = None, selection: Selection | None = None
+    ) -> list[dict[str, list[tuple[str, float]]]]:
+        """Per image, head -> [(tag, score), ...] above the threshold, highest first; rating lists all its classes.
+
+        Args:
+            images: a path, bytes, PIL image or array, or a list of them.
+            threshold: one threshold for every head; None uses the model's calibrated thresholds (per head, and
+                per tag where `i2v evaluate --per-tag` wrote them), or the usual 0.35 general / 0.85 character.
+            selection: finer control (per-head thresholds, MCut, excluded tags); `threshold` overrides it.
+        """
+        sel = selection or Selection()
+        if threshold is not None:
+            sel = Selection(threshold, threshold, threshold, threshold, exclude=sel.exclude)
+        return [{h: list(v.items()) for h, v in self.select(p, sel).items()} for p in self.predict(images)]
+
+    def estimate_specific_tags(self, images: Any, tags: Sequence[str]) -> list[dict[str, float]]:
+        """Per image, {tag: score} for the given tags. Tags may be written with spaces, as Illustration2Vec's
+        ("blue eyes"), or underscores ("blue_eyes"); unknown tags are an error naming them."""
+        if isinstance(tags, str):
+            tags = [tags]
+        index = {n: i for i, n in enumerate(self.labels.names)}
+        columns, unknown = [], []
+        for tag in tags:
+            i = index.get(tag, index.get(tag.replace(" ", "_")))
+            (unknown if i is None else columns).append(tag if i is None else i)
+        if unknown:
+            raise UserError(f"not in the model's vocabulary: {', '.join(unknown)}")
+        return [{t: float(p[i]) for t, i in zip(tags, columns, strict=True)} for p in self.predict(images)]
+
+    def extract_feature(self, images: Any, normalize: bool = False) -> np.ndarray:
+        """Feature vectors [N, D] float32: the pooled embedding every head reads. `normalize`: unit L2 norm."""
+        f = self._forward(images, features=True)
+        if normalize:
+            f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        return f.astype(np.float32)
+
+    def extract_binary_feature(self, images: Any) -> np.ndarray:
+        """Binary codes [N, ceil(D / 8)] uint8 (np.packbits), as the original Illustration2Vec's: bit d is set when
+        feature d is above its median over the bundle's validation images (or, without those, the vector's mean)."""
+        return binarize(self.extract_feature(images), self.feature_center)
+
+
+def binarize(features: np.ndarray, center: np.ndarray | None = None) -> np.ndarray:
+    """Feature vectors -> packed bits, each set where the feature exceeds its centre."""
+    f = np.asarray(features, dtype=np.float32)
+    c = f.mean(axis=1, keepdims=True) if center is None else np.asarray(center, np.float32)[None]
+    return np.packbits(f > c, axis=1)
+
+
+def _as_list(images: Any) -> list:
+    if isinstance(images, str | os.PathLike | bytes):
+        return [images]
+    if isinstance(images, np.ndarray) and images.dtype != object and images.ndim <= 3:
+        return [images]
+    if not isinstance(images, Iterable) or hasattr(images, "getpixel"):  # one PIL image
+        return [images]
+    return list(images)
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def download(repo_id: str) -> Path:
+    """Fetch a WD tagger (or a bundle) from the Hugging Face Hub into its cache; returns the local directory.
+
+    Real code that tests never call: it needs the network. Only the files a tagger needs are fetched, and nothing
+    fetched is ever unpickled.
+    """
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"{repo_id}: downloading a model needs huggingface_hub (pip install huggingface_hub)") from None
+    patterns = ["config.json", "model.safetensors", "model.onnx", "selected_tags.csv", "thresholds.json"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # network errors, a missing repo: one line
+        raise UserError(f"{repo_id}: download failed ({e})") from None
+
+
+def _load_bundle(root: Path, backend: str, device: str) -> Tagger:
+    info = read_bundle(root)
+    center = info.config.get("feature_center")
+    center = np.asarray(center, np.float32) if center else None
+    use_onnx = backend == "onnx" or (
+        backend == "auto" and info.onnx_path is not None and not device.startswith("cuda") and _has_onnxruntime()
+    )
+    if use_onnx:
+        if info.onnx_path is None:
+            raise UserError(f"{root}: --backend onnx, but the bundle has no model.onnx (i2v export --onnx)")
+        runner: OnnxBackend | TorchBackend = onnx_backend(info.onnx_path, "cpu" if device == "auto" else device)
+    else:
+        runner = torch_backend(_bundle_module(info), device)
+    dim = int(info.config["feature_dim"])
+    return Tagger(runner, info.labels, info.thresholds, info.image_size, str(root), "bundle", dim, center)
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _bundle_module(info) -> Any:
+    """The bundle's weights in our tagger, behind the WD interface (torch)."""
+    from ..models.interface import WDInterface
+    from ..models.tagger import TaggerConfig, create_tagger
+    from ..train.checkpoints import load_weights
+
+    model = create_tagger(TaggerConfig.from_dict(info.config["model"]))
+    load_weights(info.weights_path, model)
+    return WDInterface(model)
+
+
+def _wd_labels(root: Path) -> Labels:
+    vocab = read_vocab(root / "selected_tags.csv")
+    return Labels.from_vocab(vocab)
+
+
+def _load_wd_timm(root: Path, device: str) -> Tagger:
+    """A WD tagger v3 snapshot: timm's config.json (architecture, num_classes, model_args, pretrained_cfg)."""
+    import timm
+    from safetensors.torch import load_file
+
+    from ..models.interface import TimmWD
+
+    try:
+        cfg = json.loads((root / "config.json").read_text())
+        arch = cfg["architecture"]
+        pcfg = cfg.get("pretrained_cfg", {})
+        size = int(pcfg.get("input_size", [3, 448, 448])[-1])
+        mean, std = tuple(pcfg.get("mean", (0.5, 0.5, 0.5))), tuple(pcfg.get("std", (0.5, 0.5, 0.5)))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{root}/config.json: not a timm model config ({e})") from None
+    labels = _wd_labels(root)
+    n = int(cfg.get("num_classes", len(labels)))
+    if n != len(labels):
+        raise UserError(f"{root}: config.json has {n} classes, selected_tags.csv {len(labels)} tags")
+    if not timm.is_model(arch):
+        raise UserError(f"{root}: unknown timm architecture {arch!r}")
+    model = timm.create_model(arch, pretrained=False, num_classes=n, **cfg.get("model_args", {}))
+    try:
+        weights = load_file(root / "model.safetensors")
+        model.load_state_dict(weights, strict=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"{root}/model.safetensors: does not fit {arch} ({str(e).splitlines()[0]})") from None
+    runner = torch_backend(TimmWD(model, mean, std), device)
+    thresholds = _wd_thresholds(root)
+    dim = getattr(model, "head_hidden_size", model.num_features)
+    return Tagger(runner, labels, thresholds, size, str(root), "wd-timm", int(dim))
+
+
+def _wd_thresholds(root: Path) -> Thresholds:
+    from ..bundle import read_thresholds
+
+    return read_thresholds(root / "thresholds.json")
+
+
+def _load_wd_onnx(root: Path, device: str) -> Tagger:
+    """A WD ONNX tagger directory: model.onnx with NHWC BGR input, sigmoid probabilities in selected_tags order."""
+    labels = _wd_labels(root)
+    runner = onnx_backend(root / "model.onnx", "cpu" if device == "auto" else device)
+    size = onnx_input_size(runner)
+    if size is None:
+        raise UserError(f"{root}/model.onnx: its input height is not fixed; cannot tell the image size")
+    n = runner.session.get_outputs()[0].shape[-1]
+    if isinstance(n, int) and n != len(labels):
+        raise UserError(f"{root}: model.onnx gives {n} outputs, selected_tags.csv has {len(labels)} tags")
+    outputs = runner.session.get_outputs()
+    dim = outputs[1].shape[-1] if len(outputs) > 1 and isinstance(outputs[1].shape[-1], int) else None
+    return Tagger(runner, labels, _wd_thresholds(root), size, str(root), "wd-onnx", dim)
+
+
+def labels_of(tagger: Tagger) -> Mapping[str, Sequence[str]]:
+    """Head -> tag names, in output order."""
+    return {h: [tagger.labels.names[i] for i in ix] for h, ix in tagger.labels.heads.items()}

@@ -1,0 +1,53 @@
+"""The WD taggers' interface as a module: NHWC BGR images in 0..255 in, probabilities in selected_tags.csv order out.
+
+Both the torch backend and the ONNX export run these modules, so the two backends compute the same function. The
+WD ONNX taggers take float32 NHWC images with values 0..255 in BGR order (the image composited onto white, padded to a
+white square and resized with bicubic) and give one output of probabilities; tools written for them read the first
+output. The second output, the pooled feature vector, is ours (for `extract_feature` and similar-image search).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .tagger import Tagger
+
+
+def _to_nchw_rgb(x: Tensor) -> Tensor:
+    """[B, H, W, 3] BGR -> [B, 3, H, W] RGB (a view: channels-last memory, which convolutions take as they are)."""
+    return x.permute(0, 3, 1, 2).flip(1)
+
+
+class WDInterface(nn.Module):
+    """Our tagger behind the WD interface: probabilities of every output (each head's own activation), concatenated
+    in head order (which is selected_tags.csv's order), and the feature vector."""
+
+    def __init__(self, tagger: Tagger):
+        super().__init__()
+        self.tagger = tagger
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.tagger.forward_features(_to_nchw_rgb(x))
+        pooled = self.tagger.forward_head(features, pre_logits=True)
+        logits = self.tagger.forward_head(features)
+        probs = self.tagger.activate({k: v.float() for k, v in logits.items()})
+        return torch.cat([probs[h.name] for h in self.tagger.cfg.heads], dim=1), pooled.float()
+
+
+class TimmWD(nn.Module):
+    """A WD tagger v3 timm snapshot (one classifier over every tag, sigmoid) behind the same interface."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.model = model
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
+        shift = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t
+        self.register_buffer("shift", shift, persistent=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.addcmul(self.shift, _to_nchw_rgb(x).to(self.scale.dtype), self.scale)
+        features = self.model.forward_features(x)
+        pooled = self.model.forward_head(features, pre_logits=True)
+        return self.model.get_classifier()(pooled).float().sigmoid(), pooled.float()
