@@ -379,6 +379,21 @@ def demo(
     run_demo(DemoConfig(out=out, posts=posts, epochs=epochs, seed=seed), console=err)
 
 
+# --- cli: tag ---
+
+
+# --- cli: show ---
+
+
+# --- cli: search ---
+
+
+# --- cli: serve ---
+
+
+# --- cli: convert ---
+
+
 def main() -> None:
     """Console-script entry point: a user's mistake becomes one line on stderr and exit status 2."""
     try:
