@@ -69,3 +69,34 @@ def synth_run(synth_build, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run") / "run"
     fit(TrainConfig(data=str(synth_build), out=str(run), epochs=2, arch="test_resnet", batch_size=16, workers=0))
     return run
+
+
+@pytest.fixture(scope="session")
+def synth_bundle(synth_run, tmp_path_factory) -> Path:
+    """synth_run exported as a bundle with model.onnx (thresholds calibrated on its validation split)."""
+    from illust2vec.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    export(ExportConfig(run=str(synth_run), out=str(out), onnx=True, workers=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_images(tmp_path_factory) -> Path:
+    """A folder of 12 images from another synthetic board (held out from training), in their board formats
+    (JPEG, PNG, WebP, GIF), named `{id}.{ext}`; `truth.json` beside them maps file name -> the post's tags."""
+    import json
+
+    from illust2vec.synth.board import Board
+
+    out = tmp_path_factory.mktemp("images")
+    # The training board's seed, hence its cast; posts are generated in order, so those past the 160 of
+    # synth_crawl's board were never trained on.
+    board = Board(SynthConfig(posts=200, seed=41))
+    truth = {}
+    for post in [p for p in board.posts[160:] if p.is_image and not p.is_deleted and not p.is_banned][:12]:
+        name = f"{post.id}.{post.file_ext}"
+        (out / name).write_bytes(board.file(post))
+        truth[name] = {"rating": post.rating, **post.tags}
+    (out / "truth.json").write_text(json.dumps(truth, indent=1))
+    return out
