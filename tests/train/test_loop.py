@@ -5,13 +5,14 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from illust2vec.errors import UserError
 from illust2vec.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
-from illust2vec.train.loop import TrainConfig, fit, get_lr
+from illust2vec.train.loop import TrainConfig, contradiction_rate, fit, get_lr
 
 TINY = dict(arch="test_resnet", batch_size=16, workers=0, lr=3e-3, warmup=0.2)
 
@@ -71,6 +72,7 @@ def test_a_run_writes_its_outputs(synth_build, tmp_path):
         "val/general/accuracy",
         "val/character/top1",
         "val/rating/accuracy",
+        "val/general/contradictions",
     ):
         assert key in rows[0], key
         value = float(rows[0][key])
@@ -131,3 +133,21 @@ def test_train_command_mistakes_are_one_line(synth_build, tmp_path):
         assert r.returncode == 2, r.stderr[-2000:]
         assert r.stderr.strip().splitlines()[-1].startswith("error: ") and needle in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
+
+
+def test_contradiction_rate_counts_single_character_images_with_an_exclusive_pair_predicted():
+    # Tags 0 and 1 exclude each other (two hair colours); tag 2 goes with anything.
+    pairs = np.zeros((3, 3), bool)
+    pairs[0, 1] = pairs[1, 0] = True
+    probs = np.array(
+        [
+            [0.9, 0.8, 0.1],  # both hair colours: a contradiction
+            [0.9, 0.2, 0.9],  # one hair colour and an unrelated tag: fine
+            [0.9, 0.6, 0.0],  # both, on a two-character image: not counted
+            [0.4, 0.6, 0.9],  # one (the other under the threshold): fine
+        ]
+    )
+    single = np.array([True, True, False, True])
+    assert contradiction_rate(probs, single, pairs, 0.5) == pytest.approx(1 / 3)
+    assert contradiction_rate(probs, single, pairs, 0.85) == 0.0
+    assert math.isnan(contradiction_rate(probs, np.zeros(4, bool), pairs, 0.5))

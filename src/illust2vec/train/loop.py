@@ -147,24 +147,40 @@ def _label_matrix(ds: Dataset, head: str, split: str = "train") -> np.ndarray:
 
 
 def loss_extras(cfg: TrainConfig, ds: Dataset, activations: dict[str, str]) -> tuple[dict, dict]:
-    """Per-tag frequency weights and exclusive tag pairs, when the loss config asks for them."""
+    """Per-tag frequency weights (when the loss asks for them) and the exclusive pairs of general tags."""
     weights, pairs = {}, {}
     if cfg.loss.frequency_weighting:
         counts = ds.info["splits"]["train"]["tag_counts"]
         for head, act in activations.items():
             if head != "rating" and act == "sigmoid":
                 weights[head] = tag_weights(counts[head], cfg.loss.frequency_alpha)
-    if cfg.loss.exclusivity > 0 and "general" in activations:
-        general = torch.from_numpy(_label_matrix(ds, "general"))
-        single = None
-        if "character" in ds.vocab.heads:
-            # Only posts with one character: there, two hair colours are a contradiction, not two people.
-            single = torch.from_numpy(_label_matrix(ds, "character").sum(1) == 1)
-        cooc = cooccurrence([general], [single] if single is not None else None)
-        rows = int(single.sum()) if single is not None else general.shape[0]
-        # Counts over the same posts as the co-occurrences; `rows` rules out pairs that never met by chance alone.
-        pairs["general"] = exclusive_pairs(cooc, cooc.diagonal(), rows=rows)
+    if "general" in activations:
+        # Found even when the penalty is off: validation counts contradictions (`general/contradictions`) either way.
+        pairs["general"] = general_exclusive_pairs(ds)
     return weights, pairs
+
+
+def general_exclusive_pairs(ds: Dataset) -> torch.Tensor:
+    """Pairs of general tags that never appear together on the training split's single-character posts."""
+    general = torch.from_numpy(_label_matrix(ds, "general"))
+    single = None
+    if "character" in ds.vocab.heads:
+        # Only posts with one character: there, two hair colours are a contradiction, not two people.
+        single = torch.from_numpy(_label_matrix(ds, "character").sum(1) == 1)
+    cooc = cooccurrence([general], [single] if single is not None else None)
+    rows = int(single.sum()) if single is not None else general.shape[0]
+    # Counts over the same posts as the co-occurrences; `rows` rules out pairs that never met by chance alone.
+    return exclusive_pairs(cooc, cooc.diagonal(), rows=rows)
+
+
+def contradiction_rate(probs: np.ndarray, single: np.ndarray, pairs: np.ndarray, threshold: float) -> float:
+    """Fraction of single-character images on which two mutually exclusive general tags (two hair colours, two eye
+    colours: pairs never seen together in training) are both predicted at `threshold`; NaN without such images."""
+    pred = (probs[single] >= threshold).astype(np.float32)
+    if not len(pred):
+        return float("nan")
+    both = (pred @ pairs.astype(np.float32)) * pred  # > 0 where a predicted tag has a predicted exclusive partner
+    return float((both.sum(axis=1) > 0).mean())
 
 
 def _to(device: torch.device, images: torch.Tensor, targets: dict, channels_last: bool):
@@ -293,6 +309,11 @@ def evaluate(state: TrainState, ctx: Context, split: str = "val") -> dict[str, f
             # Top-1 is the figure people quote for characters, whatever the head's activation.
             out[f"{split}/{head}/top1"] = float(topk_accuracy(p, t, 1))
             out[f"{split}/{head}/top5"] = float(topk_accuracy(p, t, 5))
+    pairs = ctx.pairs.get("general")
+    if pairs is not None and "general" in probs and "character" in targets and ctx.activations["general"] == "sigmoid":
+        single = targets["character"].sum(axis=1) == 1
+        rate = contradiction_rate(probs["general"], single, pairs.cpu().numpy(), cfg.threshold)
+        out[f"{split}/general/contradictions"] = rate
     out[f"{split}/loss"] = total_loss
     return out
 

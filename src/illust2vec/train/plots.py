@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 
 # Panels in reading order; a metric nobody logged is left out.
-PANELS = ("loss", "mAP", "f1", "precision", "recall", "accuracy", "top1", "top5")
+PANELS = ("loss", "mAP", "f1", "precision", "recall", "accuracy", "top1", "top5", "contradictions")
 
 
 def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None, title: str = "") -> None:
