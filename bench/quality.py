@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         f"quality: {args.arch}, {args.posts} posts at {args.size} px, {args.epochs} epochs, loss {args.loss}, "
         f"exclusivity {args.exclusivity:g}: trained in {seconds:.0f} s"
     )
-    keys = [k for k in rows[0] if k.startswith("val/") and k.endswith(("/mAP", "/top1"))]
+    keys = [k for k in rows[0] if k.startswith("val/") and k.endswith(("/mAP", "/top1", "/contradictions"))]
     print("epoch  " + "  ".join(k[4:] for k in keys))
     for r in rows:
         print(f"{r['epoch']:>5}  " + "  ".join(f"{float(r[k]):>{len(k) - 4}.3f}" for k in keys))
