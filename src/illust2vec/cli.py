@@ -379,10 +379,83 @@ def demo(
     run_demo(DemoConfig(out=out, posts=posts, epochs=epochs, seed=seed), console=err)
 
 
-# --- cli: tag ---
+@app.command()
+def tag(
+    paths: list[str] = typer.Argument(..., help="Images and folders of images (any format Pillow reads)."),
+    model: str = typer.Option(..., help="A bundle (i2v export), a WD tagger v3 snapshot or a WD ONNX directory."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Enter subfolders too."),
+    threshold: float = typer.Option(None, help="General tags' threshold (default: the model's calibrated, or 0.35)."),
+    character_threshold: float = typer.Option(None, help="Character tags' threshold (default: calibrated, or 0.85)."),
+    mcut: bool = typer.Option(False, "--mcut", help="Thresholds per image by MCut, as the WD Space does."),
+    format: str = typer.Option("table", help="table, json, jsonl, csv (on stdout) or txt (captions beside images)."),
+    batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
+    exclude: str = typer.Option(None, help="Comma-separated tags never to output."),
+    replace_underscores: bool = typer.Option(False, "--replace-underscores", help="long_hair -> long hair (not ^_^)."),
+    escape_brackets: bool = typer.Option(False, "--escape-brackets", help="( ) -> \\( \\), for prompts."),
+    rating_first: bool = typer.Option(False, "--rating-first", help="txt: start each caption with its rating tag."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="txt: replace captions that exist (else: skip)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    backend: str = typer.Option("auto", help="auto (ONNX on the CPU when the bundle has it), torch or onnx."),
+    shard: str = typer.Option("0/1", help="Tag part I of N of the files (0 <= I < N), for job arrays."),
+    workers: int = typer.Option(None, min=1, help="Decoding threads (default: one per core)."),
+) -> None:
+    """Tag images: records on stdout (or captions beside them), a report of bad files on stderr; exit 1 if any."""
+    from .infer.pipeline import TagConfig, parse_exclude, tag_files
+    from .infer.writers import CaptionOptions
+
+    if shard == "0/1":
+        parts = (0, 1)
+    else:  # the crawler's parser, imported only when needed: tagging starts fast
+        from .booru.crawl import parse_shard
+
+        parts = parse_shard(shard)
+    cfg = TagConfig(
+        paths=tuple(paths),
+        model=model,
+        recursive=recursive,
+        threshold=threshold,
+        character_threshold=character_threshold,
+        mcut=mcut,
+        format=format,
+        batch_size=batch_size,
+        exclude=parse_exclude(exclude),
+        caption=CaptionOptions(replace_underscores, escape_brackets, rating_first),
+        overwrite=overwrite,
+        device=device,
+        backend=backend,
+        shard=parts,
+        workers=workers,
+    )
+    summary = tag_files(cfg, out=sys.stdout, console=err)
+    err.print(summary.line(), highlight=False, soft_wrap=True)
+    if summary.n_failed:
+        raise typer.Exit(1)
 
 
-# --- cli: show ---
+@app.command()
+def show(
+    image: Path = typer.Argument(..., help="The image to show."),
+    model: Path = typer.Option(..., help="A bundle (i2v export), or a WD tagger's directory (without --explain)."),
+    out: Path = typer.Option(..., help="The picture to write (PNG; any format matplotlib writes, by extension)."),
+    explain: str = typer.Option(None, help="Overlay a Grad-CAM heat map for this tag (an illust2vec bundle)."),
+    top: int = typer.Option(10, min=1, help="Bars per category (rating: all its classes)."),
+    threshold: float = typer.Option(None, min=0.0, max=1.0, help="General threshold (default: the model's)."),
+    character_threshold: float = typer.Option(None, min=0.0, max=1.0, help="Character threshold."),
+    mcut: bool = typer.Option(False, help="MCut thresholds for general and character tags, as the WD Space."),
+    backend: str = typer.Option("auto", help="auto, torch or onnx, for the scores (the heat map runs torch)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Draw an image beside bars of its top tags per category; --explain shows where one tag's evidence lies."""
+    from .infer.show import ShowConfig
+    from .infer.show import show as show_image
+    from .infer.tagger import Selection
+
+    selection = Selection(general=threshold, character=character_threshold, mcut_general=mcut, mcut_character=mcut)
+    cfg = ShowConfig(image, model, out, explain, top, selection, backend, device)
+    result = show_image(cfg)
+    tags = ", ".join(b.tag for head, bars in result.bars.items() if head != "rating" for b in bars if b.above)
+    note = f"; Grad-CAM of {result.explained.tag} ({result.explained_score:.3f})" if result.explained else ""
+    err.print(f"wrote {out}{note}; tags: {tags or 'none above threshold'}", highlight=False)
 
 
 # --- cli: search ---
