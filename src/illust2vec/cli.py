@@ -453,15 +453,167 @@ def show(
     selection = Selection(general=threshold, character=character_threshold, mcut_general=mcut, mcut_character=mcut)
     cfg = ShowConfig(image, model, out, explain, top, selection, backend, device)
     result = show_image(cfg)
-    tags = ", ".join(b.tag for head, bars in result.bars.items() if head != "rating" for b in bars if b.above)
+    shown = ", ".join(b.tag for head, bars in result.bars.items() if head != "rating" for b in bars if b.above)
     note = f"; Grad-CAM of {result.explained.tag} ({result.explained_score:.3f})" if result.explained else ""
-    err.print(f"wrote {out}{note}; tags: {tags or 'none above threshold'}", highlight=False)
+    err.print(f"wrote {out}{note}; highlighted: {shown or 'none'}", highlight=False, soft_wrap=True)
 
 
-# --- cli: search ---
+index_app = typer.Typer(help="Build a vector index from `i2v embed` outputs.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
 
 
-# --- cli: serve ---
+@app.command()
+def embed(
+    paths: list[str] = typer.Argument(..., help="Images and folders of images (any format Pillow reads)."),
+    model: str = typer.Option(..., help="A bundle (i2v export) or a WD tagger v3 snapshot (with feature vectors)."),
+    out: Path = typer.Option(..., help="Vectors file to write (Parquet); a rerun resumes it."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Enter subfolders too."),
+    ids: str = typer.Option("path", help="Row ids: path (relative to the folder given) or stem (e.g. post ids)."),
+    batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
+    shard: str = typer.Option("0/1", help="Embed part I of N of the files (0 <= I < N), for job arrays."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    backend: str = typer.Option("auto", help="auto (ONNX on the CPU when the bundle has it), torch or onnx."),
+    workers: int = typer.Option(None, min=1, help="Decoding threads (default: one per core)."),
+) -> None:
+    """Feature vectors and predicted tags of images, from one forward pass each, into Parquet; exit 1 if any failed."""
+    from .booru.crawl import parse_shard
+    from .infer.embed import EmbedConfig, embed_files
+
+    cfg = EmbedConfig(
+        paths=tuple(paths),
+        model=model,
+        out=str(out),
+        recursive=recursive,
+        ids=ids,
+        batch_size=batch_size,
+        shard=parse_shard(shard),
+        device=device,
+        backend=backend,
+        workers=workers,
+    )
+    summary = embed_files(cfg, console=err)
+    err.print(f"{out}: {summary.line()}", highlight=False, soft_wrap=True)
+    if summary.n_failed:
+        raise typer.Exit(1)
+
+
+@index_app.command("build")
+def index_build(
+    vectors: list[Path] = typer.Argument(..., help="Vectors files of `i2v embed` (e.g. one per shard), or folders."),
+    out: Path = typer.Option(..., help="Index directory to write."),
+    kind: str = typer.Option("auto", help="auto, flat (exact), hnsw, ivf (approximate) or binary (Hamming)."),
+    nlist: int = typer.Option(None, min=1, help="ivf: k-means cells (default about 4 sqrt(N))."),
+    nprobe: int = typer.Option(32, min=1, help="ivf: cells searched per query."),
+    ef_search: int = typer.Option(128, min=1, help="hnsw: candidates kept while searching."),
+) -> None:
+    """Build a searchable index of feature vectors, with their ids, paths and tags."""
+    import time
+
+    from .search import IndexParams, build_index
+
+    t0 = time.perf_counter()
+    params = IndexParams(kind=kind, nlist=nlist, nprobe=nprobe, ef_search=ef_search)
+    index, duplicates = build_index([str(v) for v in vectors], out, params)
+    note = f"; {duplicates} rows with an id seen before left out" if duplicates else ""
+    seconds = time.perf_counter() - t0
+    err.print(f"{out}: {index.kind} index of {len(index)} vectors ({index.dim}-d) in {seconds:.1f} s{note}")
+
+
+def _print_hits(rows: list[dict], format: str, title: str) -> None:
+    if format == "json":
+        print(json.dumps(rows, indent=1))
+        return
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for c in rows[0] if rows else ("id", "path", "score"):
+        table.add_column(c, justify="right" if c in ("score", "group", "rank") else "left")
+    for r in rows:
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()))
+    Console(soft_wrap=True).print(table)
+
+
+@app.command()
+def similar(
+    image: str = typer.Argument(None, help="The query image (needs --model)."),
+    id: str = typer.Option(None, "--id", help="Query by the id of an image in the index instead."),
+    index: Path = typer.Option(..., help="Index directory of `i2v index build`."),
+    model: str = typer.Option(None, help="The model the index's vectors came from (for an IMAGE query)."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="How many results."),
+    tags: str = typer.Option(None, help='Only images with these predicted tags, not the "-" ones: "blue_hair -hat".'),
+    format: str = typer.Option("table", help="table or json (a list of {path, id, score} on stdout)."),
+    backend: str = typer.Option("auto", help="auto, torch or onnx."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """The images most like a query image, best first (the query itself first when it is in the index)."""
+    from .search.similar import SimilarConfig
+    from .search.similar import similar as find_similar
+
+    if format not in ("table", "json"):
+        raise UserError(f"--format must be table or json, not {format!r}")
+    cfg = SimilarConfig(str(index), image, id, model, k, tags, backend, device)
+    hits = find_similar(cfg)
+    _print_hits([h.to_json() for h in hits], format, f"most similar to {image or id}")
+    if not hits:
+        err.print("no image in the index passes --tags", highlight=False)
+
+
+@app.command()
+def dedup(
+    index: Path = typer.Argument(..., help="Index directory of `i2v index build`."),
+    threshold: float = typer.Option(
+        0.97, help="Cosine similarity at which two images count as copies (binary index: share of bits agreeing)."
+    ),
+    format: str = typer.Option("table", help="table or json (a list of groups, each a list of {path, id, score})."),
+) -> None:
+    """Groups of near-duplicate images (resized, re-encoded copies): each group's first image, then its copies."""
+    from .search import VectorIndex, find_duplicates
+
+    if format not in ("table", "json"):
+        raise UserError(f"--format must be table or json, not {format!r}")
+    if not -1.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold is a cosine similarity, between -1 and 1, not {threshold}")
+    vi = VectorIndex.load(index)
+    groups = find_duplicates(vi, threshold)
+    if format == "json":
+        print(json.dumps([[h.to_json() for h in g] for g in groups], indent=1))
+    else:
+        rows = [{"group": n, **h.to_json()} for n, g in enumerate(groups, 1) for h in g]
+        _print_hits(rows, "table", f"near-duplicates in {index} (similarity to each group's first image)")
+    copies = sum(len(g) - 1 for g in groups)
+    err.print(f"{len(groups)} groups, {copies} copies among {len(vi)} images (threshold {threshold})", highlight=False)
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(..., help="Model bundle (i2v export), or a WD tagger's directory."),
+    index: Path = typer.Option(None, help="Vector index (i2v index build) for similar images."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, min=0, max=65535),
+    max_upload_mb: float = typer.Option(32.0, min=0.001, help="Largest upload accepted, in MB (413 beyond)."),
+    max_batch: int = typer.Option(32, min=1, help="Most images in one forward pass (1: no batching)."),
+    max_wait_ms: float = typer.Option(5.0, min=0.0, help="How long a request waits for others to join its batch."),
+    backend: str = typer.Option("auto", help="auto, torch or onnx."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+) -> None:
+    """Serve a web page and an HTTP API for tagging images and finding similar ones (OpenAPI docs at /docs)."""
+    from .serve import ServeConfig
+    from .serve import serve as run_server
+
+    if index is not None and not index.exists():
+        raise UserError(f"{index}: no such index (build one with i2v index build)")
+    cfg = ServeConfig(
+        model=str(model),
+        index=str(index) if index else None,
+        host=host,
+        port=port,
+        max_upload_mb=max_upload_mb,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        backend=backend,
+        device=device,
+    )
+    run_server(cfg, console=err)
 
 
 # --- cli: convert ---
