@@ -1,0 +1,379 @@
+"""VectorIndex: feature vectors with their ids, paths and predicted tags, searched exactly or approximately (faiss).
+
+    from illust2vec.search import VectorIndex
+    index = VectorIndex(512, kind="flat")            # or hnsw, ivf, binary; VectorIndex.build picks by size (auto)
+    index.add(vectors, ids, paths=paths, tags=tags)  # vectors [N, D] float32; tags: JSON strings, see embed.py
+    index.search(queries, k=10)                      # per query [(id, score), ...], cosine, highest first
+    scores, rows = index.search_rows(queries, k=10)  # the same as arrays of row numbers (-1 where fewer)
+    index.save("idx/"); VectorIndex.load("idx/")
+
+Float kinds compare L2-normalised vectors by inner product, i.e. cosine similarity: `flat` is exact, `hnsw` a graph
+and `ivf` an inverted file of k-means cells (approximate, for millions). `binary` keeps one bit per dimension (set
+where the value is above the collection's median, like the original Illustration2Vec's extract_binary_feature) and
+searches by Hamming distance; its score is the fraction of bits that agree.
+
+On disk an index is a directory: `index.faiss` (faiss's own format, written by faiss.write_index: no pickle),
+`meta.parquet` (id, path, tags per row, in the index's row order) and `index.json` (kind, dimension, search
+parameters, the model the vectors came from, the binary codes' centre).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+KINDS = ("auto", "flat", "hnsw", "ivf", "binary")
+FORMAT = "illust2vec-index"
+FORMAT_VERSION = 1
+EXACT_UP_TO = 100_000  # `auto`: exact search up to this many vectors (a 100k x 512 product takes ~10 ms)
+FILES = ("index.faiss", "meta.parquet", "index.json")
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """How an index is built and searched. None means: chosen from the collection's size when it is built."""
+
+    kind: str = "auto"
+    nlist: int | None = None  # ivf: k-means cells; default about 4 sqrt(N)
+    nprobe: int = 32  # ivf: cells visited per query (recall against speed)
+    hnsw_m: int = 32  # hnsw: links per node
+    ef_construction: int = 80  # hnsw: candidates kept while building
+    ef_search: int = 128  # hnsw: candidates kept while searching (recall against speed)
+    train_size: int = 100_000  # ivf: at most this many vectors train k-means (faiss needs ~40 per cell)
+
+    def resolved(self, n: int) -> IndexParams:
+        """`auto` made concrete for a collection of n vectors: exact up to EXACT_UP_TO, an inverted file above."""
+        if self.kind not in KINDS:
+            raise UserError(f"--kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        kind = self.kind if self.kind != "auto" else ("flat" if n <= EXACT_UP_TO else "ivf")
+        nlist = self.nlist
+        if kind == "ivf" and nlist is None:
+            nlist = max(1, min(int(4 * math.sqrt(max(n, 1))), n // 39 or 1))
+        return replace(self, kind=kind, nlist=nlist)
+
+
+@dataclass
+class VectorIndex:
+    """Vectors searchable by similarity, with an id, a path and predicted tags (a JSON string) per row.
+
+    Rows are numbered in the order they were added; `ids[row]`, `paths[row]`, `tags[row]` describe row `row`.
+    """
+
+    dim: int
+    kind: str = "flat"
+    params: IndexParams = field(default_factory=IndexParams)
+    model: dict[str, Any] = field(default_factory=dict)  # where the vectors came from (source, vocabulary hash)
+    center: np.ndarray | None = None  # binary: per-dimension threshold, fixed by the first add
+    ids: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    faiss_index: Any = None
+    _rows_by_id: dict[str, int] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS or self.kind == "auto":
+            raise UserError(f"index kind must be one of flat, hnsw, ivf, binary, not {self.kind!r}")
+        self.params = replace(self.params, kind=self.kind)
+        if self.faiss_index is None:
+            self.faiss_index = _new_faiss(self.dim, self.params)
+
+    @classmethod
+    def build(
+        cls,
+        vectors: np.ndarray,
+        ids: list[str],
+        paths: list[str] | None = None,
+        tags: list[str] | None = None,
+        params: IndexParams = IndexParams(),
+        model: dict[str, Any] | None = None,
+    ) -> VectorIndex:
+        """A whole collection at once; `params.kind="auto"` chooses by its size (see IndexParams.resolved)."""
+        p = params.resolved(len(vectors))
+        index = cls(int(np.shape(vectors)[1]), p.kind, p, dict(model or {}))
+        index.add(vectors, ids, paths, tags)
+        return index
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # ---- adding
+
+    def add(
+        self, vectors: np.ndarray, ids: list[str], paths: list[str] | None = None, tags: list[str] | None = None
+    ) -> None:
+        """Append rows. Vectors are L2-normalised here (cosine similarity); an untrained ivf index trains its
+        cells on the first vectors it gets, and a binary one takes its centre (per-dimension medians) from them."""
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise UserError(f"vectors of shape {x.shape} do not fit an index of dimension {self.dim}")
+        n = len(x)
+        if len(ids) != n or (paths is not None and len(paths) != n) or (tags is not None and len(tags) != n):
+            raise ValueError("ids, paths and tags need one entry per vector")
+        known = self.rows_by_id()
+        clash = next((i for i in ids if i in known), None)
+        if clash is not None or len(set(ids)) != n:
+            raise UserError(f"duplicate id {clash or _first_duplicate(ids)!r}: ids must be unique in an index")
+        if n == 0:
+            return
+        x = _normalise(x)
+        if self.kind == "binary":
+            if self.center is None:
+                self.center = np.median(x, axis=0).astype(np.float32)
+            self.faiss_index.add(self.encode(x))
+        else:
+            if not self.faiss_index.is_trained:
+                self._train(x)
+            self.faiss_index.add(x)
+        self.ids.extend(ids)
+        self.paths.extend(paths if paths is not None else [""] * n)
+        self.tags.extend(tags if tags is not None else ["{}"] * n)
+        self._rows_by_id = None
+
+    def _train(self, x: np.ndarray) -> None:
+        nlist = self.faiss_index.nlist
+        if len(x) < nlist:
+            raise UserError(f"an ivf index with {nlist} cells needs at least {nlist} vectors to train, got {len(x)}")
+        sample = x
+        if len(x) > self.params.train_size:
+            pick = np.random.default_rng(0).choice(len(x), self.params.train_size, replace=False)
+            sample = x[np.sort(pick)]
+        self.faiss_index.train(sample)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Binary kind: normalised vectors -> packed bits [N, ceil(D/8)] uint8, set above the centre."""
+        return np.packbits(x > self.center[None], axis=1)
+
+    # ---- searching
+
+    def search(
+        self, queries: np.ndarray, k: int = 10, allow: np.ndarray | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """The k most similar images of each query: per query a list of (id, score), highest score first (fewer
+        than k when fewer rows qualify). Arguments as for `search_rows`."""
+        scores, rows = self.search_rows(queries, k, allow)
+        return [
+            [(self.ids[r], float(s)) for r, s in zip(row, score, strict=True) if r >= 0]
+            for row, score in zip(rows, scores, strict=True)
+        ]
+
+    def search_rows(
+        self, queries: np.ndarray, k: int = 10, allow: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The k most similar rows of each query, highest score first.
+
+        Args:
+            queries: [Q, D] float vectors (normalised here), or for a binary index [Q, ceil(D/8)] packed codes.
+            k: results per query.
+            allow: optional bool mask [len(self)]: only these rows may be returned (a tag filter).
+
+        Returns:
+            (scores [Q, k] float32, rows [Q, k] int64); where fewer than k rows qualify, rows are -1 and scores -inf.
+        """
+        q = self._as_queries(queries)
+        k = max(1, min(int(k), len(self))) if len(self) else 1
+        if len(self) == 0 or len(q) == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        search_params = self._search_params(allow)
+        if self.kind == "binary":
+            dist, rows = self.faiss_index.search(q, k, params=search_params)
+            scores = np.where(rows >= 0, 1.0 - dist / self.dim, -np.inf).astype(np.float32)
+        else:
+            scores, rows = self.faiss_index.search(q, k, params=search_params)
+            scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+        return scores, rows.astype(np.int64)
+
+    def _as_queries(self, queries: np.ndarray) -> np.ndarray:
+        q = np.asarray(queries)
+        if q.ndim == 1:
+            q = q[None]
+        if self.kind == "binary" and q.dtype == np.uint8 and q.shape[1] == (self.dim + 7) // 8:
+            return np.ascontiguousarray(q)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise UserError(f"query vectors of shape {q.shape} do not fit an index of dimension {self.dim}")
+        q = _normalise(np.ascontiguousarray(q, dtype=np.float32))
+        return self.encode(q) if self.kind == "binary" else q
+
+    def _search_params(self, allow: np.ndarray | None) -> Any:
+        faiss = _faiss()
+
+        sel = None
+        if allow is not None:
+            mask = np.asarray(allow, dtype=bool)
+            if mask.shape != (len(self),):
+                raise ValueError(f"allow must be a bool mask of {len(self)} rows, not {mask.shape}")
+            # A bitmap selector costs one bit per row, and faiss skips disallowed rows inside its scan, so a
+            # filtered search still returns k results whenever k rows qualify (exact kinds; hnsw and ivf
+            # return those they reach).
+            bits = np.packbits(mask, bitorder="little")
+            sel = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
+            sel.bits_ref = bits  # keep the buffer alive as long as the selector
+        if self.kind == "ivf":
+            return faiss.SearchParametersIVF(sel=sel, nprobe=self.params.nprobe)
+        if self.kind == "hnsw":
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=self.params.ef_search)
+        return faiss.SearchParameters(sel=sel) if sel is not None else None
+
+    def scores(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact similarity of one query (as `search` takes it) to the given rows, in `search`'s units."""
+        q = self._as_queries(query)[0]
+        stored = self.vectors(rows)
+        if self.kind == "binary":
+            differ = np.unpackbits(np.bitwise_xor(stored, q[None]), axis=1).sum(axis=1)
+            return (1.0 - differ / self.dim).astype(np.float32)
+        return (stored @ q).astype(np.float32)
+
+    def vector(self, id: str) -> np.ndarray:
+        """What is stored for one id, in a form `search` accepts: the unit vector, or the packed code (binary)."""
+        row = self.rows_by_id().get(id)
+        if row is None:
+            raise KeyError(id)
+        return self.vectors(np.array([row]))[0]
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Stored vectors (or packed codes) of several rows."""
+        if self.kind == "ivf" and self.faiss_index.direct_map.type == 0:  # NoMap: rows not yet addressable
+            self.faiss_index.make_direct_map()
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and rows.max() - rows.min() + 1 == len(rows) and np.all(np.diff(rows) == 1):
+            return self.faiss_index.reconstruct_n(int(rows[0]), len(rows))
+        return np.stack([self.faiss_index.reconstruct(int(r)) for r in rows])
+
+    def items(self) -> list[tuple[str, str]]:
+        """(id, path) of every row, in row order."""
+        return list(zip(self.ids, self.paths, strict=True))
+
+    def rows_by_id(self) -> dict[str, int]:
+        """id -> row."""
+        if self._rows_by_id is None:
+            self._rows_by_id = {i: r for r, i in enumerate(self.ids)}
+        return self._rows_by_id
+
+    # ---- files
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the index directory (index.faiss, meta.parquet, index.json); each file replaced atomically."""
+        faiss = _faiss()
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        out = Path(path)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{out}: exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()) and not (out / "index.json").is_file():
+            raise UserError(f"{out}: a non-empty directory that is not an index; choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = {name: out / f".{name}.tmp" for name in FILES}
+        if self.kind == "binary":
+            faiss.write_index_binary(self.faiss_index, str(tmp["index.faiss"]))
+        else:
+            faiss.write_index(self.faiss_index, str(tmp["index.faiss"]))
+        table = pa.table({"id": self.ids, "path": self.paths, "tags": self.tags})
+        pq.write_table(table, tmp["meta.parquet"])
+        info = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "dim": self.dim,
+            "count": len(self),
+            "metric": "hamming" if self.kind == "binary" else "cosine",
+            "params": asdict(self.params),
+            "model": self.model,
+            "center": None if self.center is None else [float(c) for c in self.center],
+        }
+        tmp["index.json"].write_text(json.dumps(info, indent=1))
+        for name in FILES:  # index.json last: its presence says the other two are whole
+            os.replace(tmp[name], out / name)
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> VectorIndex:
+        """Open an index directory written by `save` (or `i2v index build`)."""
+        faiss = _faiss()
+        import pyarrow.parquet as pq
+
+        root = Path(path)
+        if not (root / "index.json").is_file():
+            raise UserError(f"{root}: not an index (no index.json; build one with `i2v index build`)")
+        try:
+            info = json.loads((root / "index.json").read_text())
+            if info.get("format") != FORMAT:
+                raise ValueError(f"format {info.get('format')!r}")
+            if int(info["format_version"]) > FORMAT_VERSION:
+                raise ValueError(f"format version {info['format_version']} is newer than this illust2vec's")
+            kind, dim = str(info["kind"]), int(info["dim"])
+            params = IndexParams(**info.get("params", {}))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{root}/index.json: not an illust2vec index ({e})") from None
+        try:
+            reader = faiss.read_index_binary if kind == "binary" else faiss.read_index
+            fx = reader(str(root / "index.faiss"))
+            meta = pq.read_table(root / "meta.parquet", columns=["id", "path", "tags"])
+        except (RuntimeError, OSError) as e:
+            raise UserError(f"{root}: cannot read the index ({str(e).splitlines()[0]})") from None
+        if fx.ntotal != meta.num_rows or fx.d != dim:
+            raise UserError(f"{root}: index.faiss ({fx.ntotal} x {fx.d}) does not match its metadata")
+        center = info.get("center")
+        return cls(
+            dim,
+            kind,
+            params,
+            dict(info.get("model") or {}),
+            None if center is None else np.asarray(center, np.float32),
+            meta.column("id").to_pylist(),
+            meta.column("path").to_pylist(),
+            meta.column("tags").to_pylist(),
+            fx,
+        )
+
+
+def _faiss() -> Any:
+    """faiss, imported when first needed (the CLI starts fast), without its loader's INFO lines on stderr."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
+
+
+def _new_faiss(dim: int, p: IndexParams) -> Any:
+    faiss = _faiss()
+
+    if p.kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if p.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, p.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = p.ef_construction
+        index.hnsw.efSearch = p.ef_search
+        return index
+    if p.kind == "ivf":
+        nlist = p.nlist or 1
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = p.nprobe
+        # k-means on at most train_size vectors; 10 iterations reach nearly the recall of faiss's default 25
+        index.cp.niter = 10
+        index.cp.max_points_per_centroid = max(40, p.train_size // nlist)
+        return index
+    if p.kind == "binary":
+        return faiss.IndexBinaryFlat(8 * ((dim + 7) // 8))
+    raise UserError(f"index kind must be one of flat, hnsw, ivf, binary, not {p.kind!r}")
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _first_duplicate(ids: list[str]) -> str:
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            return i
+        seen.add(i)
+    return ""

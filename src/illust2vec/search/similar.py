@@ -1,0 +1,222 @@
+"""Similar-image queries over a VectorIndex: build one from `i2v embed` outputs, query by image or id with tag
+filters, and group near-duplicates.
+
+Tag filters read the predicted tags stored with each vector: `"blue_hair -hat"` keeps images with blue_hair and
+without hat. A row's tags are those above the model's thresholds in every head, plus its top rating class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .index import IndexParams, VectorIndex
+
+DEFAULT_DEDUP_THRESHOLD = 0.97  # cosine: resized and re-encoded copies score above, distinct pictures below
+DEDUP_NEIGHBOURS = 16  # neighbours looked at per image; bigger groups still join through their members
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result: the row, its id and path, and its similarity to the query (cosine; binary: bits agreeing)."""
+
+    row: int
+    id: str
+    path: str
+    score: float
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "id": self.id, "score": round(self.score, 6)}
+
+
+# ---- building
+
+
+def build_index(
+    inputs: Sequence[str | os.PathLike], out: str | os.PathLike, params: IndexParams
+) -> tuple[VectorIndex, int]:
+    """Vectors files of `i2v embed` (one per shard of a job array, or folders of them) -> an index saved in `out`.
+
+    Returns the index and how many rows were left out because their id was already in an earlier file."""
+    from ..infer.embed import read_vectors
+
+    v = read_vectors(inputs)
+    if not v.ids:
+        raise UserError("the vectors files hold no rows: nothing to index")
+    index = VectorIndex.build(v.vectors, v.ids, v.paths, v.tags, params, model=v.meta.get("model", {}))
+    index.save(out)
+    return index, v.duplicates
+
+
+# ---- tag filters
+
+
+def parse_tag_filter(text: str | None) -> tuple[frozenset[str], frozenset[str]]:
+    """`"blue_hair -hat"` -> ({"blue_hair"}, {"hat"}); tags separated by spaces or commas."""
+    include, exclude = set(), set()
+    for token in (text or "").replace(",", " ").split():
+        if token.startswith("-") and len(token) > 1:
+            exclude.add(token[1:])
+        elif token != "-":
+            include.add(token)
+    both = include & exclude
+    if both:
+        raise UserError(f"--tags asks for and against {', '.join(sorted(both))}")
+    return frozenset(include), frozenset(exclude)
+
+
+def row_tags(tags_json: str) -> set[str]:
+    """The tags a row is filtered by: every head's predicted tags, and the rating's top class only."""
+    try:
+        heads = json.loads(tags_json) if tags_json else {}
+    except ValueError:
+        return set()
+    out: set[str] = set()
+    for head, tags in heads.items():
+        if not tags:
+            continue
+        if head == "rating":
+            out.add(max(tags, key=tags.get))
+        else:
+            out.update(tags)
+    return out
+
+
+def tag_mask(index: VectorIndex, text: str | None) -> np.ndarray | None:
+    """Rows that pass the filter, or None for no filter. A wanted tag that no image in the index has is an error
+    (most likely a typo), not an empty result."""
+    include, exclude = parse_tag_filter(text)
+    if not include and not exclude:
+        return None
+    sets = [row_tags(t) for t in index.tags]
+    missing = sorted(t for t in include if not any(t in s for s in sets))
+    if missing:
+        raise UserError(f"--tags: no image in the index has {', '.join(missing)} among its predicted tags")
+    return np.array([include <= s and not (exclude & s) for s in sets], dtype=bool)
+
+
+# ---- queries
+
+
+@dataclass(frozen=True)
+class SimilarConfig:
+    """What `i2v similar` was asked: an image (needs the model) or an id in the index."""
+
+    index: str
+    image: str | None = None
+    id: str | None = None
+    model: str | None = None
+    k: int = 10
+    tags: str | None = None
+    backend: str = "auto"
+    device: str = "auto"
+
+
+def similar(cfg: SimilarConfig, index: VectorIndex | None = None, tagger=None) -> list[Hit]:
+    """The k images most similar to the query, best first; the query itself first when it is in the index."""
+    if (cfg.image is None) == (cfg.id is None):
+        raise UserError("give an IMAGE or --id ID (one of them)")
+    if cfg.k < 1:
+        raise UserError("-k must be at least 1")
+    index = index or VectorIndex.load(cfg.index)
+    if cfg.id is not None:
+        row = index.rows_by_id().get(cfg.id)
+        if row is None:
+            raise UserError(f"--id {cfg.id}: not in the index {cfg.index}")
+        query, self_row = index.vector(cfg.id), row
+    else:
+        query = _embed_query(cfg, index, tagger)
+        self_row = _row_of_path(index, cfg.image)
+    return search_hits(index, query, cfg.k, tag_mask(index, cfg.tags), self_row)
+
+
+def search_hits(
+    index: VectorIndex, query: np.ndarray, k: int, allow: np.ndarray | None = None, self_row: int | None = None
+) -> list[Hit]:
+    """The k best rows for one query (a vector, or a packed code for a binary index). When `self_row` (the query's
+    own row) is allowed, it comes first, whether or not an approximate search found it."""
+    first = self_row is not None and (allow is None or bool(allow[self_row]))
+    scores, rows = index.search_rows(query[None], k + int(first), allow)
+    found = [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0 and r != self_row]
+    if first:
+        found.insert(0, (self_row, float(index.scores(query, np.array([self_row]))[0])))
+    return [Hit(r, index.ids[r], index.paths[r], s) for r, s in found[:k]]
+
+
+def _embed_query(cfg: SimilarConfig, index: VectorIndex, tagger) -> np.ndarray:
+    from ..data.images import BadImage
+    from ..infer.tagger import Tagger
+
+    if not cfg.model and tagger is None:
+        raise UserError("a query image needs the model its index was built with: --model BUNDLE")
+    if not Path(cfg.image).is_file():
+        raise UserError(f"{cfg.image}: no such image file")
+    tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device)
+    _check_model(index, tagger, cfg.model or tagger.source)
+    try:
+        return tagger.extract_feature([cfg.image], normalize=True)[0]
+    except BadImage as e:
+        raise UserError(f"{cfg.image}: {e}") from None
+
+
+def _check_model(index: VectorIndex, tagger, name: str) -> None:
+    """Vectors from two models do not compare: the dimension and the vocabulary must match the index's."""
+    from ..infer.embed import model_meta
+
+    have, want = model_meta(tagger), index.model
+    if tagger.feature_dim != index.dim:
+        raise UserError(f"{name}: gives {tagger.feature_dim}-d vectors, the index holds {index.dim}-d ones")
+    if want.get("vocab_hash") and have["vocab_hash"] != want["vocab_hash"]:
+        raise UserError(f"{name}: not the model the index was built with ({want.get('source', 'another model')})")
+
+
+def _row_of_path(index: VectorIndex, image: str) -> int | None:
+    target = str(Path(image).resolve())
+    for row, path in enumerate(index.paths):
+        if path == target:
+            return row
+    return None
+
+
+# ---- near-duplicates
+
+
+def find_duplicates(
+    index: VectorIndex, threshold: float = DEFAULT_DEDUP_THRESHOLD, neighbours: int = DEDUP_NEIGHBOURS
+) -> list[list[Hit]]:
+    """Groups of near-duplicates: images joined when their similarity is at least `threshold`, transitively
+    (single linkage over each image's nearest neighbours). Each group lists its first row first; a member's score is
+    its similarity to that first one. Groups come in the order of their first rows."""
+    n = len(index)
+    parent = np.arange(n)
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    k = min(neighbours + 1, n)
+    for start in range(0, n, 4096):
+        rows = np.arange(start, min(n, start + 4096))
+        scores, found = index.search_rows(index.vectors(rows), k)
+        for r, srow, frow in zip(rows, scores, found, strict=True):
+            for s, f in zip(srow, frow, strict=True):
+                if f >= 0 and f != r and s >= threshold:
+                    a, b = find(int(r)), find(int(f))
+                    if a != b:
+                        parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for r in range(n):
+        groups.setdefault(find(r), []).append(r)
+    out = []
+    for members in sorted((m for m in groups.values() if len(m) > 1), key=lambda m: m[0]):
+        scores = index.scores(index.vectors(np.array(members[:1]))[0], np.array(members))
+        out.append([Hit(r, index.ids[r], index.paths[r], float(s)) for r, s in zip(members, scores, strict=True)])
+    return out
