@@ -6,6 +6,7 @@ README's training section come from here, e.g. `python -m bench quality --posts 
 
 import argparse
 import csv
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exclusivity", type=float, default=0.0)
     parser.add_argument("--loss", default="bce")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it (default: a temporary one)")
+    parser.add_argument("--measure", type=Path, nargs="+", help="only measure these finished runs (see measure_runs)")
     args = parser.parse_args(argv)
+    if args.measure:
+        measure_runs(args.measure)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -64,6 +69,37 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"{r['epoch']:>5}  " + "  ".join(f"{float(r[k]):>{len(k) - 4}.3f}" for k in keys))
     print(f"best epoch {summary['best_epoch']} by {summary['select_by']}")
+
+
+def measure_runs(runs: list[Path]) -> None:
+    """For each run's last epoch on its validation split: mAP and top-1 per category, and the contradiction rate
+    (single-character images with two mutually exclusive general tags predicted: two hair colours, two eye colours)
+    at 0.5 and at the general head's F1-calibrated threshold. Runs on the same data compare like for like."""
+    import numpy as np
+
+    from illust2vec.evaluate import EvalConfig, calibrate, predict_split, run_dataset
+    from illust2vec.train.checkpoints import load_run_model, resolve_epoch
+    from illust2vec.train.loop import contradiction_rate, general_exclusive_pairs
+    from illust2vec.train.metrics import mean_average_precision, topk_accuracy
+
+    for run in runs:
+        epoch = resolve_epoch(run, "last")
+        ds = run_dataset(run, None)
+        cfg = json.loads((run / "config.json").read_text())["train"]
+        probs, targets, _ = predict_split(load_run_model(run, epoch), ds, EvalConfig(str(run), str(epoch), workers=2))
+        pairs = general_exclusive_pairs(ds).numpy()
+        single = targets["character"].sum(axis=1) == 1
+        names = {h: list(ds.vocab.head_names(h)) for h in probs}
+        f1_thr = calibrate(probs, targets, names, "f1", per_tag=False).heads["general"]
+        truth = contradiction_rate(targets["general"], single, pairs, 0.5)
+        print(
+            f"{run.name} epoch {epoch} (loss {cfg['loss']['kind']}, exclusivity {cfg['loss']['exclusivity']:g}): "
+            f"general mAP {mean_average_precision(probs['general'], targets['general']):.3f}, "
+            f"character top-1 {topk_accuracy(probs['character'], targets['character'], 1):.3f}, "
+            f"contradictions at 0.5 {contradiction_rate(probs['general'], single, pairs, 0.5):.3f}, "
+            f"at the F1 threshold {f1_thr:.2f} {contradiction_rate(probs['general'], single, pairs, f1_thr):.3f} "
+            f"(labels: {truth:.3f}; {int(np.triu(pairs).sum())} exclusive pairs, {int(single.sum())} images)"
+        )
 
 
 if __name__ == "__main__":
