@@ -23,7 +23,7 @@ from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -36,9 +36,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..data.images import BadImage, load_rgb
-from ..infer.preprocess import prepare, read_image
+from ..errors import UserError
+from ..infer.preprocess import DRAFT_INFO, prepare, read_image
 from ..infer.tagger import Selection, Tagger
 from .batcher import Batcher
+
+if TYPE_CHECKING:
+    from ..search import VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -116,37 +120,32 @@ def _too_large(limit: int) -> JSONResponse:
     return JSONResponse({"error": _too_large_text(limit)}, status_code=413)
 
 
-# ---- the index, as the page needs it
+# ---- the index
 
 
-@dataclass
-class IndexView:
-    """An index of feature vectors and where each id's image is. Images are served by id alone: a path from a
-    request is never opened."""
-
-    index: Any  # illust2vec.search's VectorIndex
-    paths: dict[str, Path]  # id -> image file, from the index's own table
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def open_index(path: str) -> IndexView:
-    from ..search.index import VectorIndex
+def open_index(path: str, tagger: Tagger) -> VectorIndex:
+    """The index of `i2v index build`, checked against the model: vectors of two models do not compare."""
+    from ..infer.embed import model_meta
+    from ..search import VectorIndex
 
     index = VectorIndex.load(path)
-    return IndexView(index, {str(i): Path(p) for i, p in index.items()})
+    if tagger.feature_dim != index.dim:
+        raise UserError(f"{path}: holds {index.dim}-d vectors, the model gives {tagger.feature_dim}-d ones")
+    want = index.model.get("vocab_hash")
+    if want and model_meta(tagger)["vocab_hash"] != want:
+        raise UserError(f"{path}: built with another model ({index.model.get('source', 'unknown')})")
+    return index
 
 
 # ---- the app
 
 
-def create_app(cfg: ServeConfig, tagger: Tagger | None = None, index: IndexView | None = None) -> FastAPI:
+def create_app(cfg: ServeConfig, tagger: Tagger | None = None, index: VectorIndex | None = None) -> FastAPI:
     """The ASGI app. `tagger` and `index` may be given already loaded (tests, benchmarks); otherwise they are opened
     from `cfg.model` and `cfg.index`."""
     tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device)
     if index is None and cfg.index:
-        index = open_index(cfg.index)
+        index = open_index(cfg.index, tagger)
     batcher = Batcher(tagger.run, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms)
     model_name = _model_name(tagger)
     thumbs: OrderedDict[str, bytes] = OrderedDict()
@@ -232,9 +231,15 @@ def create_app(cfg: ServeConfig, tagger: Tagger | None = None, index: IndexView 
         file: Annotated[UploadFile | None, File(description="The image to find neighbours of.")] = None,
         id: Annotated[str | None, Form(description="Or: the id of an image in the index.")] = None,
         k: Annotated[int, Query(ge=1, le=200, description="How many neighbours.")] = cfg.k,
+        tags: Annotated[
+            str | None, Query(description='Only images with these predicted tags: "blue_hair -hat".')
+        ] = None,
     ) -> dict:
-        """The `k` nearest images in the index by cosine similarity of feature vectors, with their scores and the
-        URLs of their image and thumbnail (served by id)."""
+        """The `k` nearest images in the index (cosine similarity of feature vectors; Hamming for a binary index),
+        best first, with their scores and the URLs of their image and thumbnail, which are served by id.
+
+        Send an image as `file`, or `id` for "more like this" on an indexed image (the image itself is left out).
+        """
         if index is None:
             raise HTTPException(404, "no index loaded: start the server with --index")
         if (file is None) == (id is None):
@@ -243,12 +248,14 @@ def create_app(cfg: ServeConfig, tagger: Tagger | None = None, index: IndexView 
             _, feats, _ = await features_of(file)
             if feats is None:
                 raise HTTPException(422, f"{model_name} gives no feature vector (a WD ONNX file gives tags only)")
-            hits = await run_in_threadpool(_search, index, feats, k)
+            query, row = feats, None
         else:
-            if id not in index.paths:
+            row = index.rows_by_id().get(id)
+            if row is None:
                 raise HTTPException(404, "no image with that id in the index")
-            hits = await run_in_threadpool(_search_id, index, id, k)
-        return {"neighbours": [_neighbour(index, i, s) for i, s in hits]}
+            query = index.vector(id)
+        hits = await run_in_threadpool(_neighbours, index, query, k, tags, row)
+        return {"neighbours": hits}
 
     @app.get("/api/image/{id}")
     async def image(id: str) -> FileResponse:
@@ -282,6 +289,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
         return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
 
+    @app.exception_handler(UserError)
+    async def bad_input(request: Request, e: UserError) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=422)
+
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> JSONResponse:
         log.error("%s %s failed", request.method, request.url.path, exc_info=e)
@@ -302,7 +313,8 @@ def _decode(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
         # The reason, not Pillow's message: that one names in-memory objects and says nothing more to a user.
         what = f"image refused: {e}" if status == 413 else f"not an image we can read ({e.reason})"
         raise HTTPException(status, what) from None
-    return prepare(image, size), image.size
+    draft = image.info.get(DRAFT_INFO)  # a big JPEG decoded at a fraction of its size knows its full size
+    return prepare(image, size), (tuple(draft[:2]) if draft else image.size)
 
 
 def _rounded(scores: dict[str, float]) -> dict[str, float]:
@@ -344,35 +356,34 @@ def _version() -> str:
 # ---- index helpers
 
 
-def _indexed_path(index: IndexView | None, id: str) -> Path:
+def _indexed_path(index: VectorIndex | None, id: str) -> Path:
     # Only ids the index holds map to files; anything else, path-like or not, is unknown.
-    path = index.paths.get(id) if index is not None else None
-    if path is None:
+    row = index.rows_by_id().get(id) if index is not None else None
+    if row is None:
         raise HTTPException(404, "no image with that id in the index")
+    path = Path(index.paths[row])
     if not path.is_file():
         raise HTTPException(404, "the indexed image is no longer on disk")
     return path
 
 
-def _search(index: IndexView, feats: np.ndarray, k: int) -> list[tuple[str, float]]:
-    hits = index.index.search(np.asarray(feats, np.float32)[None], k)[0]
-    return [(str(i), float(s)) for i, s in hits]
+def _neighbours(index: VectorIndex, query: np.ndarray, k: int, tags: str | None, row: int | None) -> list[dict]:
+    from ..search.similar import search_hits, tag_mask
 
-
-def _search_id(index: IndexView, id: str, k: int) -> list[tuple[str, float]]:
-    hits = index.index.search(index.index.vector(id)[None], k + 1)[0]
-    return [(str(i), float(s)) for i, s in hits if str(i) != id][:k]
-
-
-def _neighbour(index: IndexView, id: str, score: float) -> dict:
-    path = index.paths.get(id)
-    return {
-        "id": id,
-        "score": round(score, 6) if math.isfinite(score) else None,
-        "name": path.name if path else None,
-        "image": f"/api/image/{id}",
-        "thumb": f"/api/thumb/{id}",
-    }
+    allow = tag_mask(index, tags)
+    # With the query's own row given, search_hits puts it first: "more like this" leaves it out.
+    hits = search_hits(index, query, k + (row is not None), allow, row)
+    hits = [h for h in hits if h.row != row][:k]
+    return [
+        {
+            "id": h.id,
+            "score": round(h.score, 6) if math.isfinite(h.score) else None,
+            "name": Path(h.path).name if h.path else None,
+            "image": f"/api/image/{h.id}",
+            "thumb": f"/api/thumb/{h.id}",
+        }
+        for h in hits
+    ]
 
 
 def _thumbnail(path: Path) -> bytes:
