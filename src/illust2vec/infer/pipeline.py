@@ -254,6 +254,7 @@ def tag_files(
     """
     out = out or sys.stdout
     console = console or Console(stderr=True)
+    logging.getLogger("PIL").setLevel(logging.INFO)  # its DEBUG lines (PNG chunks) would bury -v's list of non-images
     _check(cfg)
     selection = selection_of(cfg)
     summary = Summary()
@@ -272,7 +273,7 @@ def tag_files(
 
     def report(item: Item, message: str, reason: str) -> None:
         summary.failed[reason] += 1
-        console.print(f"{item.path}: {message}", highlight=False, markup=False)
+        console.print(f"{item.path}: {message}", highlight=False, markup=False, soft_wrap=True)
 
     def flush() -> None:
         if not batch:
