@@ -1,0 +1,159 @@
+"""Tagging a folder end to end (`i2v tag`: decode, prepare, infer, write) vs the model's forward pass alone, and vs
+the usual WD script (one image at a time: PIL, the WD prepare, onnxruntime `session.run` per image).
+
+The model is a 448 px base preset, randomly initialised (speed does not depend on the weights), with the vocabulary
+of the synthetic board, saved as a bundle with model.onnx through export's own functions. The images are the
+board's, at their real sizes (300 to 2000 px; JPEG, PNG, WebP, GIF) on disk. All three run on the same ONNX file
+with onnxruntime on the CPU by default (`--backend torch` measures the bundle's torch path instead for the first two).
+
+    python -m bench tag [--arch i2v_vit_base] [--images 32] [--batch-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+
+from illust2vec.data.vocab import CATEGORY_CODES, HEAD_ORDER, RATING_IDS, RATING_TAGS, Vocab, tag_id
+from illust2vec.infer.pipeline import TagConfig, tag_files
+from illust2vec.infer.preprocess import load_batch
+from illust2vec.infer.tagger import Tagger
+from illust2vec.synth.board import Board
+from illust2vec.synth.cast import SynthConfig
+
+
+def board_vocab(board: Board, top: int = 512) -> Vocab:
+    """The board's most frequent tags per head, in WD's order: what `i2v vocab` would choose from a crawl of it."""
+    counts = {h: Counter() for h in ("general", "character", "copyright")}
+    ratings: Counter = Counter()
+    for post in board.posts:
+        if post.is_image and not post.is_deleted and not post.is_banned:
+            ratings[RATING_TAGS[post.rating]] += 1
+            for head, counter in counts.items():
+                counter.update(post.tags.get(head, ()))
+    rows = [(RATING_IDS[n], n, CATEGORY_CODES["rating"], ratings[n]) for n in RATING_IDS]
+    for head in HEAD_ORDER:
+        if head in counts:
+            kept = sorted(counts[head].items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+            rows += [(tag_id(n), n, CATEGORY_CODES[head], c) for n, c in kept]
+    return Vocab(*(tuple(column) for column in zip(*rows, strict=True)))
+
+
+def save_random_bundle(arch: str, vocab: Vocab, out: Path) -> Path:
+    """A freshly initialised preset saved as a bundle with model.onnx, through export's own functions."""
+    from safetensors.torch import save_file
+
+    from illust2vec.bundle import Thresholds, bundle_config, write_bundle_files
+    from illust2vec.export import export_onnx
+    from illust2vec.models.tagger import create_tagger, default_heads
+
+    model = create_tagger(arch, heads=default_heads({h: len(ix) for h, ix in vocab.heads.items()})).eval()
+    out.mkdir(parents=True)
+    config = bundle_config(model.cfg.to_dict(), vocab, model.num_features, source={"bench": "random weights"})
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    config["onnx"] = export_onnx(model, out / "model.onnx")
+    write_bundle_files(out, config, vocab, Thresholds())
+    return out
+
+
+def write_images(board: Board, folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True)
+    paths = []
+    for post in board.posts:
+        if post.is_image and not post.is_deleted and not post.is_banned:
+            paths.append(folder / f"{post.id}.{post.file_ext}")
+            paths[-1].write_bytes(board.file(post))
+            if len(paths) == n:
+                break
+    return paths
+
+
+def forward_rate(tagger: Tagger, paths: list[Path], batch_size: int) -> float:
+    """The forward pass alone, on batches prepared beforehand and held in memory."""
+    batches = [load_batch(paths[i : i + batch_size], tagger.image_size) for i in range(0, len(paths), batch_size)]
+    t0 = time.perf_counter()
+    for batch in batches:
+        tagger.run(batch)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def pipeline_rate(tagger: Tagger, folder: Path, batch_size: int) -> tuple[float, int]:
+    """`i2v tag FOLDER --format jsonl` through its library function, the records written to memory."""
+    cfg = TagConfig(paths=(str(folder),), model="", format="jsonl", batch_size=batch_size)
+    summary = tag_files(cfg, out=io.StringIO(), console=Console(file=io.StringIO()), tagger=tagger)
+    return summary.tagged / summary.seconds, summary.tagged
+
+
+def wd_prepare(image: Image.Image, size: int) -> np.ndarray:
+    """The WD Space's `prepare_image`, as the usual WD scripts copy it: RGBA onto white, pad, bicubic, BGR."""
+    canvas = Image.new("RGBA", image.size, (255, 255, 255))
+    canvas.alpha_composite(image)
+    image = canvas.convert("RGB")
+    side = max(image.size)
+    padded = Image.new("RGB", (side, side), (255, 255, 255))
+    padded.paste(image, ((side - image.size[0]) // 2, (side - image.size[1]) // 2))
+    if side != size:
+        padded = padded.resize((size, size), Image.BICUBIC)
+    return np.expand_dims(np.asarray(padded, dtype=np.float32)[:, :, ::-1], 0)
+
+
+def wd_script_rate(onnx_path: Path, paths: list[Path]) -> float:
+    """One image at a time: open, convert, prepare, `session.run`, then the scores to tags (as the scripts do)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    size = session.get_inputs()[0].shape[1]
+    name, label = session.get_inputs()[0].name, session.get_outputs()[0].name
+    session.run([label], {name: wd_prepare(Image.open(paths[0]).convert("RGBA"), size)})  # warm-up, as in a loop
+    t0 = time.perf_counter()
+    for path in paths:
+        image = Image.open(path).convert("RGBA")
+        probs = session.run([label], {name: wd_prepare(image, size)})[0][0]
+        _ = [i for i, p in enumerate(probs) if p > 0.35]
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench tag")
+    parser.add_argument("--arch", default="i2v_vit_base", help="a 448 px base preset: i2v_vit_base, i2v_convnext_base")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--backend", default="onnx", help="onnx or torch, for the pipeline and the forward pass")
+    parser.add_argument("--seed", type=int, default=3)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        board = Board(SynthConfig(posts=max(200, 2 * args.images), seed=args.seed))
+        vocab = board_vocab(board)
+        t0 = time.perf_counter()
+        bundle = save_random_bundle(args.arch, vocab, root / "bundle")
+        made = time.perf_counter() - t0
+        paths = write_images(board, root / "images", args.images)
+        megapixels = np.mean([np.prod(Image.open(p).size) for p in paths]) / 1e6
+        tagger = Tagger.load(bundle, backend=args.backend, device="cpu")
+        tagger.run(load_batch(paths[: args.batch_size], tagger.image_size))  # warm-up: first-call allocations
+        forward = forward_rate(tagger, paths, args.batch_size)
+        end_to_end, tagged = pipeline_rate(tagger, root / "images", args.batch_size)
+        wd = wd_script_rate(bundle / "model.onnx", paths)
+    assert tagged == len(paths), f"tagged {tagged} of {len(paths)}"
+    print(
+        f"tag: {args.arch} at {tagger.image_size} px ({len(vocab)} tags, random weights, bundle made in {made:.0f} s), "
+        f"{len(paths)} board images of {megapixels:.2f} Mpx on average, batch {args.batch_size}, "
+        f"backend {tagger.backend.name} on the CPU:"
+    )
+    print(f"  forward pass alone (batches in memory): {forward:.3f} images/s")
+    print(f"  i2v tag end to end (decode, prepare, infer, write): {end_to_end:.3f} images/s")
+    print(f"  WD script pattern (PIL, prepare, session.run per image): {wd:.3f} images/s")
+    print(f"  end to end / forward: {end_to_end / forward:.2f}   end to end / WD script: {end_to_end / wd:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
