@@ -65,12 +65,18 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_dataset(run: Path, data: str | None) -> Dataset:
-    """The dataset to evaluate on, checked to carry the run's vocabulary."""
-    config = json.loads((Path(run) / "config.json").read_text())
+def run_dataset(run: Path, data: str | None, split: str = "val") -> Dataset:
+    """The dataset to evaluate on (by default the run's own), checked to carry the run's vocabulary and `split`."""
+    try:
+        config = json.loads((Path(run) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{run}: cannot read the run's config.json ({e})") from None
     ds = open_dataset(Path(data or config["dataset"]))
     if ds.vocab.hash != config["vocab_hash"]:
         raise UserError(f"{ds.root} has another vocabulary than the run {run} was trained on")
+    splits = ds.info.get("splits", {})
+    if split not in splits:
+        raise UserError(f"{ds.root} has no {split!r} split (it has {', '.join(splits) or 'none'})")
     return ds
 
 
@@ -165,7 +171,7 @@ def evaluate_run(cfg: EvalConfig, console: Console | None = None) -> dict:
     """Measure one epoch of a run; write metrics.json, per_tag.csv and thresholds.json; return the report."""
     run = Path(cfg.run)
     epoch = resolve_epoch(run, cfg.epoch)
-    ds = run_dataset(run, cfg.data)
+    ds = run_dataset(run, cfg.data, cfg.split)
     model = load_run_model(run, epoch)
     probs, targets, _ = predict_split(model, ds, cfg, console=console)
     names = {h: list(ds.vocab.head_names(h)) for h in probs}

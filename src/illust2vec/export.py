@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from .bundle import ONNX_INPUT, Thresholds, bundle_config, read_thresholds, write_bundle_files
+from .bundle import ONNX_INPUT, Thresholds, bundle_config, is_bundle, read_thresholds, write_bundle_files
 from .data.vocab import read_vocab
 from .errors import UserError
 from .evaluate import EvalConfig, calibrate, eval_dir, predict_split, run_dataset
@@ -47,8 +47,7 @@ def export(cfg: ExportConfig, console: Console | None = None) -> dict:
     """Write the bundle; returns a summary (epoch, where the thresholds came from, ONNX parity)."""
     console = console or Console(stderr=True)
     run, out = Path(cfg.run), Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(f"{out} exists and is not empty; choose another --out or add --overwrite")
+    check_out(out, cfg.overwrite)
     epoch = resolve_epoch(run, cfg.epoch)
     model = load_run_model(run, epoch)
     vocab = read_vocab(run / "selected_tags.csv")
@@ -59,6 +58,7 @@ def export(cfg: ExportConfig, console: Console | None = None) -> dict:
     # Thresholds and feature medians from the validation split (thresholds from `i2v evaluate` when it ran).
     evaluated = eval_dir(run, epoch) / "thresholds.json"
     thresholds = read_thresholds(evaluated) if evaluated.exists() else None
+    source = f"i2v evaluate ({evaluated})" if thresholds is not None else "calibrated on the validation split"
     center = None
     try:
         ds = run_dataset(run, None)
@@ -71,8 +71,9 @@ def export(cfg: ExportConfig, console: Console | None = None) -> dict:
             thresholds = Thresholds(got.heads, got.tags, f"f1 on val of {run.name} epoch {epoch} (export)")
     except UserError as e:  # the dataset moved or has no validation split: the usual defaults
         log.warning("no calibration (%s); using the default thresholds", e)
-    source = "i2v evaluate" if evaluated.exists() else ("calibrated at export" if center is not None else "defaults")
-    thresholds = thresholds or Thresholds(method="defaults (no validation images at export)")
+        if thresholds is None:
+            source = f"defaults: no validation images ({e})"
+            thresholds = Thresholds(method="defaults (no validation images at export)")
     model = model.cpu().eval()
 
     tmp = out.with_name(out.name + ".tmp")
@@ -96,10 +97,27 @@ def export(cfg: ExportConfig, console: Console | None = None) -> dict:
         summary["onnx_max_abs_diff"] = config["onnx"]["max_abs_diff"]
         summary["onnx_seconds"] = round(time.perf_counter() - t0, 1)
     write_bundle_files(tmp, config, vocab, thresholds)
+    # Swap the new bundle in: a crash leaves the old one, or the new one beside it, never half of either.
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        shutil.rmtree(out)
+        out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return summary
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that holds something: a non-empty directory without --overwrite, and, even with it,
+    anything but a bundle (--overwrite replaces a bundle; it never deletes a folder of other files)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; a bundle is a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"--out {out} exists and is not empty; choose another --out or add --overwrite")
+    if not is_bundle(out):
+        raise UserError(f"--out {out} is not a bundle; --overwrite replaces a bundle, not a folder of other files")
 
 
 def _history(run: Path) -> list[dict]:

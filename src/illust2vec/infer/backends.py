@@ -26,11 +26,33 @@ class OnnxBackend:
     input_name: str
     has_features: bool
     name: str = "onnx"
+    fixed_batch: int | None = None  # a file exported with a fixed batch size (some older WD ones take 1 image)
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        n, step = len(batch), self.fixed_batch
+        if step is None or n == step:
+            return self._run(batch)
+        parts = []
+        for start in range(0, n, step):
+            chunk = batch[start : start + step]
+            if len(chunk) < step:  # the last one, padded to the file's batch size
+                chunk = np.concatenate([chunk, np.zeros((step - len(chunk), *chunk.shape[1:]), np.float32)])
+            parts.append(self._run(chunk))
+        probs = np.concatenate([p for p, _ in parts])[:n]
+        feats = np.concatenate([f for _, f in parts])[:n] if self.has_features else None
+        return probs, feats
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        # Only the outputs used: a WD file may carry others (logits, embeddings) that cost nothing to skip.
+        names = self._outputs[:2] if self.has_features else self._outputs[:1]
+        outputs = self.session.run(names, {self.input_name: batch})
         probs = np.asarray(outputs[0], dtype=np.float32)
         return probs, (np.asarray(outputs[1], dtype=np.float32) if self.has_features else None)
+
+    @property
+    def _outputs(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
 
 
 def onnx_backend(path: Path, device: str = "cpu", threads: int = 0) -> OnnxBackend:
@@ -56,7 +78,11 @@ def onnx_backend(path: Path, device: str = "cpu", threads: int = 0) -> OnnxBacke
     shape = inputs[0].shape
     if len(shape) != 4 or shape[3] != 3:
         raise UserError(f"{path}: expected an NHWC input with 3 channels (the WD taggers'), found {shape}")
-    return OnnxBackend(session, inputs[0].name, has_features=len(session.get_outputs()) > 1)
+    batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+    # Ours name the second output "features"; a WD file's extra outputs, if any, are not feature vectors.
+    outputs = [o.name for o in session.get_outputs()]
+    has_features = len(outputs) > 1 and outputs[1] == "features"
+    return OnnxBackend(session, inputs[0].name, has_features=has_features, fixed_batch=batch)
 
 
 def onnx_input_size(backend: OnnxBackend) -> int | None:

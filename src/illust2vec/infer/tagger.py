@@ -94,18 +94,25 @@ class Tagger:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         root = Path(path)
         if not root.exists():
-            if _looks_like_repo_id(str(path)):
-                root = download(str(path))
-            else:
+            if not _looks_like_repo_id(str(path)):
                 raise UserError(f"{path}: no such model directory")
+            root = download(str(path), backend)
         if not root.is_dir():
             raise UserError(f"{root}: a model is a directory (a bundle, or a WD tagger's snapshot)")
         if is_bundle(root):
             return _load_bundle(root, backend, device)
-        if (root / "config.json").is_file() and (root / "model.safetensors").is_file() and backend != "onnx":
-            return _load_wd_timm(root, device)
-        if (root / "model.onnx").is_file() and backend != "torch":
+        has_timm = (root / "config.json").is_file() and (root / "model.safetensors").is_file()
+        has_onnx = (root / "model.onnx").is_file()
+        # WD's repositories hold both files; like a bundle, "auto" takes the ONNX one on the CPU (no torch import).
+        if has_onnx and (backend == "onnx" or (backend == "auto" and _prefer_onnx(device))):
             return _load_wd_onnx(root, device)
+        if has_timm and backend != "onnx":
+            return _load_wd_timm(root, device)
+        if has_onnx and backend == "auto":
+            return _load_wd_onnx(root, device)
+        if backend != "auto" and (has_timm or has_onnx):
+            needs = "model.onnx" if backend == "onnx" else "config.json and model.safetensors"
+            raise UserError(f"{root}: backend {backend!r} needs {needs}")
         raise UserError(
             f"{root}: not a model: expected an illust2vec bundle (i2v export), a WD tagger v3 snapshot "
             "(config.json, model.safetensors, selected_tags.csv) or a WD ONNX directory (model.onnx, selected_tags.csv)"
@@ -127,7 +134,10 @@ class Tagger:
         for start in range(0, len(items), self.batch_size):
             probs, feats = self.run(self.prepare(items[start : start + self.batch_size]))
             if features and feats is None:
-                raise UserError(f"{self.source}: this model gives no feature vector (a WD ONNX file gives tags only)")
+                hint = " (load it with backend='torch' for those)" if self.kind == "wd-onnx" else ""
+                raise UserError(
+                    f"{self.source}: this model gives no feature vector: a WD ONNX file gives tags only{hint}"
+                )
             outs.append(feats if features else probs)
         if not outs:
             n = self.feature_dim if features else len(self.labels)
@@ -150,7 +160,7 @@ class Tagger:
         return out
 
     def select(self, probs: np.ndarray, selection: Selection = Selection()) -> dict[str, dict[str, float]]:
-        """One image's probabilities -> head -> {tag: score} above its threshold, highest first.
+        """One image's probabilities -> head -> {tag: score} strictly above its threshold, highest first.
 
         Rating keeps all its classes (scores sum to one), as the WD taggers report it. A threshold given in
         `selection` replaces the model's for its head, per-tag ones included; MCut replaces both.
@@ -173,7 +183,8 @@ class Tagger:
             else:
                 base = self.thresholds.heads.get(head, DEFAULT_THRESHOLDS.get(head, 0.5))
                 thr = np.array([self.thresholds.tags.get(n, base) for n in names])
-            out[head] = {names[i]: float(p[i]) for i in order if p[i] >= thr[i] and names[i] not in selection.exclude}
+            # Strictly above, as the WD Space and the original Illustration2Vec select.
+            out[head] = {names[i]: float(p[i]) for i in order if p[i] > thr[i] and names[i] not in selection.exclude}
         return out
 
     # ---- the original Illustration2Vec's API
@@ -237,7 +248,7 @@ def binarize(features: np.ndarray, center: np.ndarray | None = None) -> np.ndarr
 
 
 def _as_list(images: Any) -> list:
-    if isinstance(images, str | os.PathLike | bytes):
+    if isinstance(images, str | os.PathLike | bytes | bytearray | memoryview):
         return [images]
     if isinstance(images, np.ndarray) and images.dtype != object and images.ndim <= 3:
         return [images]
@@ -251,30 +262,40 @@ def _looks_like_repo_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
 
 
-def download(repo_id: str) -> Path:
+SMALL_FILES = ["config.json", "selected_tags.csv", "thresholds.json"]
+
+
+def download(repo_id: str, backend: str = "auto") -> Path:
     """Fetch a WD tagger (or a bundle) from the Hugging Face Hub into its cache; returns the local directory.
 
-    Real code that tests never call: it needs the network. Only the files a tagger needs are fetched, and nothing
-    fetched is ever unpickled.
+    Only the files the backend needs are fetched (WD's repositories hold the model twice, as ONNX and as
+    safetensors): "onnx" and "auto" take model.onnx, "torch" model.safetensors, and "auto" falls back to
+    model.safetensors when the repository has no ONNX file. Nothing fetched is ever unpickled. Tests run it with
+    `snapshot_download` replaced; the real one needs the network (or HF_HUB_OFFLINE=1 and a filled cache).
     """
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise UserError(f"{repo_id}: downloading a model needs huggingface_hub (pip install huggingface_hub)") from None
-    patterns = ["config.json", "model.safetensors", "model.onnx", "selected_tags.csv", "thresholds.json"]
+        raise UserError(
+            f"{repo_id}: downloading a model needs huggingface_hub: pip install 'illust2vec[hub]'"
+        ) from None
+    weights = "model.safetensors" if backend == "torch" else "model.onnx"
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # network errors, a missing repo: one line
-        raise UserError(f"{repo_id}: download failed ({e})") from None
+        root = Path(snapshot_download(repo_id, allow_patterns=[*SMALL_FILES, weights]))
+        if backend == "auto" and not (root / weights).exists():
+            root = Path(snapshot_download(repo_id, allow_patterns=[*SMALL_FILES, "model.safetensors"]))
+    except Exception as e:  # network errors, a missing repo, a gated one: one line
+        raise UserError(
+            f"{repo_id}: no such directory here, and downloading it from the Hugging Face Hub failed ({e})"
+        ) from None
+    return root
 
 
 def _load_bundle(root: Path, backend: str, device: str) -> Tagger:
     info = read_bundle(root)
     center = info.config.get("feature_center")
     center = np.asarray(center, np.float32) if center else None
-    use_onnx = backend == "onnx" or (
-        backend == "auto" and info.onnx_path is not None and not device.startswith("cuda") and _has_onnxruntime()
-    )
+    use_onnx = backend == "onnx" or (backend == "auto" and info.onnx_path is not None and _prefer_onnx(device))
     if use_onnx:
         if info.onnx_path is None:
             raise UserError(f"{root}: --backend onnx, but the bundle has no model.onnx (i2v export --onnx)")
@@ -283,6 +304,11 @@ def _load_bundle(root: Path, backend: str, device: str) -> Tagger:
         runner = torch_backend(_bundle_module(info), device)
     dim = int(info.config["feature_dim"])
     return Tagger(runner, info.labels, info.thresholds, info.image_size, str(root), "bundle", dim, center)
+
+
+def _prefer_onnx(device: str) -> bool:
+    """Whether "auto" takes an ONNX file: on the CPU (a GPU is for torch), when onnxruntime is installed."""
+    return not device.startswith("cuda") and _has_onnxruntime()
 
 
 def _has_onnxruntime() -> bool:
@@ -322,6 +348,8 @@ def _load_wd_timm(root: Path, device: str) -> Tagger:
         pcfg = cfg.get("pretrained_cfg", {})
         size = int(pcfg.get("input_size", [3, 448, 448])[-1])
         mean, std = tuple(pcfg.get("mean", (0.5, 0.5, 0.5))), tuple(pcfg.get("std", (0.5, 0.5, 0.5)))
+        # timm's save_for_hf repeats num_classes among the model's arguments; it is passed once, below.
+        model_args = {k: v for k, v in dict(cfg.get("model_args") or {}).items() if k != "num_classes"}
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{root}/config.json: not a timm model config ({e})") from None
     labels = _wd_labels(root)
@@ -330,7 +358,10 @@ def _load_wd_timm(root: Path, device: str) -> Tagger:
         raise UserError(f"{root}: config.json has {n} classes, selected_tags.csv {len(labels)} tags")
     if not timm.is_model(arch):
         raise UserError(f"{root}: unknown timm architecture {arch!r}")
-    model = timm.create_model(arch, pretrained=False, num_classes=n, **cfg.get("model_args", {}))
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=n, **model_args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{root}/config.json: timm cannot build {arch} with {model_args} ({e})") from None
     try:
         weights = load_file(root / "model.safetensors")
         model.load_state_dict(weights, strict=True)
@@ -358,8 +389,8 @@ def _load_wd_onnx(root: Path, device: str) -> Tagger:
     n = runner.session.get_outputs()[0].shape[-1]
     if isinstance(n, int) and n != len(labels):
         raise UserError(f"{root}: model.onnx gives {n} outputs, selected_tags.csv has {len(labels)} tags")
-    outputs = runner.session.get_outputs()
-    dim = outputs[1].shape[-1] if len(outputs) > 1 and isinstance(outputs[1].shape[-1], int) else None
+    dim = runner.session.get_outputs()[1].shape[-1] if runner.has_features else None
+    dim = dim if isinstance(dim, int) else None
     return Tagger(runner, labels, _wd_thresholds(root), size, str(root), "wd-onnx", dim)
 
 

@@ -36,18 +36,26 @@ class WDInterface(nn.Module):
 
 
 class TimmWD(nn.Module):
-    """A WD tagger v3 timm snapshot (one classifier over every tag, sigmoid) behind the same interface."""
+    """A WD tagger v3 timm snapshot (one classifier over every tag, sigmoid) behind the same interface.
+
+    Those models take BGR: SmilingWolf trained them on BGR images, and the reference script for the timm snapshots
+    (wdv3_timm.py) normalises RGB with the config's mean and std, then reorders the channels to BGR
+    (`inputs[:, [2, 1, 0]]`) before the forward pass. So the NHWC BGR batch is only permuted to NCHW here, never
+    flipped, and each channel is normalised with the mean and std of the RGB channel it came from.
+    """
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         self.model = model
-        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        # The config's mean and std are listed R, G, B; the input's channels are B, G, R.
+        mean_t = torch.tensor(mean, dtype=torch.float32).flip(0).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).flip(0).view(1, 3, 1, 1)
         self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
-        shift = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t
-        self.register_buffer("shift", shift, persistent=False)
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.addcmul(self.shift, _to_nchw_rgb(x).to(self.scale.dtype), self.scale)
+        x = torch.addcmul(self.shift, x.permute(0, 3, 1, 2).to(self.scale.dtype), self.scale)
         features = self.model.forward_features(x)
         pooled = self.model.forward_head(features, pre_logits=True)
-        return self.model.get_classifier()(pooled).float().sigmoid(), pooled.float()
+        # The full head rather than get_classifier()(pooled): some timm heads do more than one Linear.
+        return self.model.forward_head(features).float().sigmoid(), pooled.float()

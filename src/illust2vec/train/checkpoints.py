@@ -126,6 +126,8 @@ def load_checkpoint(run: Path, epoch: int, model: torch.nn.Module, optimizer: to
 def resolve_epoch(run: Path, epoch: str | int = "best") -> int:
     """ "best" (the epoch `--select-by` chose), "last", or a number -> an epoch with a complete checkpoint."""
     run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"{run}: no such run directory")
     done = list_checkpoints(run)
     if not done:
         raise UserError(f"{run}: no checkpoints (is it a run directory of i2v train?)")
