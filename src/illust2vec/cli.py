@@ -369,14 +369,21 @@ def export_bundle(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="Directory for the demo's outputs."),
-    posts: int = typer.Option(1000, min=20, help="Posts on the synthetic board."),
-    epochs: int = typer.Option(5, min=1, help="Training epochs."),
+    posts: int = typer.Option(None, min=50, help="Posts on the synthetic board (default 1000; --quick 300)."),
+    epochs: int = typer.Option(None, min=1, help="Training epochs (default 5; --quick 2)."),
     seed: int = typer.Option(0, help="Seed of the synthetic board."),
+    quick: bool = typer.Option(False, "--quick", help="A small board, 2 epochs: every stage in about a minute."),
 ) -> None:
-    """Run the whole flow that exists so far on the synthetic board, offline."""
-    from .demo import DemoConfig, run_demo
+    """The whole flow on the synthetic board, offline: crawl, vocabulary, shards, train, evaluate, export, tag,
+    embed, index, similar; writes OUT/report.html."""
+    from dataclasses import fields
 
-    run_demo(DemoConfig(out=out, posts=posts, epochs=epochs, seed=seed), console=err)
+    from .demo import QUICK, DemoConfig, run_demo
+
+    base = {**{f.name: f.default for f in fields(DemoConfig)}, **(QUICK if quick else {})}
+    given = {"posts": posts, "epochs": epochs}
+    cfg = DemoConfig(**{**base, **{k: v for k, v in given.items() if v is not None}, "out": out, "seed": seed})
+    run_demo(cfg, console=err)
 
 
 @app.command()
@@ -616,7 +623,42 @@ def serve(
     run_server(cfg, console=err)
 
 
-# --- cli: convert ---
+convert = typer.Typer(help="Bring other taggers' models over as illust2vec bundles.", no_args_is_help=True)
+app.add_typer(convert, name="convert")
+
+
+@convert.command("keras")
+def convert_keras_cmd(
+    weights: Path = typer.Argument(..., help="The seed's Keras HDF5 file (model.save or save_weights; Keras 2 or 3)."),
+    tags: Path = typer.Option(
+        ..., help="Tag lists: JSON, CSV (selected_tags.csv or category,name) or the seed's pickle."
+    ),
+    out: Path = typer.Option(..., help="Bundle directory to write."),
+    preprocess: str = typer.Option(
+        "caffe", help="The Keras preprocess_input mode the model was trained with: caffe, tf or torch."
+    ),
+    size: int = typer.Option(None, min=96, help="Input size (default: the file's, else 256)."),
+    head_order: str = typer.Option(
+        None, help="The heads of dense_1/2, dense_3/4, dense_5/6, e.g. character,copyright,general (default: found)."
+    ),
+    onnx: bool = typer.Option(False, "--onnx", help="Also write model.onnx in the WD taggers' convention."),
+    overwrite: bool = typer.Option(False, help="Replace an existing bundle in --out."),
+) -> None:
+    """Convert the seed's Keras weights and tag lists into a bundle for i2v tag, show, embed and serve."""
+    from .convert import ConvertConfig, convert_keras
+
+    order = tuple(h.strip() for h in head_order.split(",")) if head_order else None
+    cfg = ConvertConfig(str(weights), str(tags), str(out), preprocess, size, order, onnx, overwrite)
+    s = convert_keras(cfg)
+    for head, layers in s["dense"].items():
+        err.print(f"{head}: {layers}", highlight=False)
+    counts = ", ".join(f"{n} {h}" for h, n in s["tags"].items())
+    onnx_note = f", ONNX within {s['onnx_max_abs_diff']:.1e} of torch" if "onnx_max_abs_diff" in s else ""
+    err.print(
+        f"wrote {out}: {s['layout']} weights, heads by {s['dense_resolved_by']}, {counts} tags, "
+        f"{s['image_size']} px, {s['preprocess']} preprocessing{onnx_note}",
+        highlight=False,
+    )
 
 
 def main() -> None:

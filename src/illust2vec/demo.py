@@ -1,4 +1,4 @@
-"""`i2v demo`: run every stage that exists on the synthetic board, offline, and say what each did."""
+"""`i2v demo`: the whole flow on the synthetic board, offline, in minutes on a CPU; ends with DIR/report.html."""
 
 from __future__ import annotations
 
@@ -16,15 +16,23 @@ from rich.console import Console
 from .booru.crawl import CrawlConfig, crawl, print_summary
 from .data.build import BuildConfig, build
 from .data.shards import iter_samples
-from .data.vocab import build_vocab, write_vocab
+from .data.vocab import RATING_TAGS, build_vocab, write_vocab
+from .evaluate import EvalConfig, evaluate_run
+from .export import ExportConfig, export
+from .infer.embed import EmbedConfig, embed_files
+from .infer.pipeline import TagConfig, tag_files
+from .report import Example, Neighbours, Report, Stage, write_report
+from .search.index import IndexParams
+from .search.similar import build_index, search_hits
+from .synth.board import Board
 from .synth.cast import SynthConfig
 from .synth.server import start_board
 from .train.loop import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
-# Stages of DESIGN.md that the demo will run once they exist.
-TO_COME = ["evaluate", "export", "tag", "embed/index/similar", "serve"]
+# --quick: every stage in under two minutes on a 2-core CPU, for CI and a first look.
+QUICK = dict(posts=300, epochs=2, held_out=60, train_size=64)
 
 
 @dataclass(frozen=True)
@@ -35,71 +43,210 @@ class DemoConfig:
     image_size: int = 512  # longer side kept by the crawl
     train_size: int = 96  # side of the training squares
     epochs: int = 5
+    held_out: int = 200  # posts drawn after the board's, never crawled: tagged, embedded and searched
+    workers: int = 2
+
+
+class _Clock:
+    """Times each stage and keeps its facts for the summary and the report."""
+
+    def __init__(self, console: Console):
+        self.console, self.stages, self.t = console, [], time.perf_counter()
+
+    def done(self, name: str, **facts) -> None:
+        now = time.perf_counter()
+        self.stages.append(Stage(name, now - self.t, facts))
+        shown = ", ".join(f"{k} {v}" for k, v in facts.items())
+        self.console.print(f"[green]{name}[/] done in {now - self.t:.1f} s: {shown}", highlight=False)
+        self.t = now
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
-    """Serve the synthetic board, crawl it, choose the vocabulary, build shards and train, each stage through the
-    same library function as its command; returns the summary."""
+    """The whole flow on the synthetic board, each stage through the same library function as its command:
+    serve the board, crawl it, choose the vocabulary, build shards, train, evaluate, export (with ONNX), tag
+    held-out images, embed them, index them and query the index; then write DIR/report.html. Returns the summary."""
     console = console or Console(stderr=True)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    # Each demo serves a new board on a new port: an earlier demo's crawl is not one to resume.
-    shutil.rmtree(cfg.out / "crawl", ignore_errors=True)
-    summary: dict = {"stages": {}}
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    # Each demo serves a new board on a new port: an earlier demo's outputs are not ones to resume.
+    for name in ("crawl", "dataset", "run", "bundle", "held-out", "vectors.parquet", "index"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    clock = _Clock(console)
     t0 = time.perf_counter()
+
+    # 1 crawl
     with start_board(SynthConfig(posts=cfg.posts, seed=cfg.seed)) as server:
         console.print(f"[bold]fakebooru[/] serving {len(server.board.posts)} synthetic posts at {server.url}")
-        summary["stages"]["fakebooru"] = {"url": server.url, "posts": len(server.board.posts)}
-        console.print("[bold]crawl[/] posts and images, resized to a longer side of", cfg.image_size, "px")
+        console.print(f"[bold]crawl[/] posts and images, resized to a longer side of {cfg.image_size} px")
         # The board is local: the polite default rates of a real board would only slow the demo down.
         crawl_cfg = CrawlConfig(
-            url=server.url, out=cfg.out / "crawl", image_size=cfg.image_size, api_rate=100, file_rate=200
+            url=server.url, out=out / "crawl", image_size=cfg.image_size, api_rate=100, file_rate=200
         )
         result = crawl(crawl_cfg, console=console)
     print_summary(result, console)
-    summary["stages"]["crawl"] = {**asdict(result), "dir": str(crawl_cfg.out)}
-    sheet = cfg.out / "contact-sheet.jpg"
+    sheet = out / "contact-sheet.jpg"
     _contact_sheet(_samples(crawl_cfg.out, 48)).save(sheet, quality=88)
-    summary["contact_sheet"] = str(sheet)
+    crawled = asdict(result)
+    clock.done("crawl", statuses=crawled["statuses"], images=crawled["images"], seconds=round(crawled["seconds"], 1))
 
-    console.print("[bold]vocab[/] the most frequent tags per category")
+    # 2 vocabulary
     vocab = build_vocab([crawl_cfg.out])
-    write_vocab(vocab, cfg.out / "selected_tags.csv")
-    summary["stages"]["vocab"] = {head: len(rows) for head, rows in vocab.heads.items()}
-    console.print(", ".join(f"{head}: {n} tags" for head, n in summary["stages"]["vocab"].items()))
+    write_vocab(vocab, out / "selected_tags.csv")
+    clock.done("vocab", **{f"{head} tags": len(rows) for head, rows in vocab.heads.items()})
 
-    console.print(f"[bold]build[/] {cfg.train_size} px training shards")
+    # 3 build
     data = build(
         BuildConfig(
             dirs=(crawl_cfg.out,),
-            vocab=cfg.out / "selected_tags.csv",
-            out=cfg.out / "dataset",
+            vocab=out / "selected_tags.csv",
+            out=out / "dataset",
             size=cfg.train_size,
             val_fraction=0.1,
+            workers=cfg.workers,
         ),
         console=console,
     )
-    summary["stages"]["build"] = {s: v["samples"] for s, v in data["splits"].items()} | {"skipped": data["skipped"]}
-    console.print(f"samples per split: {summary['stages']['build']}")
+    clock.done("build", **{s: v["samples"] for s, v in data["splits"].items()}, size=f"{cfg.train_size} px")
 
+    # 4 train
     console.print(f"[bold]train[/] i2v_small for {cfg.epochs} epochs on the CPU")
-    shutil.rmtree(cfg.out / "run", ignore_errors=True)
+    run = out / "run"
     trained = fit(
-        TrainConfig(data=str(cfg.out / "dataset"), out=str(cfg.out / "run"), epochs=cfg.epochs), console=console
+        TrainConfig(data=str(out / "dataset"), out=str(run), epochs=cfg.epochs, workers=cfg.workers), console=console
     )
-    summary["stages"]["train"] = {
-        "best_epoch": trained["best_epoch"],
-        "select_by": trained["select_by"],
-        "best": trained["best"],
-        "curves": str(cfg.out / "run" / "curves.png"),
+    clock.done("train", epochs=cfg.epochs, **{"best epoch": trained["best_epoch"], "by": trained["select_by"]})
+
+    # 5 evaluate
+    report = evaluate_run(EvalConfig(str(run), "best", workers=cfg.workers), console=console)
+    heads = report["heads"]
+    clock.done(
+        "evaluate",
+        epoch=report["epoch"],
+        **{f"{h} mAP": round(r["mAP"], 3) for h, r in heads.items() if r.get("mAP") is not None},
+        **{"character top-1": round(heads.get("character", {}).get("top1") or 0.0, 3)},
+    )
+
+    # 6 export
+    bundle = out / "bundle"
+    exported = export(ExportConfig(str(run), str(bundle), onnx=True, overwrite=True, workers=cfg.workers), console)
+    clock.done("export", bundle=str(bundle), **{"ONNX vs torch": f"{exported['onnx_max_abs_diff']:.1e}"})
+
+    # 7 tag held-out images (posts drawn after the board's: never crawled, never trained on)
+    held_out = out / "held-out"
+    truth = _write_held_out(cfg, held_out)
+    tags_path = out / "tags.jsonl"
+    with open(tags_path, "w") as f:
+        tagged = tag_files(TagConfig(paths=(str(held_out),), model=str(bundle), format="jsonl"), out=f, console=console)
+    records = [json.loads(line) for line in tags_path.read_text().splitlines()]
+    clock.done("tag", images=tagged.tagged, failed=tagged.n_failed, output=str(tags_path))
+
+    # 8 embed, index, similar
+    vectors = out / "vectors.parquet"
+    embedded = embed_files(
+        EmbedConfig(paths=(str(held_out),), model=str(bundle), out=str(vectors), ids="stem"), console=console
+    )
+    index, _ = build_index([vectors], out / "index", IndexParams())
+    quality = _search_quality(index, truth, vocab.head_names("character") if "character" in vocab.heads else ())
+    clock.done(
+        "embed+index+similar",
+        vectors=embedded.rows,
+        index=index.kind,
+        **{f"precision@10 {k}": round(v, 3) for k, v in quality["precision@10"].items()},
+    )
+
+    # the report
+    summary = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "stages": {s.name: {"seconds": round(s.seconds, 1), **s.facts} for s in clock.stages},
+        "metrics": heads,
+        "search": quality["precision@10"],
+        "bundle": str(bundle),
+        "index": str(out / "index"),
     }
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    console.print(
-        f"wrote {crawl_cfg.out} (posts, images), {sheet}, {cfg.out / 'dataset'}, {cfg.out / 'run'}"
-        f" (metrics.csv, curves.png); {summary['seconds']:.0f} s in all"
+    page = Report(
+        title=f"illust2vec demo: {cfg.posts} synthetic posts, i2v_small, {cfg.epochs} epochs",
+        stages=clock.stages,
+        curves=run / "curves.png",
+        metrics=heads,
+        examples=[_example(held_out, r, truth) for r in records[:12]],
+        neighbours=quality["examples"],
+        figures=_figures(heads, quality, summary["seconds"]),
+        notes=[
+            f"Tagged images: {tagged.tagged} posts drawn after the board's {cfg.posts}, never crawled nor trained "
+            "on. Their true tags are the board's (label noise included).",
+            f"Serve it: i2v serve --model {bundle} --index {out / 'index'}",
+        ],
     )
-    console.print("[yellow]still to come:[/] " + ", ".join(TO_COME))
+    write_report(page, out / "report.html")
+    summary["report"] = str(out / "report.html")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    console.print(
+        f"wrote {out / 'report.html'} (and {run}, {bundle}, {tags_path}, {out / 'index'}); "
+        f"{summary['seconds']:.0f} s in all. Next: i2v serve --model {bundle} --index {out / 'index'}",
+        highlight=False,
+    )
     return summary
+
+
+def _write_held_out(cfg: DemoConfig, folder: Path) -> dict[str, dict]:
+    """Images of posts drawn after the board's own (same seed, hence the same cast), with their true tags."""
+    board = Board(SynthConfig(posts=cfg.posts + cfg.held_out, seed=cfg.seed))
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for post in board.posts[cfg.posts :]:
+        if not post.is_image or post.is_deleted or post.is_banned:
+            continue
+        (folder / f"{post.id}.{post.file_ext}").write_bytes(board.file(post))
+        truth[str(post.id)] = {"rating": [RATING_TAGS.get(post.rating, "")], **post.tags}
+    return truth
+
+
+def _example(folder: Path, record: dict, truth: dict[str, dict]) -> Example:
+    path = Path(record["path"])
+    predicted = {h: v for h, v in record.items() if h != "path"}
+    return Example(path if path.is_absolute() else folder / path.name, predicted, truth.get(path.stem, {}))
+
+
+def _search_quality(index, truth: dict[str, dict], known_characters) -> dict:
+    """Precision@10 of the index's nearest neighbours sharing the query's character (single-character posts of
+    characters the vocabulary knows) and its series; a few example rows for the report."""
+    known = set(known_characters)
+    rows = index.rows_by_id()
+    shares: dict[str, list[float]] = {"character": [], "series": []}
+    examples = []
+    for post_id, tags in truth.items():
+        chars = tags.get("character", [])
+        if post_id not in rows or len(chars) != 1 or chars[0] not in known:
+            continue
+        hits = search_hits(index, index.vector(post_id), 10, None, rows[post_id])[1:]  # the query itself first
+        if not hits:
+            continue
+        for key, field_ in (("character", "character"), ("series", "copyright")):
+            mine = set(tags.get(field_, []))
+            same = [bool(mine & set(truth.get(h.id, {}).get(field_, []))) for h in hits]
+            shares[key].append(sum(same) / len(hits))
+        if len(examples) < 6:
+            label = chars[0]
+            results = [(Path(h.path), h.score, _label(truth.get(h.id, {}))) for h in hits[:8]]
+            examples.append(Neighbours(Path(index.paths[rows[post_id]]), label, results))
+    precision = {k: (sum(v) / len(v) if v else float("nan")) for k, v in shares.items()}
+    return {"precision@10": precision, "queries": len(shares["character"]), "examples": examples}
+
+
+def _label(tags: dict) -> str:
+    chars = tags.get("character", [])
+    return " ".join(chars) if chars else "original"
+
+
+def _figures(heads: dict, quality: dict, seconds: float) -> dict[str, str]:
+    figs = {}
+    for head, key, name in (("general", "mAP", "general mAP"), ("character", "top1", "character top-1")):
+        if heads.get(head, {}).get(key) is not None:
+            figs[name] = f"{heads[head][key]:.3f}"
+    for key, value in quality["precision@10"].items():
+        figs[f"similar images: precision@10 ({key})"] = f"{value:.3f}"
+    figs["whole flow"] = f"{seconds:.0f} s"
+    return figs
 
 
 def _samples(crawl_dir: Path, n: int) -> list[tuple[Image.Image, str]]:
