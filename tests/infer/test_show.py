@@ -216,3 +216,11 @@ def test_gradcam_of_the_seed_reads_each_heads_own_map():
 def test_explain_needs_a_bundle(tmp_path):
     with pytest.raises(UserError, match="bundle"):
         load_model(tmp_path, "cpu")
+
+
+def test_gradcam_refuses_a_backbone_without_a_feature_map():
+    from illust2vec.models.tagger import create_tagger, default_heads
+
+    model = create_tagger("test_vit", image_size=64, heads=default_heads({"general": 2})).eval()
+    with pytest.raises(UserError, match="convolutional feature map"):
+        gradcam(model, Image.new("RGB", (50, 40), "red"), "general", 0, 64)
