@@ -35,6 +35,8 @@ def open_image(data: bytes) -> Image.Image:
             image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(f"over the pixel limit ({MAX_PIXELS} pixels)", "too_large") from e
+    except Image.UnidentifiedImageError as e:  # its message names a BytesIO object, of no use to anyone
+        raise BadImage("not a decodable image (a format Pillow does not know, or not an image)", "not_image") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"not a decodable image ({e})", "not_image") from e
     if image.width * image.height > MAX_PIXELS:
