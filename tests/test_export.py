@@ -1,0 +1,220 @@
+"""Stage 6, `i2v export`: the bundle round trip, its format checks, where its thresholds come from, and the ONNX file
+in the WD taggers' convention (parity with torch, dynamic batch, what WD tools read)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from illust2vec import Tagger
+from illust2vec.bundle import DEFAULT_THRESHOLDS, read_bundle
+from illust2vec.errors import UserError
+from illust2vec.evaluate import EvalConfig, evaluate_run
+from illust2vec.export import ExportConfig, export
+from illust2vec.models.interface import WDInterface
+from illust2vec.train.checkpoints import load_run_model, resolve_epoch
+
+I2V = [sys.executable, "-m", "illust2vec.cli"]
+SIZE = 96  # synth_build's image size
+
+
+@pytest.fixture
+def run_copy(synth_run, tmp_path) -> Path:
+    """synth_run copied, so that evaluate's files and an edited config stay out of the shared fixture."""
+    out = tmp_path / "run"
+    shutil.copytree(synth_run, out, ignore=shutil.ignore_patterns("tb", "curves.png"))
+    return out
+
+
+def batch(n: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((n, SIZE, SIZE, 3)) * 255).astype(np.float32)
+
+
+# ---- the bundle
+
+
+def test_save_load_gives_identical_outputs(synth_run, synth_bundle, run_copy, tmp_path):
+    out = tmp_path / "bundle"
+    summary = export(ExportConfig(str(run_copy), str(out), workers=0))
+    assert summary["epoch"] == resolve_epoch(synth_run, "best") == 2
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "selected_tags.csv",
+        "thresholds.json",
+    ]
+    x = batch(3)
+    model = WDInterface(load_run_model(synth_run, 2)).eval()
+    with torch.no_grad():
+        probs, feats = (t.numpy() for t in model(torch.from_numpy(x)))
+    for bundle in (out, synth_bundle):  # exported twice (once with ONNX), loaded by the torch backend
+        got_probs, got_feats = Tagger.load(bundle, backend="torch").run(x)
+        assert np.array_equal(got_probs, probs) and np.array_equal(got_feats, feats)
+    info, again = read_bundle(out), read_bundle(synth_bundle)
+    assert info.vocab == again.vocab and info.labels == again.labels and info.thresholds == again.thresholds
+    assert info.config["model"] == again.config["model"] and info.config["source"]["epoch"] == 2
+    assert info.config["feature_dim"] == len(info.config["feature_center"]) == feats.shape[1]
+    assert info.config["source"]["val"]["val/general/mAP"] > 0  # the epoch's validation figures travel along
+
+
+def test_a_newer_format_or_another_vocabulary_is_refused(synth_bundle, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(synth_bundle, bundle)
+    config = json.loads((bundle / "config.json").read_text())
+    (bundle / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(UserError, match="bundle format 99 is newer than this illust2vec reads \\(1\\); upgrade"):
+        Tagger.load(bundle)
+    (bundle / "config.json").write_text(json.dumps(config))
+    tags = (bundle / "selected_tags.csv").read_text()
+    (bundle / "selected_tags.csv").write_text(tags.replace(",1girl,", ",1boy_,", 1))
+    with pytest.raises(UserError, match="selected_tags.csv is not the vocabulary the model was trained on"):
+        Tagger.load(bundle, backend="onnx")
+    (bundle / "selected_tags.csv").write_text(tags)
+    (bundle / "thresholds.json").write_text(json.dumps({"heads": {"general": 3}}))
+    with pytest.raises(UserError, match="not a thresholds file"):
+        Tagger.load(bundle)
+    (bundle / "config.json").write_text(json.dumps({**config, "format": "something-else"}))
+    with pytest.raises(UserError, match="not an illust2vec bundle"):
+        read_bundle(bundle)
+
+
+def test_export_refuses_a_folder_that_holds_something(run_copy, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="exists and is not empty; choose another --out or add --overwrite"):
+        export(ExportConfig(str(run_copy), str(taken), workers=0))
+    with pytest.raises(UserError, match="is not a bundle; --overwrite replaces a bundle"):
+        export(ExportConfig(str(run_copy), str(taken), overwrite=True, workers=0))
+    assert (taken / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        export(ExportConfig(str(run_copy), str(tmp_path / "file"), workers=0))
+
+    bundle = tmp_path / "bundle"
+    export(ExportConfig(str(run_copy), str(bundle), epoch="1", workers=0))
+    with pytest.raises(UserError, match="not empty"):
+        export(ExportConfig(str(run_copy), str(bundle), workers=0))
+    export(ExportConfig(str(run_copy), str(bundle), overwrite=True, workers=0))  # a bundle: replaced
+    assert read_bundle(bundle).config["source"]["epoch"] == 2
+    assert not list(tmp_path.glob("bundle.*"))  # no temporary or old copy left beside it
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export(ExportConfig(str(run_copy), str(empty), workers=0))  # an empty folder is fine without --overwrite
+
+
+def test_thresholds_come_from_evaluate_else_the_validation_split_else_the_defaults(run_copy, tmp_path):
+    # No evaluate yet: export calibrates on the run's validation split itself.
+    calibrated = export(ExportConfig(str(run_copy), str(tmp_path / "calibrated"), workers=0))
+    assert calibrated["thresholds"] == "calibrated on the validation split"
+    mine = json.loads((tmp_path / "calibrated" / "thresholds.json").read_text())
+    assert mine["method"].endswith("(export)")
+
+    # After `i2v evaluate` on that epoch, export takes its file as it is.
+    report = evaluate_run(EvalConfig(str(run_copy), workers=0))
+    evaluated = json.loads((Path(report["out"]) / "thresholds.json").read_text())
+    assert mine["heads"] == evaluated["heads"]  # the same F1 calibration on the same images
+    evaluate_run(EvalConfig(str(run_copy), per_tag=True, mode="pr_equal", workers=0))  # rewrites that file
+    evaluated = json.loads((Path(report["out"]) / "thresholds.json").read_text())
+    assert evaluated["tags"] and evaluated["heads"] != mine["heads"]
+    summary = export(ExportConfig(str(run_copy), str(tmp_path / "evaluated"), workers=0))
+    assert summary["thresholds"].startswith("i2v evaluate")
+    assert json.loads((tmp_path / "evaluated" / "thresholds.json").read_text()) == evaluated
+    tagger = Tagger.load(tmp_path / "evaluated")
+    assert (
+        tagger.thresholds.tags == evaluated["tags"]
+        and tagger.thresholds.heads["general"] == evaluated["heads"]["general"]
+    )
+
+    # The dataset moved away and no evaluate ran on epoch 1: the usual defaults, and no feature medians.
+    config = json.loads((run_copy / "config.json").read_text())
+    (run_copy / "config.json").write_text(json.dumps({**config, "dataset": str(tmp_path / "moved")}))
+    summary = export(ExportConfig(str(run_copy), str(tmp_path / "defaults"), epoch="1", workers=0))
+    assert summary["thresholds"].startswith("defaults: no validation images") and "moved" in summary["thresholds"]
+    info = read_bundle(tmp_path / "defaults")
+    assert info.thresholds.heads == DEFAULT_THRESHOLDS and info.thresholds.heads["general"] == 0.35
+    assert info.thresholds.heads["character"] == 0.85 and "feature_center" not in info.config
+    # ... but epoch 2's evaluate file is still found without the dataset.
+    summary = export(ExportConfig(str(run_copy), str(tmp_path / "still"), workers=0))
+    assert summary["thresholds"].startswith("i2v evaluate")
+
+
+# ---- ONNX
+
+
+def test_onnx_matches_torch_with_a_dynamic_batch_in_selected_tags_order(synth_run, synth_bundle):
+    info = read_bundle(synth_bundle)
+    assert info.onnx_path == synth_bundle / "model.onnx"
+    assert {k: info.config["onnx"][k] for k in ("input", "outputs", "layout", "channel_order", "dtype", "range")} == {
+        "input": "input",
+        "outputs": ["output", "features"],
+        "layout": "NHWC",
+        "channel_order": "BGR",
+        "dtype": "float32",
+        "range": [0, 255],
+    }
+    assert info.config["onnx"]["max_abs_diff"] < 1e-4  # export's own parity check, recorded
+    session = ort.InferenceSession(str(info.onnx_path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "input" and inp.type == "tensor(float)"
+    assert isinstance(inp.shape[0], str) and inp.shape[1:] == [SIZE, SIZE, 3]  # dynamic batch, fixed H and W
+    assert [o.name for o in session.get_outputs()] == ["output", "features"]
+
+    model = load_run_model(synth_run, 2)
+    for n in (1, 5):
+        x = batch(n, seed=n)
+        probs, feats = session.run(None, {"input": x})
+        assert probs.shape == (n, len(info.vocab)) and feats.shape == (n, info.config["feature_dim"])
+        # Directly: our model takes RGB NCHW; its heads' probabilities go where selected_tags.csv lists them.
+        with torch.no_grad():
+            rgb = torch.from_numpy(x[:, :, :, ::-1].copy()).permute(0, 3, 1, 2)
+            heads = model.activate(model(rgb))
+            pooled = model.extract_feature(rgb).numpy()
+        for head, rows in info.vocab.heads.items():
+            assert np.abs(probs[:, list(rows)] - heads[head].numpy()).max() < 1e-4, head
+        assert np.abs(feats - pooled).max() < 1e-3 * max(1.0, np.abs(pooled).max())
+        assert np.allclose(probs[:, list(info.vocab.heads["rating"])].sum(axis=1), 1, atol=1e-5)  # softmax head
+
+
+def test_a_wd_tool_reads_our_onnx_file_as_it_reads_wds(synth_bundle, synth_images):
+    """What WD scripts do: the input size from the first input's shape, the first output's name, one image."""
+    from illust2vec.infer.preprocess import prepare, read_image
+
+    model = ort.InferenceSession(str(synth_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    _, height, width, _ = model.get_inputs()[0].shape
+    assert height == width == SIZE
+    input_name = model.get_inputs()[0].name
+    label_name = model.get_outputs()[0].name
+    image = next(p for p in sorted(synth_images.iterdir()) if p.suffix == ".png")
+    x = np.expand_dims(prepare(read_image(image), height), 0)
+    preds = model.run([label_name], {input_name: x})[0]
+    tags = (synth_bundle / "selected_tags.csv").read_text().splitlines()[1:]
+    assert preds.shape == (1, len(tags)) and preds.min() >= 0 and preds.max() <= 1
+    assert np.allclose(preds[0], Tagger.load(synth_bundle, backend="torch").predict(image)[0], atol=1e-4)
+
+
+# ---- the command
+
+
+def test_the_export_command(run_copy, tmp_path):
+    out = tmp_path / "b"
+    args = ["export", str(run_copy), "--out", str(out), "--epoch", "1", "--workers", "0"]
+    r = subprocess.run([*I2V, *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    said = " ".join(r.stderr.split())  # rich wraps lines at the terminal's width
+    assert r.stdout == "" and f"wrote {out} from epoch 1 (thresholds: calibrated on the validation split)" in said
+    assert read_bundle(out).config["source"]["epoch"] == 1
+    r = subprocess.run([*I2V, "export", str(run_copy), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: --out {out} exists and is not empty; choose another --out or add --overwrite"
+    ]
+    r = subprocess.run(
+        [*I2V, "export", str(tmp_path / "nope"), "--out", str(tmp_path / "c")], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope'}: no such run directory"
