@@ -84,7 +84,7 @@ def test_json_one_record_per_image_with_the_bundles_thresholds(i2v, synth_bundle
             assert set(rec[head]) == expected, head
             assert all(abs(rec[head][t] - full[head][t]) < 1e-6 for t in rec[head])
     # truth.json is no image and no failure: counted apart, quietly
-    assert "truth.json" not in err and "tagged 12 images" in err and "1 files not images" in err
+    assert "truth.json" not in err and "tagged 12 images" in err and "1 non-image file passed over" in err
 
 
 def test_thresholds_given_replace_the_bundles(i2v, synth_bundle, synth_images, scores):
@@ -161,7 +161,7 @@ def test_txt_captions_beside_images_kept_unless_overwrite(i2v, synth_bundle, syn
     code, _, err = i2v("tag", str(tmp_path), "--model", str(synth_bundle), "--format", "txt", "--rating-first")
     assert code == 0, err
     assert {p: p.with_suffix(".txt").read_text() for p in copies} == before
-    assert "3 skipped: caption exists" in err and "tagged 0 images" in err and "3 files not images" in err
+    assert "3 skipped: caption exists" in err and "tagged 0 images" in err and "3 non-image files passed over" in err
 
     txt = ["--format", "txt", "--overwrite", "--rating-first"]
     code, _, err = i2v("tag", str(tmp_path), "--model", str(synth_bundle), *txt)
@@ -241,7 +241,7 @@ def test_bad_files_are_named_counted_and_skipped(mixed, synth_bundle):
     assert any(line.startswith(f"{mixed / 'empty.png'}: empty file") for line in lines), r.stderr
     assert any("notes.txt: not an image" in line for line in lines)  # listed with -v only
     summary = lines[-1]
-    assert "tagged 4 images" in summary and "2 failed" in summary and "1 files not images" in summary
+    assert "tagged 4 images" in summary and "2 failed" in summary and "1 non-image file passed over" in summary
     assert "Traceback" not in r.stderr
 
 
@@ -250,14 +250,14 @@ def test_non_images_are_quiet_without_v_but_a_named_one_fails(i2v, mixed, synth_
     assert code == 1 and len(out.splitlines()) == 4
     assert "notes.txt" not in err
     code, out, err = i2v("tag", str(mixed / "notes.txt"), str(mixed / "no_suffix"), "--model", str(synth_bundle))
-    assert code == 1 and "notes.txt: not a decodable image" in err and "tagged 1 images" in err
+    assert code == 1 and "notes.txt: not a decodable image" in err and "tagged 1 image " in err
 
 
 def test_recursive(i2v, synth_bundle, synth_images, tmp_path):
     copy_images(synth_images, tmp_path, 1)
     copy_images(synth_images, tmp_path / "a" / "b", 2)
     code, out, err = i2v("tag", str(tmp_path), "--model", str(synth_bundle), "--format", "jsonl")
-    assert code == 0 and len(out.splitlines()) == 1 and "1 subfolders not entered" in err
+    assert code == 0 and len(out.splitlines()) == 1 and "1 subfolder not entered" in err
     code, out, err = i2v("tag", str(tmp_path), "-r", "--model", str(synth_bundle), "--format", "jsonl")
     paths = [json.loads(line)["path"] for line in out.splitlines()]
     assert code == 0 and len(paths) == 3 and sum("/a/b/" in p for p in paths) == 2

@@ -84,17 +84,21 @@ class Summary:
 
     def line(self) -> str:
         rate = self.tagged / self.seconds if self.seconds > 0 else 0.0
-        parts = [f"tagged {self.tagged} images in {self.seconds:.1f} s ({rate:.1f} images/s)"]
+        parts = [f"tagged {_count(self.tagged, 'image')} in {self.seconds:.1f} s ({rate:.1f} images/s)"]
         if self.failed:
             reasons = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in self.failed.most_common())
             parts.append(f"{self.n_failed} failed ({reasons})")
         if self.not_images:
-            parts.append(f"{self.not_images} files not images (-v lists them)")
+            parts.append(f"{_count(self.not_images, 'non-image file')} passed over (-v lists them)")
         if self.captions_kept:
             parts.append(f"{self.captions_kept} skipped: caption exists (--overwrite replaces)")
         if self.subfolders_skipped:
-            parts.append(f"{self.subfolders_skipped} subfolders not entered (--recursive)")
+            parts.append(f"{_count(self.subfolders_skipped, 'subfolder')} not entered (--recursive)")
         return "; ".join(parts)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def parse_exclude(text: str | None) -> tuple[str, ...]:
