@@ -2,7 +2,7 @@
 
 import sys
 
-from . import crawl, data, fakebooru, quality, train
+from . import crawl, data, fakebooru, quality, search, serve, tag, train
 
 # name -> entry point taking the remaining arguments
 BENCHMARKS = {
@@ -11,6 +11,9 @@ BENCHMARKS = {
     "data": data.main,
     "loader": data.loader_vs_model,
     "quality": quality.main,
+    "search": search.main,
+    "serve": serve.main,
+    "tag": tag.main,
     "train": train.main,
 }
 

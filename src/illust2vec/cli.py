@@ -523,7 +523,8 @@ def index_build(
     index, duplicates = build_index([str(v) for v in vectors], out, params)
     note = f"; {duplicates} rows with an id seen before left out" if duplicates else ""
     seconds = time.perf_counter() - t0
-    err.print(f"{out}: {index.kind} index of {len(index)} vectors ({index.dim}-d) in {seconds:.1f} s{note}")
+    summary = f"{out}: {index.kind} index of {len(index)} vectors ({index.dim}-d) in {seconds:.1f} s{note}"
+    err.print(summary, highlight=False, soft_wrap=True)
 
 
 def _print_hits(rows: list[dict], format: str, title: str) -> None:
@@ -588,7 +589,8 @@ def dedup(
         rows = [{"group": n, **h.to_json()} for n, g in enumerate(groups, 1) for h in g]
         _print_hits(rows, "table", f"near-duplicates in {index} (similarity to each group's first image)")
     copies = sum(len(g) - 1 for g in groups)
-    err.print(f"{len(groups)} groups, {copies} copies among {len(vi)} images (threshold {threshold})", highlight=False)
+    summary = f"{len(groups)} groups, {copies} copies among {len(vi)} images (threshold {threshold})"
+    err.print(summary, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -1,0 +1,211 @@
+"""`i2v similar` and `i2v dedup` on an index of held-out synthetic images plus planted copies: the JSON shape, the
+query first when it is in the index, results equal to brute force, tag filters, near-duplicate groups, and one-line
+errors. The model is tiny and barely trained, so nothing here asserts semantic quality beyond copies."""
+
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from illust2vec.cli import main
+from illust2vec.infer.embed import EmbedConfig, embed_files
+from illust2vec.infer.preprocess import read_image
+from illust2vec.infer.tagger import Tagger
+from illust2vec.search import IndexParams, VectorIndex, build_index
+from illust2vec.search.similar import find_duplicates, parse_tag_filter, row_tags
+
+
+@pytest.fixture
+def i2v(monkeypatch, capsys):
+    """Run `i2v ARGS` in this process through the console script's entry point: (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["i2v", *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    return run
+
+
+def halved_jpeg(path: Path) -> bytes:
+    image = read_image(path)
+    image = image.resize((image.width // 2, image.height // 2), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+PLANTED = {"copy_a": "exact copy", "small_b": "half size, JPEG", "reencoded_c": "full size, PNG to JPEG"}
+
+
+@pytest.fixture(scope="module")
+def library(synth_bundle, synth_images, tmp_path_factory) -> dict:
+    """The 12 held-out images and three planted copies of three of them, embedded and indexed (flat)."""
+    root = tmp_path_factory.mktemp("library")
+    folder = root / "images"
+    folder.mkdir()
+    originals = sorted(p for p in synth_images.iterdir() if p.name != "truth.json")
+    for p in originals:
+        shutil.copy(p, folder / p.name)
+    a, b, c = originals[0], originals[1], next(p for p in originals[2:] if p.suffix == ".png")
+    shutil.copy(a, folder / f"copy_a{a.suffix}")
+    (folder / "small_b.jpg").write_bytes(halved_jpeg(b))
+    buf = io.BytesIO()
+    read_image(c).save(buf, "JPEG", quality=90)
+    (folder / "reencoded_c.jpg").write_bytes(buf.getvalue())
+    tagger = Tagger.load(synth_bundle)
+    embed_files(EmbedConfig(paths=(str(folder),), model=str(synth_bundle), out=str(root / "v.parquet")), tagger=tagger)
+    build_index([root / "v.parquet"], root / "index", IndexParams(kind="flat"))
+    pairs = {a.name: f"copy_a{a.suffix}", b.name: "small_b.jpg", c.name: "reencoded_c.jpg"}
+    return {"root": root, "folder": folder, "index": root / "index", "pairs": pairs, "originals": originals}
+
+
+def test_similar_json_lists_path_id_score_with_the_query_first(i2v, synth_bundle, library):
+    query = library["folder"] / library["originals"][0].name  # it has an exact copy: two rows score 1.0
+    code, out, err = i2v(
+        "similar", str(query), "--index", str(library["index"]), "--model", str(synth_bundle), "--format", "json"
+    )
+    assert code == 0, err
+    hits = json.loads(out)
+    assert len(hits) == 10
+    assert all(set(h) == {"path", "id", "score"} for h in hits)
+    assert hits[0]["path"] == str(query.resolve()) and hits[0]["id"] == query.name
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert hits[1]["id"] == library["pairs"][query.name]  # its exact copy, next
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    assert len({h["id"] for h in hits}) == 10
+
+
+def test_similar_equals_brute_force_over_the_stored_vectors(i2v, synth_bundle, library, tmp_path):
+    outside = tmp_path / "query.jpg"  # not in the index
+    outside.write_bytes(halved_jpeg(library["originals"][5]))
+    code, out, err = i2v(
+        "similar",
+        str(outside),
+        "--index",
+        str(library["index"]),
+        "--model",
+        str(synth_bundle),
+        "-k",
+        "6",
+        "--format",
+        "json",
+    )
+    assert code == 0, err
+    hits = json.loads(out)
+    table = pq.read_table(library["root"] / "v.parquet").to_pylist()
+    vectors = np.array([r["vector"] for r in table], np.float32)
+    q = Tagger.load(synth_bundle).extract_feature([outside], normalize=True)[0]
+    want = np.sort(vectors @ q)[::-1][:6]
+    np.testing.assert_allclose([h["score"] for h in hits], want, atol=1e-4)
+
+
+def test_similar_by_id_and_table_output(i2v, library):
+    name = library["originals"][3].name
+    code, out, err = i2v("similar", "--id", name, "--index", str(library["index"]), "-k", "4", "--format", "json")
+    assert code == 0, err
+    hits = json.loads(out)
+    assert hits[0]["id"] == name and len(hits) == 4
+    code, out, _ = i2v("similar", "--id", name, "--index", str(library["index"]), "-k", "3")
+    assert code == 0 and name in out and "score" in out
+
+
+def test_tag_filters_keep_and_drop_by_predicted_tags(i2v, library):
+    index = VectorIndex.load(library["index"])
+    sets = [row_tags(t) for t in index.tags]
+    counts = {t: sum(t in s for s in sets) for s in sets for t in s}
+    tag = next(t for t, n in sorted(counts.items()) if 0 < n < len(sets))  # some images have it, some do not
+    have = {i for i, s in zip(index.ids, sets, strict=True) if tag in s}
+    query = index.ids[0]
+    common = ("--id", query, "--index", str(library["index"]), "-k", "100", "--format", "json")
+    code, out, err = i2v("similar", *common, "--tags", tag)
+    assert code == 0, err
+    assert {h["id"] for h in json.loads(out)} == have
+    code, out, err = i2v("similar", *common, "--tags", f"-{tag}")
+    assert code == 0, err
+    assert {h["id"] for h in json.loads(out)} == set(index.ids) - have
+    code, _, err = i2v("similar", *common, "--tags", "no_such_tag_anywhere")
+    assert code == 2 and "no_such_tag_anywhere" in err and len(err.strip().splitlines()) == 1
+
+
+def test_parse_tag_filter():
+    assert parse_tag_filter("blue_hair -hat, smile") == ({"blue_hair", "smile"}, {"hat"})
+    assert parse_tag_filter(None) == (frozenset(), frozenset())
+    assert row_tags(json.dumps({"rating": {"general": 0.9, "explicit": 0.1}, "general": {"hat": 0.5}})) == {
+        "general",
+        "hat",
+    }
+
+
+def test_dedup_finds_the_planted_copies(i2v, library):
+    code, out, err = i2v("dedup", str(library["index"]), "--format", "json")  # the default threshold
+    assert code == 0, err
+    groups = [{h["id"] for h in g} for g in json.loads(out)]
+    for original, copy in library["pairs"].items():
+        assert any({original, copy} <= g for g in groups), (original, copy, groups)
+    first = json.loads(out)[0]
+    assert set(first[0]) == {"path", "id", "score"} and first[0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_dedup_groups_copies_and_only_copies(library):
+    """At a threshold above every pair of distinct pictures of this tiny model (up to 0.995 on these twelve) and
+    below its copies (0.9997 and up), the groups are exactly the planted pairs."""
+    groups = find_duplicates(VectorIndex.load(library["index"]), threshold=0.999)
+    assert sorted(sorted(h.id for h in g) for g in groups) == sorted(sorted(p) for p in library["pairs"].items())
+
+
+def test_dedup_table_and_binary_index(i2v, library, tmp_path):
+    code, out, err = i2v("dedup", str(library["index"]))
+    assert code == 0 and "copy_a" in out and "groups" in err
+    build_index([library["root"] / "v.parquet"], tmp_path / "bin", IndexParams(kind="binary"))
+    groups = find_duplicates(VectorIndex.load(tmp_path / "bin"), threshold=1.0)  # identical codes only
+    assert any(
+        {h.id for h in g} == {library["originals"][0].name, library["pairs"][library["originals"][0].name]}
+        for g in groups
+    )
+
+
+def test_user_mistakes_are_one_line(i2v, synth_bundle, library, tmp_path):
+    index = str(library["index"])
+    cases = [
+        (("similar", "--id", "x", "--index", str(tmp_path)), "not an index"),
+        (("similar", "--index", index), "give an IMAGE or --id"),
+        (("similar", str(library["originals"][0]), "--index", index), "--model"),
+        (("similar", "--id", "nope", "--index", index), "--id nope: not in the index"),
+        (("similar", "--id", library["originals"][0].name, "--index", index, "--format", "xml"), "--format"),
+        (("similar", str(tmp_path / "missing.png"), "--index", index, "--model", str(synth_bundle)), "no such image"),
+        (("dedup", index, "--threshold", "2"), "--threshold"),
+    ]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not an image")
+    cases.append((("similar", str(broken), "--index", index, "--model", str(synth_bundle)), "broken.jpg"))
+    for args, words in cases:
+        code, out, err = i2v(*args)
+        assert code == 2, (args, err)
+        assert words in err and len(err.strip().splitlines()) == 1 and err.startswith("error: "), (args, err)
+        assert out == ""
+
+
+def test_query_with_another_model_is_refused(i2v, synth_bundle, library, tmp_path):
+    index = VectorIndex.load(library["index"])
+    other = VectorIndex.build(
+        index.vectors(np.arange(len(index))),
+        index.ids,
+        index.paths,
+        index.tags,
+        IndexParams(kind="flat"),
+        {**index.model, "vocab_hash": "0" * 64, "source": "another/bundle"},
+    )
+    other.save(tmp_path / "other")
+    query = str(library["originals"][0])
+    code, _, err = i2v("similar", query, "--index", str(tmp_path / "other"), "--model", str(synth_bundle))
+    assert code == 2 and "not the model the index was built with" in err
