@@ -49,6 +49,7 @@ def keras_seed(size: int, sizes: dict[str, int], numbering=NUMBERING):
     """The seed in Keras, with the layer names of its summary, as DESIGN.md describes it."""
     from keras import layers
 
+    keras.utils.set_random_seed(0)  # Keras's initializers: the same seed, the same test
     rng = np.random.default_rng(0)
     inp = keras.Input((size, size, 3))
     x = inp
@@ -77,7 +78,7 @@ def keras_seed(size: int, sizes: dict[str, int], numbering=NUMBERING):
         if isinstance(layer, layers.Conv2D | layers.Dense):
             kernel, bias = layer.get_weights()
             # Larger output kernels spread the logits, so that the images' scores differ by far more than 1e-4.
-            kernel = kernel * (5.0 if layer.name in outputs_dense else 1.0)
+            kernel = kernel * (3.0 if layer.name in outputs_dense else 1.0)
             layer.set_weights([kernel, rng.normal(0, 0.05, bias.shape).astype(np.float32)])
     return model
 
@@ -86,9 +87,11 @@ def calibrate_bn(model, x: np.ndarray, seed: int) -> None:
     """Random BatchNorm parameters and moving statistics near those of the inputs `x`, so that they matter and the
     outputs stay far from saturation (the low one first: the high one's input depends on it)."""
     rng = np.random.default_rng(seed)
-    for name in ("batch_normalization_1", "batch_normalization_2"):
-        layer = model.get_layer(name)
-        a = keras.ops.convert_to_numpy(keras.Model(model.input, layer.input).predict(x, verbose=0))
+    low, high = model.get_layer("batch_normalization_1"), model.get_layer("batch_normalization_2")
+    a = keras.ops.convert_to_numpy(keras.Model(model.input, low.input).predict(x, verbose=0))
+    for layer in (low, high):
+        if layer is high:  # the high features from the low ones, calibrated: two layers, not the whole VGG again
+            a = keras.ops.convert_to_numpy(model.get_layer("high_features")(low(a, training=False)))
         mean, std = a.mean((0, 1, 2)), a.std((0, 1, 2)) + 1e-3
         n = mean.shape[0]
         layer.set_weights(
@@ -120,7 +123,8 @@ def seed_files(tmp_path_factory, batch):
     """Per preprocess mode: the Keras seed (BatchNorm calibrated to that mode's inputs) saved with model.save as
     HDF5, its weights by layer, and what Keras predicts: probabilities per head and the feature vector."""
     model = keras_seed(SIZE, {h: len(v) for h, v in TAGS.items()})
-    features = keras.Model(model.input, model.get_layer("high_pool").output)
+    # The seed's outputs and, as one more output, its feature vector (the pooled high features): one pass per mode.
+    outputs = keras.Model(model.input, [*model.outputs, model.get_layer("high_pool").output])
     out = tmp_path_factory.mktemp("keras")
     files = {}
     for i, mode in enumerate(("caffe", "tf", "torch")):
@@ -128,9 +132,8 @@ def seed_files(tmp_path_factory, batch):
         calibrate_bn(model, x, seed=i)
         path = out / f"seed-{mode}.h5"
         model.save(path)
-        probs = [keras.ops.convert_to_numpy(p) for p in model.predict(x, verbose=0)]
-        expected = dict(zip(("general", "character", "copyright"), probs, strict=True))
-        expected["features"] = keras.ops.convert_to_numpy(features.predict(x, verbose=0))
+        predicted = [keras.ops.convert_to_numpy(p) for p in outputs.predict(x, verbose=0)]
+        expected = dict(zip(("general", "character", "copyright", "features"), predicted, strict=True))
         weights = {layer.name: [np.asarray(w) for w in layer.get_weights()] for layer in model.layers}
         if mode == "caffe":
             model.save_weights(out / "seed-caffe.weights.h5")
@@ -376,6 +379,15 @@ def test_resolve_dense_errors_and_override():
     # Keras renumbers layers each time a notebook rebuilds a model: dense_7 ... dense_12 are the same six.
     renumbered = {f"dense_{int(k.split('_')[1]) + 6}": v for k, v in kernels([4, 4, 4]).items()}
     assert resolve_dense(renumbered, SIZES4)[0]["general"] == ("dense_11", "dense_12")
+
+
+def test_input_size_from_either_keras_config():
+    import illust2vec.convert as c
+
+    keras2 = {"input_1": {"class_name": "InputLayer", "config": {"batch_input_shape": [None, 256, 256, 3]}}}
+    keras3 = {"input_layer": {"class_name": "InputLayer", "config": {"batch_shape": [None, 3, 224, 224]}}}
+    dynamic = {"input_layer": {"class_name": "InputLayer", "config": {"batch_shape": [None, None, None, 3]}}}
+    assert [c._input_size(g) for g in (keras2, keras3, dynamic, {})] == [256, 224, None, None]
 
 
 # ---- tag lists

@@ -491,7 +491,10 @@ def convert_keras(cfg: ConvertConfig) -> dict:
     keras = read_keras_h5(path)
     kernels = {n: v["kernel"].shape for n, v in keras.layers.items() if "kernel" in v and v["kernel"].ndim == 2}
     sizes = {h: len(lists[h]) for h in SEED_HEADS}
-    heads, how = resolve_dense(kernels, sizes, keras.config, cfg.head_order)
+    try:
+        heads, how = resolve_dense(kernels, sizes, keras.config, cfg.head_order)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     activations = _check_activations(keras, heads, path)
     size = cfg.size or _input_size(keras.config) or DEFAULT_SIZE
     mean, std = PREPROCESS[cfg.preprocess]
