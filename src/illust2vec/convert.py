@@ -199,7 +199,10 @@ class KerasFile:
 
 def read_keras_h5(path: str | Path) -> KerasFile:
     """Every layer's weights in a Keras HDF5 file, by layer name, and its model_config graph when present."""
-    import h5py
+    try:
+        import h5py
+    except ImportError:
+        raise UserError("i2v convert keras reads HDF5 with h5py: pip install 'illust2vec[convert]'") from None
 
     path = Path(path)
     try:
