@@ -332,19 +332,24 @@ def evaluate(
 
 
 def _print_report(report: dict) -> None:
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"{report['run']} epoch {report['epoch']} on {report['split']}", title_justify="left")
+    # Light rules and unwrapped names: ten columns fit the 80 columns rich assumes when stderr is not a terminal.
+    title = f"{report['run']} epoch {report['epoch']} on {report['split']}"
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
+    )
     columns = ("P", "R", "F1", "macroF1", "mAP", "thr", "P=R@", "top1", "acc")
-    table.add_column("head")
+    table.add_column("head", no_wrap=True)
     for c in columns:
-        table.add_column(c, justify="right")
+        table.add_column(c, justify="right", no_wrap=True)
     keys = {"P": "micro_precision", "R": "micro_recall", "F1": "micro_f1", "macroF1": "macro_f1", "thr": "threshold"}
     keys |= {"P=R@": "threshold_p_eq_r", "acc": "accuracy"}
     for head, r in report["heads"].items():
         cells = [r.get(keys.get(c, c)) for c in columns]
         table.add_row(head, *("" if v is None else f"{v:.3f}" for v in cells))
-    err.print(table, width=max(err.width, 110))
+    err.print(table)
     err.print(f"wrote {report['out']}/metrics.json, per_tag.csv, thresholds.json", highlight=False)
 
 
