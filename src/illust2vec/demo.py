@@ -69,8 +69,10 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     # Each demo serves a new board on a new port: an earlier demo's outputs are not ones to resume.
-    for name in ("crawl", "dataset", "run", "bundle", "held-out", "vectors.parquet", "index"):
+    for name in ("crawl", "dataset", "run", "bundle", "held-out", "vectors.parquet.parts", "index"):
         shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("vectors.parquet", "tags.jsonl", "report.html", "summary.json"):
+        (out / name).unlink(missing_ok=True)
     clock = _Clock(console)
     t0 = time.perf_counter()
 
