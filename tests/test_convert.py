@@ -162,9 +162,10 @@ def assert_matches_keras(tagger: Tagger, batch: np.ndarray, expected: dict) -> N
     np.testing.assert_allclose(features, expected["features"], atol=1e-4 * scale, rtol=1e-4)
 
 
-def write_keras2(path: Path, weights: dict, nested: bool = True, drop: tuple[str, ...] = ()) -> None:
+def write_keras2(path: Path, weights: dict, nested: bool = True, drop: tuple[str, ...] = (), suffix: str = "") -> None:
     """An HDF5 file in the Keras 2 layout, as Keras 2 wrote it: model_weights/<layer>/<layer>/kernel:0 (or the
-    layers at the root, as save_weights did), with the layer_names and weight_names attributes; no model_config."""
+    layers at the root, as save_weights did), with the layer_names and weight_names attributes; no model_config.
+    `suffix` renames the arrays' scope as TensorFlow 1 did when a session rebuilt a model (dense_1/dense_1_1/...)."""
     with h5py.File(path, "w") as f:
         f.attrs["keras_version"] = b"2.2.4"
         f.attrs["backend"] = b"tensorflow"
@@ -174,9 +175,9 @@ def write_keras2(path: Path, weights: dict, nested: bool = True, drop: tuple[str
         for name in names:
             group = root.create_group(name)
             var_names = BN_VARS if len(weights[name]) == len(BN_VARS) else CONV_VARS
-            group.attrs["weight_names"] = np.array([f"{name}/{v}:0".encode() for v in var_names])
+            group.attrs["weight_names"] = np.array([f"{name}{suffix}/{v}:0".encode() for v in var_names])
             for v, array in zip(var_names, weights[name], strict=True):
-                group.create_dataset(f"{name}/{v}:0", data=array)
+                group.create_dataset(f"{name}{suffix}/{v}:0", data=array)
 
 
 # ---- parity with Keras
@@ -232,11 +233,13 @@ def test_keras3_weights_h5_converts(seed_files, batch, tags_json, tmp_path):
     assert_matches_keras(tagger, batch, expected)
 
 
-@pytest.mark.parametrize("nested", [True, False], ids=["model-save", "save-weights"])
-def test_keras2_layout_converts(nested, seed_files, batch, tags_json, tmp_path):
+@pytest.mark.parametrize(
+    "nested, suffix", [(True, ""), (False, ""), (True, "_1")], ids=["model-save", "save-weights", "tf1-rebuilt"]
+)
+def test_keras2_layout_converts(nested, suffix, seed_files, batch, tags_json, tmp_path):
     _, expected, weights = seed_files["caffe"]
     path = tmp_path / "seed-keras2.h5"
-    write_keras2(path, weights, nested=nested)
+    write_keras2(path, weights, nested=nested, suffix=suffix)
     tagger, summary = convert(tmp_path, path, tags_json, size=SIZE)
     assert summary["layout"] == "keras2"
     assert_matches_keras(tagger, batch, expected)

@@ -212,31 +212,34 @@ def read_keras_h5(path: str | Path) -> KerasFile:
     with f:
         # A full-model save keeps the weights under model_weights (the optimizer's elsewhere); save_weights at the root.
         root = f.get("model_weights", f)
+        datasets: list[tuple[str, Any]] = []
+        root.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+        # A top-level group whose arrays all sit in one subgroup is one layer, named by the group: Keras 2 under
+        # TensorFlow 1 could store dense_1's kernel as dense_1/dense_1_2/kernel:0 after a rebuild in one session.
+        # A group with several subgroups is a nested model, whose layers the subgroups name.
+        subgroups: dict[str, set[str]] = {}
+        for name, _ in datasets:
+            subgroups.setdefault(name.split("/")[0], set()).add(name.rsplit("/", 1)[0])
         layers: dict[str, dict[str, np.ndarray]] = {}
         layout = "keras3-legacy"
-
-        def visit(name: str, obj: Any) -> None:
-            nonlocal layout
-            if not isinstance(obj, h5py.Dataset) or name.startswith("optimizer_weights"):
-                return
+        for name, obj in datasets:
             parts = name.split("/")
+            if len(parts) < 2 or parts[0] == "optimizer_weights":
+                continue
             parent = obj.parent
-            if len(parts) >= 2 and parts[-2] == "vars" and parts[-1].isdigit() and "name" in parent.attrs:
+            if parts[-2] == "vars" and parts[-1].isdigit() and "name" in parent.attrs:
                 layout = "keras3"  # layers/<path>/vars/<i>, the layer's own name in vars' attribute
                 layer, var = _text(parent.attrs["name"]), int(parts[-1])
                 order = POSITIONAL.get(len(parent))
                 key = order[var] if order and var < len(order) else str(var)
-            elif len(parts) >= 2:
-                layer, key = parts[-2], parts[-1]
+            else:
+                layer = parts[0] if len(subgroups[parts[0]]) == 1 else parts[-2]
+                key = parts[-1]
                 if key.endswith(":0"):
                     layout, key = "keras2", key[:-2]
-            else:
-                return
             if key in layers.setdefault(layer, {}):
                 raise UserError(f"{path}: layer {layer} has two {key} arrays ({name} and another)")
             layers[layer][key] = np.asarray(obj[()], dtype=np.float32)
-
-        root.visititems(visit)
         attrs = {k: _text(f.attrs[k]) for k in ("keras_version", "backend") if k in f.attrs}
         config = _graph(_text(f.attrs["model_config"]), path) if "model_config" in f.attrs else {}
     if not layers:
