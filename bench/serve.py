@@ -116,8 +116,8 @@ def run_mode(bundle: Path, image: bytes, max_batch: int, args) -> dict:
         latencies, seconds = asyncio.run(load(url, image, args.clients, args.seconds))
         batching = httpx.get(f"{url}/api/health").json()["batching"]
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        proc.kill()  # not terminate: a graceful stop would first finish the batch in flight, minutes on a CPU
+        proc.wait()
     lat = np.array(latencies) if latencies else np.array([np.nan])
     return {
         "done": len(latencies),

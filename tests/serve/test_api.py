@@ -38,7 +38,8 @@ def client(synth_bundle, tagger):
 @pytest.fixture(scope="module")
 def index(tagger, images) -> VectorIndex:
     feats = tagger.extract_feature(images)
-    return VectorIndex.build(feats, [p.stem for p in images], [str(p) for p in images])
+    # Ids as `i2v embed --ids path` writes them: relative paths, slashes included.
+    return VectorIndex.build(feats, [f"set/{p.name}" for p in images], [str(p) for p in images])
 
 
 @pytest.fixture
@@ -225,13 +226,13 @@ def test_similar_by_image_and_by_id(indexed, images, index):
     assert r.status_code == 200, r.text
     hits = r.json()["neighbours"]
     assert len(hits) == 5
-    assert hits[0]["id"] == query.stem and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert hits[0]["id"] == f"set/{query.name}" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
-    assert hits[0]["thumb"] == f"/api/thumb/{query.stem}" and hits[0]["image"] == f"/api/image/{query.stem}"
+    assert hits[0]["thumb"] == f"/api/thumb/set%2F{query.name}" and hits[0]["image"] == f"/api/image/set%2F{query.name}"
     assert hits[0]["name"] == query.name and "path" not in hits[0]
 
-    more = indexed.post("/api/similar", data={"id": query.stem}, params={"k": 3}).json()["neighbours"]
-    assert len(more) == 3 and query.stem not in [h["id"] for h in more]
+    more = indexed.post("/api/similar", data={"id": f"set/{query.name}"}, params={"k": 3}).json()["neighbours"]
+    assert len(more) == 3 and f"set/{query.name}" not in [h["id"] for h in more]
     assert [h["id"] for h in more] == [h["id"] for h in hits[1:4]]
     assert indexed.get("/api/health").json()["index_size"] == len(index)
 
@@ -244,18 +245,21 @@ def test_similar_refusals(client, indexed, images):
 
 def test_images_are_served_by_id_only(indexed, images):
     path = images[0]
-    r = indexed.get(f"/api/image/{path.stem}")
+    r = indexed.get(f"/api/image/set%2F{path.name}")
     assert r.status_code == 200 and r.content == path.read_bytes()
-    thumb = indexed.get(f"/api/thumb/{path.stem}")
+    assert indexed.get(f"/api/image/set/{path.name}").content == path.read_bytes()
+    thumb = indexed.get(f"/api/thumb/set%2F{path.name}")
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     with Image.open(io.BytesIO(thumb.content)) as im:
         assert im.format == "JPEG" and max(im.size) <= 256
-    for bad in ["nope", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", path.name, str(path).replace("/", "%2F")]:
+    bad_ids = ["nope", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", path.name, str(path), str(path).replace("/", "%2F")]
+    for bad in bad_ids:
         for kind in ("image", "thumb"):
             r = indexed.get(f"/api/{kind}/{bad}")
             assert r.status_code == 404, (kind, bad)
             assert r.json()["error"] and r.content != path.read_bytes()
     assert indexed.get("/api/image/../../etc/passwd").status_code == 404
+    assert indexed.get(f"/api/image/set/../{path.name}").status_code == 404
 
 
 # ---- batching

@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -257,12 +258,12 @@ def create_app(cfg: ServeConfig, tagger: Tagger | None = None, index: VectorInde
         hits = await run_in_threadpool(_neighbours, index, query, k, tags, row)
         return {"neighbours": hits}
 
-    @app.get("/api/image/{id}")
+    @app.get("/api/image/{id:path}")
     async def image(id: str) -> FileResponse:
         """An indexed image's file, by its id in the index."""
         return FileResponse(_indexed_path(index, id))
 
-    @app.get("/api/thumb/{id}")
+    @app.get("/api/thumb/{id:path}")
     async def thumb(id: str) -> Response:
         """An indexed image's thumbnail, a JPEG at most 256 px on its longer side."""
         path = _indexed_path(index, id)
@@ -379,8 +380,8 @@ def _neighbours(index: VectorIndex, query: np.ndarray, k: int, tags: str | None,
             "id": h.id,
             "score": round(h.score, 6) if math.isfinite(h.score) else None,
             "name": Path(h.path).name if h.path else None,
-            "image": f"/api/image/{h.id}",
-            "thumb": f"/api/thumb/{h.id}",
+            "image": f"/api/image/{quote(h.id, safe='')}",  # ids may hold slashes (`i2v embed --ids path`)
+            "thumb": f"/api/thumb/{quote(h.id, safe='')}",
         }
         for h in hits
     ]
