@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -97,6 +98,9 @@ def export(cfg: ExportConfig, console: Console | None = None) -> dict:
         summary["onnx_max_abs_diff"] = config["onnx"]["max_abs_diff"]
         summary["onnx_seconds"] = round(time.perf_counter() - t0, 1)
     write_bundle_files(tmp, config, vocab, thresholds)
+    # safetensors writes its file readable by its owner only; a bundle is for sharing, so it gets the mode (umask
+    # included) of the files written beside it.
+    os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
     # Swap the new bundle in: a crash leaves the old one, or the new one beside it, never half of either.
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
