@@ -272,6 +272,7 @@ def test_a_missing_or_misshapen_layer_is_named(drop, change, needle, seed_files,
     assert not (tmp_path / "bundle-broken").exists()
 
 
+@pytest.mark.slow
 def test_cli_convert_then_load(seed_files, tags_json, tmp_path):
     path = seed_files["caffe"][0]
     out = tmp_path / "bundle"

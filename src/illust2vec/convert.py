@@ -351,17 +351,15 @@ def resolve_dense(
         shapes = ", ".join(f"{d} {tuple(kernels[d])}" for d in dense)
         counts = ", ".join(f"{h} {n}" for h, n in sizes.items())
         raise UserError(f"the Dense layers fit no assignment to the heads: kernels {shapes}; tags {counts}")
-    # The allowed order nearest the convention: the fewest pairs of heads swapped. It is unique: orders that the
-    # sizes allow but the convention's does not have two heads of equal size, and those differ by that one swap.
+    # The allowed order nearest the convention: the fewest pairs of heads swapped. It is unique: two allowed orders
+    # equally near would need all three sizes equal, which allows the convention itself, or the graph to pin the
+    # general head, which leaves orders one swap apart.
     rank = CONVENTION.index
     order = min(allowed, key=lambda o: sum(rank(a) > rank(b) for a, b in itertools.combinations(o, 2)))
-    how += (
-        " and output sizes"
-        if len(allowed) == 1
-        else " and convention"
-        if order == CONVENTION
-        else " and nearest convention"
-    )
+    if len(allowed) == 1:
+        how += " and output sizes"
+    else:
+        how += " and convention" if order == CONVENTION else " and nearest convention"
     return dict(zip(order, pairs, strict=True)), how
 
 
@@ -525,20 +523,24 @@ def convert_keras(cfg: ConvertConfig) -> dict:
         "dense": layer_map,
         "dense_resolved_by": how,
     }
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = bundle_config(model.cfg.to_dict(), vocab, model.num_features, source=source)
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
     summary = {"bundle": str(out), "layout": keras.layout, "image_size": size, "preprocess": cfg.preprocess}
     summary |= {"tags": sizes, "dense": layer_map, "dense_resolved_by": how}
-    if cfg.onnx:
-        from .export import export_onnx
+    tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed: a failure leaves no half bundle
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        config = bundle_config(model.cfg.to_dict(), vocab, model.num_features, source=source)
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        if cfg.onnx:
+            from .export import export_onnx
 
-        config["onnx"] = export_onnx(model, tmp / "model.onnx")
-        summary["onnx_max_abs_diff"] = config["onnx"]["max_abs_diff"]
-    write_bundle_files(tmp, config, vocab, Thresholds(method="defaults (converted from Keras; not calibrated)"))
+            config["onnx"] = export_onnx(model, tmp / "model.onnx")
+            summary["onnx_max_abs_diff"] = config["onnx"]["max_abs_diff"]
+        write_bundle_files(tmp, config, vocab, Thresholds(method="defaults (converted from Keras; not calibrated)"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
