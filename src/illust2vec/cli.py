@@ -265,6 +265,7 @@ def train(
     amp: str = typer.Option("auto", help="auto (bf16 on a GPU), bf16, fp16 or off."),
     device: str = typer.Option("auto", help="auto, cuda or cpu."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    prior_init: bool = typer.Option(True, help="Start each head's bias at its tags' training frequency."),
 ) -> None:
     """Train a tagger on built shards; checkpoints and curves every epoch. Under torchrun, with DDP."""
     from .train.loop import TrainConfig, fit
@@ -293,6 +294,7 @@ def train(
         rating_head=rating_head,
         softmax=tuple(s.strip() for s in softmax.split(",") if s.strip()) if softmax is not None else None,
         loss=LossConfig(kind=loss, frequency_weighting=frequency_weighting, exclusivity=exclusivity),
+        prior_init=prior_init,
     )
     summary = fit(cfg, resume=resume, console=err)
     err.print(f"best epoch {summary['best_epoch']} by {summary['select_by']} = {summary['best']:.4f}", highlight=False)
@@ -412,6 +414,8 @@ def tag(
     workers: int = typer.Option(None, min=1, help="Decoding threads (default: one per core)."),
 ) -> None:
     """Tag images: records on stdout (or captions beside them), a report of bad files on stderr; exit 1 if any."""
+    import os
+
     from .infer.pipeline import TagConfig, parse_exclude, tag_files
     from .infer.writers import CaptionOptions
 
@@ -438,7 +442,11 @@ def tag(
         shard=parts,
         workers=workers,
     )
-    summary = tag_files(cfg, out=sys.stdout, console=err)
+    try:
+        summary = tag_files(cfg, out=sys.stdout, console=err)
+    except BrokenPipeError:  # stdout closed early (`i2v tag ... | head`): stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(1) from None
     err.print(summary.line(), highlight=False, soft_wrap=True)
     if summary.n_failed:
         raise typer.Exit(1)
@@ -515,7 +523,7 @@ def index_build(
     out: Path = typer.Option(..., help="Index directory to write."),
     kind: str = typer.Option("auto", help="auto, flat (exact), hnsw, ivf (approximate) or binary (Hamming)."),
     nlist: int = typer.Option(None, min=1, help="ivf: k-means cells (default about 4 sqrt(N))."),
-    nprobe: int = typer.Option(32, min=1, help="ivf: cells searched per query."),
+    nprobe: int = typer.Option(16, min=1, help="ivf: cells searched per query (more: better recall, slower)."),
     ef_search: int = typer.Option(128, min=1, help="hnsw: candidates kept while searching."),
 ) -> None:
     """Build a searchable index of feature vectors, with their ids, paths and tags."""
@@ -575,15 +583,17 @@ def similar(
 def dedup(
     index: Path = typer.Argument(..., help="Index directory of `i2v index build`."),
     threshold: float = typer.Option(
-        0.97, help="Cosine similarity at which two images count as copies (binary index: share of bits agreeing)."
+        None, help="Cosine similarity at which two images count as copies (default 0.99; binary: bits agreeing)."
     ),
     format: str = typer.Option("table", help="table or json (a list of groups, each a list of {path, id, score})."),
 ) -> None:
     """Groups of near-duplicate images (resized, re-encoded copies): each group's first image, then its copies."""
     from .search import VectorIndex, find_duplicates
+    from .search.similar import DEFAULT_DEDUP_THRESHOLD
 
     if format not in ("table", "json"):
         raise UserError(f"--format must be table or json, not {format!r}")
+    threshold = DEFAULT_DEDUP_THRESHOLD if threshold is None else threshold
     if not -1.0 <= threshold <= 1.0:
         raise UserError(f"--threshold is a cosine similarity, between -1 and 1, not {threshold}")
     vi = VectorIndex.load(index)

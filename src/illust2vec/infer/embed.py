@@ -13,8 +13,8 @@ refuses to mix vectors of different models.
 
 Resumable: rows are written as they come, in parts under `OUT.parts/` (each part renamed into place when whole);
 a rerun skips every id already in OUT or in a part, and the end of a run merges the parts into OUT. A job array
-runs `--shard I/N` on each machine (the same paths everywhere; files are dealt out by a hash of their id) and
-`i2v index build` takes all the outputs together.
+runs `--shard I/N` on each machine (the same paths everywhere; files are dealt out by a hash of their path relative
+to the folder given, as `i2v tag` deals them) and `i2v index build` takes all the outputs together.
 """
 
 from __future__ import annotations

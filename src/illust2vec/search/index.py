@@ -34,7 +34,7 @@ from ..errors import UserError
 KINDS = ("auto", "flat", "hnsw", "ivf", "binary")
 FORMAT = "illust2vec-index"
 FORMAT_VERSION = 1
-EXACT_UP_TO = 100_000  # `auto`: exact search up to this many vectors (a 100k x 512 product takes ~10 ms)
+EXACT_UP_TO = 100_000  # `auto`: exact search up to this many vectors (at 512-d, tens of ms a query on a CPU)
 FILES = ("index.faiss", "meta.parquet", "index.json")
 
 
@@ -44,11 +44,11 @@ class IndexParams:
 
     kind: str = "auto"
     nlist: int | None = None  # ivf: k-means cells; default about 4 sqrt(N)
-    nprobe: int = 32  # ivf: cells visited per query (recall against speed)
+    nprobe: int = 16  # ivf: cells visited per query (recall against speed; bench/search.py measures both)
     hnsw_m: int = 32  # hnsw: links per node
     ef_construction: int = 80  # hnsw: candidates kept while building
     ef_search: int = 128  # hnsw: candidates kept while searching (recall against speed)
-    train_size: int = 100_000  # ivf: at most this many vectors train k-means (faiss needs ~40 per cell)
+    train_size: int = 100_000  # ivf: vectors that train k-means (at least 40 per cell, as faiss asks)
 
     def resolved(self, n: int) -> IndexParams:
         """`auto` made concrete for a collection of n vectors: exact up to EXACT_UP_TO, an inverted file above."""
@@ -143,8 +143,9 @@ class VectorIndex:
         if len(x) < nlist:
             raise UserError(f"an ivf index with {nlist} cells needs at least {nlist} vectors to train, got {len(x)}")
         sample = x
-        if len(x) > self.params.train_size:
-            pick = np.random.default_rng(0).choice(len(x), self.params.train_size, replace=False)
+        size = max(self.params.train_size, 40 * nlist)  # faiss asks for 39 vectors per cell at least
+        if len(x) > size:
+            pick = np.random.default_rng(0).choice(len(x), size, replace=False)
             sample = x[np.sort(pick)]
         self.faiss_index.train(sample)
 
@@ -357,9 +358,9 @@ def _new_faiss(dim: int, p: IndexParams) -> Any:
         nlist = p.nlist or 1
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.nprobe = p.nprobe
-        # k-means on at most train_size vectors; 10 iterations reach nearly the recall of faiss's default 25
+        # 10 k-means iterations, not faiss's 25: on a CPU the build is mostly k-means (recall: bench/search.py)
         index.cp.niter = 10
-        index.cp.max_points_per_centroid = max(40, p.train_size // nlist)
+        index.cp.max_points_per_centroid = max(40, p.train_size // nlist)  # faiss would subsample otherwise
         return index
     if p.kind == "binary":
         return faiss.IndexBinaryFlat(8 * ((dim + 7) // 8))
