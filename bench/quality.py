@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: TrainConfig's")
     parser.add_argument("--lr", type=float, default=None, help="default: TrainConfig's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic board")
+    parser.add_argument("--no-prior-init", action="store_true", help="start the heads' biases at zero")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it (default: a temporary one)")
     parser.add_argument("--measure", type=Path, nargs="+", help="only measure these finished runs (see measure_runs)")
     args = parser.parse_args(argv)
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         ds = root / "ds" if (root / "ds" / "dataset.json").exists() else prepare(root, args.posts, args.size, args.seed)
-        run = root / f"run-{args.arch}-{args.loss}-x{args.exclusivity:g}-{int(time.time())}"
+        prior = int(not args.no_prior_init)
+        run = root / f"run-{args.arch}-{args.loss}-x{args.exclusivity:g}-p{prior}-{int(time.time())}"
         t0 = time.perf_counter()
         cfg = TrainConfig(
             data=str(ds),
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             arch=args.arch,
             epochs=args.epochs,
             loss=LossConfig(kind=args.loss, exclusivity=args.exclusivity),
+            prior_init=not args.no_prior_init,
             **{k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None},
         )
         summary = fit(cfg)

@@ -62,6 +62,7 @@ class TrainConfig:
     sync_bn: bool = True  # SyncBatchNorm across processes under DDP
     device: str = "auto"
     max_steps_per_epoch: int | None = None  # cut epochs short (tests, benchmarks)
+    prior_init: bool = True  # start each head's output bias at its tags' frequency in the training split
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -158,6 +159,25 @@ def loss_extras(cfg: TrainConfig, ds: Dataset, activations: dict[str, str]) -> t
         # Found even when the penalty is off: validation counts contradictions (`general/contradictions`) either way.
         pairs["general"] = general_exclusive_pairs(ds)
     return weights, pairs
+
+
+@torch.no_grad()
+def init_head_priors(model: Tagger, counts: dict[str, list[int]], samples: int) -> None:
+    """Set each head's output bias so that the untrained model predicts every tag at its frequency in the training
+    split: logit(p) for sigmoid heads, log(p) for softmax heads (the prior initialisation of RetinaNet's focal loss
+    paper). A zero bias predicts every tag at 0.5 (sigmoid), and the first steps are spent pulling thousands of rare
+    tags down instead of learning what tells them apart."""
+    for h in model.cfg.heads:
+        linears = [m for m in model.heads[h.name].modules() if isinstance(m, torch.nn.Linear)]
+        if h.name not in counts or not linears or linears[-1].bias is None:
+            continue
+        n = torch.tensor(counts[h.name], dtype=torch.float64)
+        if h.activation == "softmax":
+            bias = torch.log((n + 1) / (n.sum() + len(n)))  # smoothed class frequencies
+        else:
+            p = ((n + 0.5) / (samples + 1)).clamp(1e-4, 1 - 1e-4)
+            bias = torch.log(p / (1 - p))
+        linears[-1].bias.copy_(bias.to(linears[-1].bias.dtype))
 
 
 def general_exclusive_pairs(ds: Dataset) -> torch.Tensor:
@@ -406,6 +426,8 @@ def _fit(cfg: TrainConfig, resume: bool, console: Console, d: distributed.Dist) 
         model = create_tagger(cfg.arch, pretrained=cfg.pretrained, **overrides).to(d.device)
     except ValueError as e:  # an unknown preset or timm name, a bad --freeze: the user's to fix
         raise UserError(str(e)) from e
+    if cfg.prior_init and not done:
+        init_head_priors(model, ds.info["splits"]["train"]["tag_counts"], ds.samples("train"))
     cuda = d.device.type == "cuda"
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
     if channels_last:
