@@ -5,6 +5,8 @@ import dataclasses
 import io
 import json
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -14,9 +16,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from illust2vec.errors import UserError
 from illust2vec.infer.tagger import Selection, Tagger, mcut_threshold
 from illust2vec.search import VectorIndex
 from illust2vec.serve import Batcher, ServeConfig, create_app
+from illust2vec.serve.app import open_index
 
 
 @pytest.fixture(scope="module")
@@ -336,3 +340,20 @@ def test_max_batch_1_runs_one_pass_per_request():
 
     asyncio.run(go())
     assert seen == [1] * 5
+
+
+# ---- starting the server
+
+
+def test_an_index_of_another_model_is_refused(tagger, tmp_path):
+    VectorIndex.build(np.eye(3, dtype=np.float32), ["a", "b", "c"]).save(tmp_path / "idx")
+    with pytest.raises(UserError, match="3-d vectors"):
+        open_index(str(tmp_path / "idx"), tagger)
+
+
+def test_serve_cli_refuses_a_missing_index_in_one_line(synth_bundle, tmp_path):
+    missing = tmp_path / "no-index"
+    cmd = [sys.executable, "-m", "illust2vec.cli", "serve", "--model", str(synth_bundle), "--index", str(missing)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and "no such index" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

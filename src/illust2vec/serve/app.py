@@ -40,6 +40,7 @@ from ..data.images import BadImage, load_rgb
 from ..errors import UserError
 from ..infer.preprocess import DRAFT_INFO, prepare, read_image
 from ..infer.tagger import Selection, Tagger
+from ..infer.writers import CaptionOptions, make_record
 from .batcher import Batcher
 
 if TYPE_CHECKING:
@@ -75,7 +76,6 @@ class ServeConfig:
 
 QueryThreshold = Annotated[float | None, Query(ge=0.0, le=1.0, description="Threshold for this head (0..1).")]
 HIDDEN: dict[str, Any] = {"include_in_schema": False}  # the form twins of query parameters: one entry in the docs
-_RECORD_HEADS = ("rating", "general", "character", "copyright")
 
 
 class UploadLimit:
@@ -217,9 +217,7 @@ def create_app(cfg: ServeConfig, tagger: Tagger | None = None, index: VectorInde
         use_mcut = mcut or bool(mcut_form)
         sel = Selection(general=general, character=character, mcut_general=use_mcut, mcut_character=use_mcut)
         tags = tagger.select(probs, sel)
-        record: dict[str, Any] = {"path": file.filename or "upload"}
-        for head in ("rating", "general", "character", "copyright", *(h for h in tags if h not in _RECORD_HEADS)):
-            record[head] = _rounded(tags.get(head, {}))
+        record = make_record(file.filename or "upload", tags, CaptionOptions())  # as `i2v tag --format json`
         record["model"] = model_name
         record["width"], record["height"] = size
         record["scores"] = {h: _rounded(s) for h, s in tagger.scores(probs).items()}
