@@ -181,6 +181,22 @@ def test_vectors_of_two_models_do_not_mix(synth_images, tagger, tmp_path):
         embed_files(EmbedConfig(paths=(str(synth_images),), model="", out=str(other)), tagger=tagger)
 
 
+def test_a_retrained_model_with_the_same_vocabulary_is_another_model(synth_bundle, synth_images, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    retrained = tmp_path / "retrained"
+    shutil.copytree(synth_bundle, retrained)
+    weights = load_file(retrained / "model.safetensors")
+    name = next(k for k in weights if k.endswith("weight") and weights[k].ndim == 4)
+    weights[name] = weights[name] * 1.5
+    save_file(weights, retrained / "model.safetensors")
+    (retrained / "model.onnx").unlink()
+    out = tmp_path / "v.parquet"
+    embed_files(EmbedConfig(paths=(str(synth_images),), model=str(synth_bundle), out=str(out)))
+    with pytest.raises(UserError, match="another model"):  # resuming with it would mix two models' vectors
+        embed_files(EmbedConfig(paths=(str(synth_images),), model=str(retrained), out=str(out)))
+
+
 def test_user_mistakes_are_one_line(i2v, synth_bundle, synth_images, tmp_path):
     code, _, err = i2v(
         "embed", str(tmp_path / "nope"), "--model", str(synth_bundle), "--out", str(tmp_path / "v.parquet")

@@ -208,7 +208,7 @@ def read_vectors(inputs: Sequence[str | os.PathLike]) -> Vectors:
 
 def _model_key(meta: dict) -> tuple:
     m = meta.get("model", {})
-    return (m.get("feature_dim"), m.get("vocab_hash"))
+    return (m.get("feature_dim"), m.get("vocab_hash"), m.get("weights"))
 
 
 def _describe(meta: dict) -> str:
@@ -226,7 +226,29 @@ def model_meta(tagger: Tagger) -> dict[str, Any]:
         import hashlib
 
         vocab_hash = hashlib.sha256("\n".join(tagger.labels.names).encode()).hexdigest()
-    return {"source": tagger.source, "kind": tagger.kind, "feature_dim": tagger.feature_dim, "vocab_hash": vocab_hash}
+    return {
+        "source": tagger.source,
+        "kind": tagger.kind,
+        "feature_dim": tagger.feature_dim,
+        "vocab_hash": vocab_hash,
+        "weights": weights_hash(Path(tagger.source)),
+    }
+
+
+def weights_hash(root: Path) -> str | None:
+    """sha256 of a model directory's weights: the same vocabulary retrained (a new demo, another epoch) gives other
+    vectors, and a resumed embedding or an index query must not mix them."""
+    import hashlib
+
+    for name in ("model.safetensors", "model.onnx"):
+        path = root / name
+        if path.is_file():
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+            return digest.hexdigest()
+    return None
 
 
 # ---- embedding

@@ -174,7 +174,8 @@ def _check_model(index: VectorIndex, tagger, name: str) -> None:
     have, want = model_meta(tagger), index.model
     if tagger.feature_dim != index.dim:
         raise UserError(f"{name}: gives {tagger.feature_dim}-d vectors, the index holds {index.dim}-d ones")
-    if want.get("vocab_hash") and have["vocab_hash"] != want["vocab_hash"]:
+    same = [k for k in ("vocab_hash", "weights") if want.get(k)]
+    if any(have[k] != want[k] for k in same):
         raise UserError(f"{name}: not the model the index was built with ({want.get('source', 'another model')})")
 
 
