@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..data.images import BadImage
-from ..errors import UserError
+from ..errors import UserError, is_disk_full
 from .preprocess import prepare, read_image
 from .tagger import Selection, Tagger
 from .writers import FORMATS, CaptionOptions, caption_path, make_record, open_writer
@@ -249,6 +249,31 @@ def _check(cfg: TagConfig) -> None:
         raise UserError("--overwrite is for --format txt (captions beside the images)")
 
 
+def _take(item: Item, future: Future, summary: Summary, report) -> np.ndarray | None:
+    """A worker's prepared image, or None for a file passed over (counted) or failed (counted and reported)."""
+    try:
+        return future.result()
+    except NotImage as e:
+        summary.not_images += 1
+        log.debug("%s: not an image (%s)", item.path, e)
+    except CaptionExists:
+        summary.captions_kept += 1
+    except BadImage as e:
+        # "not_image" is open_image's word for bytes Pillow cannot decode; here a named or image-named file
+        report(item, str(e), "undecodable" if e.reason == "not_image" else e.reason)
+    return None
+
+
+def _own_caption(item: Item, captions: dict[Path, Path], report) -> bool:
+    """txt: whether the image's caption file is its alone in this run (a.png and a.jpg would share a.txt)."""
+    target = caption_path(item.path)
+    first = captions.setdefault(target, item.path)
+    if first != item.path or target == item.path:
+        report(item, f"its caption {target.name} would be {first.name}'s too; not tagged", "caption clash")
+        return False
+    return True
+
+
 def tag_files(
     cfg: TagConfig, out: TextIO | None = None, console: Console | None = None, tagger: Tagger | None = None
 ) -> Summary:
@@ -284,45 +309,40 @@ def tag_files(
             return
         probs, _ = tagger.run(np.stack([x for _, x in batch]))
         for (item, _), p in zip(batch, probs, strict=True):
-            writer.write(make_record(str(item.path), tagger.select(p, selection), cfg.caption), item.path)
-        summary.tagged += len(batch)
+            try:
+                writer.write(make_record(str(item.path), tagger.select(p, selection), cfg.caption), item.path)
+            except OSError as e:
+                if out_failed(e):
+                    raise
+                report(item, f"cannot write its caption ({e.strerror or e})", "unwritable")  # txt: a read-only folder
+                continue
+            summary.tagged += 1
         batch.clear()
 
+    def out_failed(e: OSError) -> bool:  # stdout closed (`| head`) or the disk full: the run stops, not one file
+        return cfg.format != "txt" or is_disk_full(e)
+
     t0 = time.perf_counter()
-    with (
-        ThreadPoolExecutor(workers, thread_name_prefix="i2v-decode") as pool,
-        _progress(console) as progress,
-    ):
-        task = progress.add_task("tag", total=len(items), rate=0.0)
-        # Two batches ahead: the next one is decoded while the model runs on this one, and memory stays bounded.
-        for item, future in _read_ahead(items, work, pool, ahead=2 * cfg.batch_size + workers):
-            progress.advance(task)
-            try:
-                x = future.result()
-            except NotImage as e:
-                summary.not_images += 1
-                log.debug("%s: not an image (%s)", item.path, e)
-                continue
-            except CaptionExists:
-                summary.captions_kept += 1
-                continue
-            except BadImage as e:
-                # "not_image" is open_image's word for bytes Pillow cannot decode; here, a named or image-suffixed file
-                report(item, str(e), "undecodable" if e.reason == "not_image" else e.reason)
-                continue
-            if cfg.format == "txt":
-                target = caption_path(item.path)
-                first = captions.setdefault(target, item.path)
-                if first != item.path or target == item.path:
-                    report(item, f"its caption {target.name} would be {first.name}'s too; not tagged", "caption clash")
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="i2v-decode")
+    try:
+        with _progress(console) as progress:
+            task = progress.add_task("tag", total=len(items), rate=0.0)
+            # Two batches ahead: the next one is decoded while the model runs on this one, and memory stays bounded.
+            for item, future in _read_ahead(items, work, pool, ahead=2 * cfg.batch_size + workers):
+                progress.advance(task)
+                x = _take(item, future, summary, report)
+                if x is None or (cfg.format == "txt" and not _own_caption(item, captions, report)):
                     continue
-            batch.append((item, x))
-            if len(batch) >= cfg.batch_size:
-                flush()
-                elapsed = time.perf_counter() - t0
-                progress.update(task, rate=summary.tagged / elapsed if elapsed else 0.0)
-        flush()
-        summary.seconds = time.perf_counter() - t0
-        progress.update(task, rate=summary.tagged / summary.seconds if summary.seconds else 0.0)
+                batch.append((item, x))
+                if len(batch) >= cfg.batch_size:
+                    flush()
+                    elapsed = time.perf_counter() - t0
+                    progress.update(task, rate=summary.tagged / elapsed if elapsed else 0.0)
+            flush()
+            summary.seconds = time.perf_counter() - t0
+            progress.update(task, rate=summary.tagged / summary.seconds if summary.seconds else 0.0)
+    finally:
+        # On Ctrl-C or a failed write, drop the read-ahead instead of decoding it to the end.
+        pool.shutdown(wait=True, cancel_futures=True)
     writer.close()
     return summary
