@@ -1,6 +1,6 @@
 """Training throughput: the small preset fed by the real loader vs the same batches held in memory; the seed's rate.
 
-The loader runs its worker processes (`--workers`, default 2) on the same 2 cores as the training step, as in
+The loader runs its worker processes (`--workers`, default: `i2v train`'s, cores - 1) beside the training step, as in
 `i2v train`. A ratio near 1 says the loader keeps up. `--gpu` runs the same on CUDA with bf16 and channels-last.
 """
 
@@ -15,7 +15,7 @@ import torch
 from bench.quality import prepare
 from illust2vec.data.loader import LoaderConfig, make_loader, open_dataset
 from illust2vec.models import create_tagger
-from illust2vec.train.loop import TrainConfig, model_heads
+from illust2vec.train.loop import TrainConfig, default_workers, model_heads
 from illust2vec.train.losses import LossConfig, multitask_loss
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=2, help="loader processes")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="loader processes (train's default)")
     parser.add_argument("--gpu", action="store_true", help="CUDA, bf16, channels-last; adds the 448 px base preset")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.gpu else "cpu")

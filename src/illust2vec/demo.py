@@ -44,7 +44,7 @@ class DemoConfig:
     train_size: int = 96  # side of the training squares
     epochs: int = 5
     held_out: int = 200  # posts drawn after the board's, never crawled: tagged, embedded and searched
-    workers: int = 2
+    workers: int = 2  # build's processes and evaluation's loaders; training takes its own default
 
 
 class _Clock:
@@ -113,9 +113,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     # 4 train
     console.print(f"[bold]train[/] i2v_small for {cfg.epochs} epochs on the CPU")
     run = out / "run"
-    trained = fit(
-        TrainConfig(data=str(out / "dataset"), out=str(run), epochs=cfg.epochs, workers=cfg.workers), console=console
-    )
+    trained = fit(TrainConfig(data=str(out / "dataset"), out=str(run), epochs=cfg.epochs), console=console)
     clock.done("train", epochs=cfg.epochs, **{"best epoch": trained["best_epoch"], "by": trained["select_by"]})
 
     # 5 evaluate
