@@ -67,7 +67,17 @@ def synth_run(synth_build, tmp_path_factory) -> Path:
     from illust2vec.train.loop import TrainConfig, fit
 
     run = tmp_path_factory.mktemp("run") / "run"
-    fit(TrainConfig(data=str(synth_build), out=str(run), epochs=2, arch="test_resnet", batch_size=16, workers=0))
+    fit(
+        TrainConfig(
+            data=str(synth_build),
+            out=str(run),
+            epochs=2,
+            arch="test_resnet",
+            batch_size=16,
+            workers=0,
+            select_by="loss",
+        )
+    )
     return run
 
 
