@@ -376,8 +376,8 @@ def export_bundle(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="Directory for the demo's outputs."),
-    posts: int = typer.Option(None, min=50, help="Posts on the synthetic board (default 1000; --quick 300)."),
-    epochs: int = typer.Option(None, min=1, help="Training epochs (default 5; --quick 2)."),
+    posts: int = typer.Option(None, min=50, help="Posts on the synthetic board (default 3000; --quick 300)."),
+    epochs: int = typer.Option(None, min=1, help="Training epochs (default 8; --quick 2)."),
     seed: int = typer.Option(0, help="Seed of the synthetic board."),
     quick: bool = typer.Option(False, "--quick", help="A small board, 2 epochs: every stage in about a minute."),
 ) -> None:

@@ -38,12 +38,12 @@ QUICK = dict(posts=300, epochs=2, held_out=60, train_size=64)
 @dataclass(frozen=True)
 class DemoConfig:
     out: Path = Path("demo-out")
-    posts: int = 1000
+    posts: int = 3000
     seed: int = 0
     image_size: int = 512  # longer side kept by the crawl
-    train_size: int = 96  # side of the training squares
-    epochs: int = 5
-    held_out: int = 200  # posts drawn after the board's, never crawled: tagged, embedded and searched
+    train_size: int = 128  # side of the training squares
+    epochs: int = 8
+    held_out: int = 400  # posts drawn after the board's, never crawled: tagged, embedded and searched
     workers: int = 2  # build's processes and evaluation's loaders; training takes its own default
 
 
