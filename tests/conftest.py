@@ -1,5 +1,6 @@
 """Shared test set-up: GPU tests skip themselves without CUDA; a small synthetic crawl, vocabulary and build."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,18 @@ def synth_images(tmp_path_factory) -> Path:
         truth[name] = {"rating": post.rating, **post.tags}
     (out / "truth.json").write_text(json.dumps(truth, indent=1))
     return out
+
+
+@pytest.fixture
+def i2v(monkeypatch, capsys):
+    """Run `i2v ARGS` in this process through the console script's entry point: (exit code, stdout, stderr)."""
+    from illust2vec.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["i2v", *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    return run

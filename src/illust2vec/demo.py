@@ -225,7 +225,7 @@ def _search_quality(index, truth: dict[str, dict], known_characters) -> dict:
             mine = set(tags.get(field_, []))
             same = [bool(mine & set(truth.get(h.id, {}).get(field_, []))) for h in hits]
             shares[key].append(sum(same) / len(hits))
-        if len(examples) < 6:
+        if len(examples) < 6 and chars[0] not in {e.label for e in examples}:  # six characters, not one six times
             label = chars[0]
             results = [(Path(h.path), h.score, _label(truth.get(h.id, {}))) for h in hits[:8]]
             examples.append(Neighbours(Path(index.paths[rows[post_id]]), label, results))

@@ -71,6 +71,12 @@ def _thumb(path: Path, size: int = THUMB) -> str:
     return _data_uri(image)
 
 
+def _fact(v: object) -> str:
+    if isinstance(v, Mapping):
+        return ", ".join(f"{n} {k}" for k, n in v.items() if n)
+    return str(v)
+
+
 def _fmt(v: float | None) -> str:
     return "" if v is None else f"{v:.3f}"
 
@@ -117,7 +123,7 @@ def render(report: Report) -> str:
         parts.append("</div>")
     parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>time</th><th>what it did</th></tr>")
     for s in report.stages:
-        facts = "; ".join(f"{k}: {v}" for k, v in s.facts.items())
+        facts = "; ".join(f"{k}: {_fact(v)}" for k, v in s.facts.items())
         parts.append(f"<tr><td>{e(s.name)}</td><td class='n'>{s.seconds:.1f} s</td><td>{e(facts)}</td></tr>")
     parts.append("</table>")
     if report.curves is not None and Path(report.curves).exists():
@@ -163,7 +169,7 @@ def render(report: Report) -> str:
             parts.append(f"<div class='row'><div class='cell query'><img src='{_thumb(n.query, 100)}'>")
             parts.append(f"<br>{e(n.label)}</div>")
             for path, score, label in n.results:
-                same = " same" if label == n.label else ""
+                same = " same" if n.label in label.split() else ""
                 parts.append(f"<div class='cell{same}'><img src='{_thumb(path, 100)}'><br>{e(label)} {score:.2f}</div>")
             parts.append("</div>")
     if report.notes:

@@ -3,14 +3,12 @@ that partition the files exactly, and an index built from several shards' output
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from illust2vec.cli import main
 from illust2vec.errors import UserError
 from illust2vec.infer.embed import (
     FORMAT,
@@ -23,20 +21,6 @@ from illust2vec.infer.embed import (
 )
 from illust2vec.infer.tagger import Tagger
 from illust2vec.search import IndexParams, VectorIndex, build_index
-
-
-@pytest.fixture
-def i2v(monkeypatch, capsys):
-    """Run `i2v ARGS` in this process through the console script's entry point: (exit code, stdout, stderr)."""
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["i2v", *args])
-        with pytest.raises(SystemExit) as e:
-            main()
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    return run
 
 
 @pytest.fixture(scope="module")

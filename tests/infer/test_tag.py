@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from illust2vec.bundle import read_bundle
-from illust2vec.cli import main
 from illust2vec.data.vocab import Vocab, write_vocab
 from illust2vec.infer.pipeline import discover, in_shard, parse_exclude
 from illust2vec.infer.writers import CSV_COLUMNS, KAOMOJIS, CaptionOptions
@@ -25,20 +24,6 @@ ALL = ["--threshold", "0", "--character-threshold", "0"]  # every general and ch
 
 def subprocess_i2v(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*I2V, *args], capture_output=True, text=True, timeout=300, **kw)
-
-
-@pytest.fixture
-def i2v(monkeypatch, capsys):
-    """Run `i2v ARGS` in this process through the console script's entry point: (exit code, stdout, stderr)."""
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["i2v", *args])
-        with pytest.raises(SystemExit) as e:
-            main()
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    return run
 
 
 def images_of(folder: Path) -> list[Path]:

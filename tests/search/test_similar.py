@@ -5,7 +5,6 @@ errors. The model is tiny and barely trained, so nothing here asserts semantic q
 import io
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,26 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from illust2vec.cli import main
 from illust2vec.infer.embed import EmbedConfig, embed_files
 from illust2vec.infer.preprocess import read_image
 from illust2vec.infer.tagger import Tagger
 from illust2vec.search import IndexParams, VectorIndex, build_index
 from illust2vec.search.similar import find_duplicates, parse_tag_filter, row_tags
-
-
-@pytest.fixture
-def i2v(monkeypatch, capsys):
-    """Run `i2v ARGS` in this process through the console script's entry point: (exit code, stdout, stderr)."""
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["i2v", *args])
-        with pytest.raises(SystemExit) as e:
-            main()
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    return run
 
 
 def halved_jpeg(path: Path) -> bytes:
