@@ -181,9 +181,14 @@ async function tagImage(file) {
     f.append("file", file, file.name || "pasted.png");
     return f;
   };
+  // Settled into a value at once: a rejection left waiting while the tags load would count as unhandled.
   const similar = state.health && state.health.index
-    ? fetch("/api/similar", { method: "POST", body: form() }).then(answerOf)
+    ? fetch("/api/similar", { method: "POST", body: form() }).then(answerOf).then(
+        (answer) => ({ answer }),
+        (error) => ({ error }),
+      )
     : null;
+  let tagged = false;
   try {
     state.result = await answerOf(await fetch("/api/tag", { method: "POST", body: form() }));
     state.touched.clear();
@@ -192,15 +197,17 @@ async function tagImage(file) {
     render();
     const ms = Math.round(performance.now() - t0);
     $("status").textContent = `${file.name || "pasted image"}: ${state.result.width}×${state.result.height}, tagged in ${ms} ms`;
+    tagged = true;
   } catch (e) {
     $("status").textContent = "";
     showError(e.message);
   }
   if (similar) {
-    try {
-      renderSimilar(await similar);
-    } catch (e) {
-      showError(`similar images: ${e.message}`);
+    const result = await similar;
+    if (result.error) {
+      if (tagged) showError(`similar images: ${result.error.message}`);  // else the tag error says it already
+    } else {
+      renderSimilar(result.answer);
     }
   }
 }
