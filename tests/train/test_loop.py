@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from illust2vec.errors import UserError
 from illust2vec.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
-from illust2vec.train.loop import TrainConfig, contradiction_rate, fit, get_lr
+from illust2vec.train.loop import TrainConfig, contradiction_rate, fit, get_lr, init_head_priors
 
 TINY = dict(arch="test_resnet", batch_size=16, workers=0, lr=3e-3, warmup=0.2)
 
@@ -151,3 +151,18 @@ def test_contradiction_rate_counts_single_character_images_with_an_exclusive_pai
     assert contradiction_rate(probs, single, pairs, 0.5) == pytest.approx(1 / 3)
     assert contradiction_rate(probs, single, pairs, 0.85) == 0.0
     assert math.isnan(contradiction_rate(probs, np.zeros(4, bool), pairs, 0.5))
+
+
+def test_prior_initialisation_predicts_each_tag_at_its_training_frequency():
+    from illust2vec.models import create_tagger, default_heads
+
+    heads = default_heads({"rating": 4, "general": 3, "character": 2}, softmax=("character",))
+    model = create_tagger("test_resnet", heads=heads, image_size=32)
+    counts = {"rating": [50, 30, 15, 5], "general": [90, 10, 0], "character": [7, 1]}
+    init_head_priors(model, counts, samples=100)
+    general = torch.sigmoid(model.heads["general"].fc.bias)
+    assert general.tolist() == pytest.approx([90.5 / 101, 10.5 / 101, 0.5 / 101], rel=1e-5)
+    character = torch.softmax(model.heads["character"].fc.bias, 0)
+    assert character.tolist() == pytest.approx([8 / 10, 2 / 10], rel=1e-5)
+    rating = torch.softmax(model.heads["rating"].fc.bias, 0)
+    assert rating.tolist() == pytest.approx([51 / 104, 31 / 104, 16 / 104, 6 / 104], rel=1e-5)
