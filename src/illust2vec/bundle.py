@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data.vocab import CATEGORY_NAMES, HEAD_ORDER, Vocab, read_vocab, write_vocab
+from .data.vocab import Vocab, read_vocab, write_vocab
 from .errors import UserError
 
 FORMAT = "illust2vec-bundle"
@@ -173,11 +173,3 @@ def read_bundle(path: Path) -> BundleInfo:
     if {h: len(ix) for h, ix in labels.heads.items()} != sizes:
         raise UserError(f"{path}: the heads in config.json do not match selected_tags.csv")
     return BundleInfo(path, config, vocab, labels, read_thresholds(path / "thresholds.json"))
-
-
-def head_of_category(category: int) -> str:
-    """Danbooru category code -> head name (0 -> general, 4 -> character, 9 -> rating, ...)."""
-    name = CATEGORY_NAMES.get(category)
-    if name not in HEAD_ORDER:
-        raise ValueError(f"no head for category {category}")
-    return name

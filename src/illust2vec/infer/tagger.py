@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,8 +392,3 @@ def _load_wd_onnx(root: Path, device: str) -> Tagger:
     dim = runner.session.get_outputs()[1].shape[-1] if runner.has_features else None
     dim = dim if isinstance(dim, int) else None
     return Tagger(runner, labels, _wd_thresholds(root), size, str(root), "wd-onnx", dim)
-
-
-def labels_of(tagger: Tagger) -> Mapping[str, Sequence[str]]:
-    """Head -> tag names, in output order."""
-    return {h: [tagger.labels.names[i] for i in ix] for h, ix in tagger.labels.heads.items()}
