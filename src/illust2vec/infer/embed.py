@@ -33,11 +33,10 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..data.images import BadImage
 from ..errors import UserError
-from .pipeline import Item, NotImage, _read_ahead, discover, image_extensions, in_shard, load
+from .pipeline import Item, NotImage, _read_ahead, cores, discover, image_extensions, in_shard, load, progress_bar
 from .tagger import Tagger
 
 log = logging.getLogger(__name__)
@@ -315,7 +314,7 @@ def embed_files(cfg: EmbedConfig, console: Console | None = None, tagger: Tagger
     parts = parts_dir(out)
     parts.mkdir(exist_ok=True)
     writer = _PartWriter(parts, meta, cfg.part_size)
-    workers = max(1, cfg.workers or os.cpu_count() or 1)
+    workers = cfg.workers or cores()
     image_exts = image_extensions()
     batch: list[tuple[Item, np.ndarray]] = []
 
@@ -331,7 +330,8 @@ def embed_files(cfg: EmbedConfig, console: Console | None = None, tagger: Tagger
         batch.clear()
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(workers, thread_name_prefix="i2v-embed") as pool, _progress(console) as progress:
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="i2v-embed")
+    with pool, progress_bar(console, "embedding") as progress:
         task = progress.add_task("embed", total=len(todo), rate=0.0)
         work = lambda item: load(item, tagger.image_size, image_exts)  # noqa: E731
         for item, future in _read_ahead(todo, work, pool, ahead=2 * cfg.batch_size + workers):
@@ -360,18 +360,6 @@ def _check_same_model(out: Path, meta: dict) -> None:
         old = file_meta(f)
         if _model_key(old) != _model_key(meta):
             raise UserError(f"{f}: written with another model ({_describe(old)}); choose another --out")
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("embedding"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.1f} images/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
 
 
 class _PartWriter:

@@ -208,13 +208,15 @@ def _read_ahead(items: Sequence[Item], work, pool: ThreadPoolExecutor, ahead: in
         yield item, future
 
 
-def _cores() -> int:
+def cores() -> int:
+    """The cores this process may run on: the default number of decoding threads."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _progress(console: Console) -> Progress:
+def progress_bar(console: Console, label: str) -> Progress:
+    """The bar of a batch job over images (`i2v tag`, `i2v embed`): count, images/s, time left."""
     return Progress(
-        TextColumn("tagging"),
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]:.1f} images/s"),
@@ -294,7 +296,7 @@ def tag_files(
         log.warning("--exclude: not in the model's vocabulary: %s", ", ".join(unknown))
     summary.files = len(items)
     writer = open_writer(cfg.format, out, tagger.labels.heads, cfg.caption)
-    workers = cfg.workers or _cores()
+    workers = cfg.workers or cores()
     keep_captions = cfg.format == "txt" and not cfg.overwrite
     work = partial(load, size=tagger.image_size, image_exts=image_extensions(), keep_captions=keep_captions)
     captions: dict[Path, Path] = {}  # txt: caption file -> the image it is written for, so two never share one
@@ -325,7 +327,7 @@ def tag_files(
     t0 = time.perf_counter()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="i2v-decode")
     try:
-        with _progress(console) as progress:
+        with progress_bar(console, "tagging") as progress:
             task = progress.add_task("tag", total=len(items), rate=0.0)
             # Two batches ahead: the next one is decoded while the model runs on this one, and memory stays bounded.
             for item, future in _read_ahead(items, work, pool, ahead=2 * cfg.batch_size + workers):
