@@ -24,6 +24,7 @@ from rich.progress import Progress
 from .bundle import DEFAULT_THRESHOLDS, Thresholds, write_thresholds
 from .data.loader import Dataset, LoaderConfig, make_loader, open_dataset
 from .errors import UserError
+from .infer.backends import resolve_device
 from .train.checkpoints import load_run_model, resolve_epoch
 from .train.metrics import (
     calibrate_thresholds,
@@ -57,14 +58,6 @@ def eval_dir(run: Path, epoch: int) -> Path:
     return Path(run) / "eval" / f"epoch-{epoch:03d}"
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device here")
-    return torch.device(name)
-
-
 def run_dataset(run: Path, data: str | None, split: str = "val") -> Dataset:
     """The dataset to evaluate on (by default the run's own), checked to carry the run's vocabulary and `split`."""
     try:
@@ -85,7 +78,7 @@ def predict_split(
     model: torch.nn.Module, ds: Dataset, cfg: EvalConfig, features: bool = False, console: Console | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None]:
     """Probabilities and targets per head over one split (and the feature vectors, when asked), in shard order."""
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model = model.to(device).eval()
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     loader = make_loader(ds, cfg.split, LoaderConfig(batch_size=cfg.batch_size, workers=cfg.workers), train=False)

@@ -122,23 +122,12 @@ def load_model(bundle: Path, device: str = "cpu") -> Any:
         import torch  # noqa: F401
     except ImportError:
         raise UserError("--explain needs torch: pip install 'illust2vec[infer]'") from None
-    from ..models.tagger import TaggerConfig, create_tagger
-    from ..train.checkpoints import load_weights
+    from .backends import resolve_device
+    from .tagger import bundle_model
 
     if not is_bundle(Path(bundle)):
         raise UserError(f"{bundle}: --explain needs an illust2vec bundle (i2v export), for its torch weights")
-    info = read_bundle(Path(bundle))
-    model = create_tagger(TaggerConfig.from_dict(info.config["model"]))
-    load_weights(info.weights_path, model)
-    return model.to(_torch_device(device)).eval()
-
-
-def _torch_device(device: str) -> Any:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return bundle_model(read_bundle(Path(bundle))).to(resolve_device(device))
 
 
 def gradcam(model: Any, image: Image.Image, head: str, position: int, input_size: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import DEFAULT_THRESHOLDS, Labels, Thresholds, is_bundle, read_bundle
+from ..bundle import DEFAULT_THRESHOLDS, BundleInfo, Labels, Thresholds, is_bundle, read_bundle
 from ..data.vocab import read_vocab
 from ..errors import UserError
 from .backends import OnnxBackend, TorchBackend, onnx_backend, onnx_input_size, torch_backend
@@ -319,15 +319,21 @@ def _has_onnxruntime() -> bool:
     return True
 
 
-def _bundle_module(info) -> Any:
-    """The bundle's weights in our tagger, behind the WD interface (torch)."""
-    from ..models.interface import WDInterface
+def bundle_model(info: BundleInfo) -> Any:
+    """The bundle's weights in our tagger module (torch, CPU, eval mode)."""
     from ..models.tagger import TaggerConfig, create_tagger
     from ..train.checkpoints import load_weights
 
     model = create_tagger(TaggerConfig.from_dict(info.config["model"]))
     load_weights(info.weights_path, model)
-    return WDInterface(model)
+    return model.eval()
+
+
+def _bundle_module(info: BundleInfo) -> Any:
+    """The bundle's weights in our tagger, behind the WD interface (torch)."""
+    from ..models.interface import WDInterface
+
+    return WDInterface(bundle_model(info))
 
 
 def _wd_labels(root: Path) -> Labels:
