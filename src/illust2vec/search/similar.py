@@ -160,20 +160,21 @@ def _embed_query(cfg: SimilarConfig, index: VectorIndex, tagger) -> np.ndarray:
     if not Path(cfg.image).is_file():
         raise UserError(f"{cfg.image}: no such image file")
     tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device)
-    _check_model(index, tagger, cfg.model or tagger.source)
+    check_model(index, tagger, cfg.model or tagger.source)
     try:
         return tagger.extract_feature([cfg.image], normalize=True)[0]
     except BadImage as e:
         raise UserError(f"{cfg.image}: {e}") from None
 
 
-def _check_model(index: VectorIndex, tagger, name: str) -> None:
-    """Vectors from two models do not compare: the dimension and the vocabulary must match the index's."""
+def check_model(index: VectorIndex, tagger, name: str) -> None:
+    """Vectors from two models do not compare: the dimension, the vocabulary and the weights must match the index's
+    (`i2v similar` and `i2v serve` both check with this)."""
     from ..infer.embed import model_meta
 
     have, want = model_meta(tagger), index.model
     if tagger.feature_dim != index.dim:
-        raise UserError(f"{name}: gives {tagger.feature_dim}-d vectors, the index holds {index.dim}-d ones")
+        raise UserError(f"{name}: gives {tagger.feature_dim}-d vectors, the index holds {index.dim}-d vectors")
     same = [k for k in ("vocab_hash", "weights") if want.get(k)]
     if any(have[k] != want[k] for k in same):
         raise UserError(f"{name}: not the model the index was built with ({want.get('source', 'another model')})")

@@ -126,15 +126,11 @@ def _too_large(limit: int) -> JSONResponse:
 
 def open_index(path: str, tagger: Tagger) -> VectorIndex:
     """The index of `i2v index build`, checked against the model: vectors of two models do not compare."""
-    from ..infer.embed import model_meta
     from ..search import VectorIndex
+    from ..search.similar import check_model
 
     index = VectorIndex.load(path)
-    if tagger.feature_dim != index.dim:
-        raise UserError(f"{path}: holds {index.dim}-d vectors, the model gives {tagger.feature_dim}-d ones")
-    want = index.model.get("vocab_hash")
-    if want and model_meta(tagger)["vocab_hash"] != want:
-        raise UserError(f"{path}: built with another model ({index.model.get('source', 'unknown')})")
+    check_model(index, tagger, tagger.source)
     return index
 
 
