@@ -144,15 +144,24 @@ def model_heads(cfg: TrainConfig, sizes: dict[str, int]) -> tuple:
     return default_heads(wanted, softmax=softmax)
 
 
-def _label_matrix(ds: Dataset, head: str, split: str = "train") -> np.ndarray:
-    """Multi-hot labels of one head over a split, from the shards' JSON members alone."""
-    n = len(ds.vocab.heads[head])
-    rows = []
+def _general_blocks(ds: Dataset, split: str = "train", size: int = 4096) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(multi-hot general labels, has exactly one character) over a split in blocks of `size` rows: one pass over the
+    shards' JSON members, and memory bounded by the block, not the data set (a dense matrix of millions of posts by
+    thousands of tags would not fit). Always at least one block, empty for an empty split."""
+    n = len(ds.vocab.heads["general"])
+    general, single, sent = [], [], False
     for _, files in iter_samples([Path(p) for p in ds.shards(split)], exts=("json",)):
+        labels = json.loads(files["json"])["labels"]
         row = np.zeros(n, dtype=np.float32)
-        row[json.loads(files["json"])["labels"].get(head, [])] = 1
-        rows.append(row)
-    return np.stack(rows) if rows else np.zeros((0, n), np.float32)
+        row[labels.get("general", [])] = 1
+        general.append(row)
+        single.append(len(labels.get("character", [])) == 1)
+        if len(general) == size:
+            yield torch.from_numpy(np.stack(general)), torch.tensor(single)
+            general, single, sent = [], [], True
+    if general or not sent:
+        block = np.stack(general) if general else np.zeros((0, n), np.float32)
+        yield torch.from_numpy(block), torch.tensor(single, dtype=torch.bool)
 
 
 def loss_extras(cfg: TrainConfig, ds: Dataset, activations: dict[str, str]) -> tuple[dict, dict]:
@@ -190,13 +199,21 @@ def init_head_priors(model: Tagger, counts: dict[str, list[int]], samples: int) 
 
 def general_exclusive_pairs(ds: Dataset) -> torch.Tensor:
     """Pairs of general tags that never appear together on the training split's single-character posts."""
-    general = torch.from_numpy(_label_matrix(ds, "general"))
-    single = None
-    if "character" in ds.vocab.heads:
-        # Only posts with one character: there, two hair colours are a contradiction, not two people.
-        single = torch.from_numpy(_label_matrix(ds, "character").sum(1) == 1)
-    cooc = cooccurrence([general], [single] if single is not None else None)
-    rows = int(single.sum()) if single is not None else general.shape[0]
+    # Only posts with one character: there, two hair colours are a contradiction, not two people.
+    by_character = "character" in ds.vocab.heads
+    rows = 0
+
+    def counted(blocks):
+        nonlocal rows
+        for general, single in blocks:
+            rows += int(single.sum()) if by_character else len(general)
+            yield general, single
+
+    if by_character:  # the two iterators advance in step, so tee holds one block at most
+        blocks, masks = itertools.tee(counted(_general_blocks(ds)))
+        cooc = cooccurrence((g for g, _ in blocks), (s for _, s in masks))
+    else:
+        cooc = cooccurrence(g for g, _ in counted(_general_blocks(ds)))
     # Counts over the same posts as the co-occurrences; `rows` rules out pairs that never met by chance alone.
     return exclusive_pairs(cooc, cooc.diagonal(), rows=rows)
 
