@@ -5,8 +5,10 @@ The model is a 448 px base preset, randomly initialised (speed does not depend o
 of the synthetic board, saved as a bundle with model.onnx through export's own functions. The images are the
 board's, at their real sizes (300 to 2000 px; JPEG, PNG, WebP, GIF) on disk. All three run on the same ONNX file
 with onnxruntime on the CPU by default (`--backend torch` measures the bundle's torch path instead for the first two).
+`--device cuda` runs the bundle's torch path on the GPU (bf16), and the baseline becomes wdv3_timm.py's pattern: one
+image at a time through the same model on the GPU.
 
-    python -m bench tag [--arch i2v_vit_base] [--images 32] [--batch-size 8] [--repeat 1]
+    python -m bench tag [--arch i2v_vit_base] [--images 32] [--batch-size 8] [--repeat 1] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -122,6 +124,25 @@ def wd_script_rate(onnx_path: Path, paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return "the CPU"
+
+
+def wd_torch_rate(tagger: Tagger, paths: list[Path]) -> float:
+    """wdv3_timm.py's pattern on a GPU: open, prepare, one forward pass per image, then the scores to tags."""
+    size = tagger.image_size
+    tagger.run(wd_prepare(Image.open(paths[0]).convert("RGBA"), size))  # warm-up
+    t0 = time.perf_counter()
+    for path in paths:
+        probs = tagger.run(wd_prepare(Image.open(path).convert("RGBA"), size))[0][0]
+        _ = [i for i, p in enumerate(probs) if p > 0.35]
+    return len(paths) / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench tag")
     parser.add_argument("--arch", default="i2v_vit_base", help="a 448 px base preset: i2v_vit_base, i2v_convnext_base")
@@ -130,7 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="onnx", help="onnx or torch, for the pipeline and the forward pass")
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=1, help="run each measurement this many times, keep the best")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the torch backend with bf16)")
     args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    backend = "torch" if gpu else args.backend
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         board = Board(SynthConfig(posts=max(200, 2 * args.images), seed=args.seed))
@@ -140,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         made = time.perf_counter() - t0
         paths = write_images(board, root / "images", args.images)
         megapixels = np.mean([np.prod(Image.open(p).size) for p in paths]) / 1e6
-        tagger = Tagger.load(bundle, backend=args.backend, device="cpu")
+        tagger = Tagger.load(bundle, backend=backend, device=args.device)
         tagger.run(load_batch(paths[: args.batch_size], tagger.image_size))  # warm-up: first-call allocations
         load = os.getloadavg()[0]
         forward = end_to_end = wd = 0.0
@@ -149,16 +173,18 @@ def main(argv: list[str] | None = None) -> None:
             rate, tagged = pipeline_rate(tagger, root / "images", args.batch_size)
             assert tagged == len(paths), f"tagged {tagged} of {len(paths)}"
             end_to_end = max(end_to_end, rate)
-            wd = max(wd, wd_script_rate(bundle / "model.onnx", paths))
+            wd = max(wd, wd_torch_rate(tagger, paths) if gpu else wd_script_rate(bundle / "model.onnx", paths))
     print(
         f"tag: {args.arch} at {tagger.image_size} px ({len(vocab)} tags, random weights, bundle made in {made:.0f} s), "
         f"{len(paths)} board images of {megapixels:.2f} Mpx on average, batch {args.batch_size}, "
-        f"backend {tagger.backend.name} on the CPU ({os.cpu_count()} cores, load average {load:.1f} at the start, "
+        f"backend {tagger.backend.name} on {device_name(args.device)} ({os.cpu_count()} cores, "
+        f"load average {load:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end), best of {args.repeat}:"
     )
     print(f"  forward pass alone (batches in memory): {forward:.3f} images/s")
     print(f"  i2v tag end to end (decode, prepare, infer, write): {end_to_end:.3f} images/s")
-    print(f"  WD script pattern (PIL, prepare, session.run per image): {wd:.3f} images/s")
+    baseline = "one forward pass per image on the GPU" if gpu else "session.run per image"
+    print(f"  WD script pattern (PIL, prepare, {baseline}): {wd:.3f} images/s")
     print(f"  end to end / forward: {end_to_end / forward:.2f}   end to end / WD script: {end_to_end / wd:.2f}x")
 
 

@@ -32,11 +32,12 @@ def setup(device: str = "auto") -> Dist:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    # One GPU per local process; more processes than GPUs share them round-robin (gloo only: NCCL refuses that).
+    dev = torch.device(f"cuda:{local % torch.cuda.device_count()}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group(os.environ.get("I2V_DIST_BACKEND") or ("nccl" if use_cuda else "gloo"))
     return Dist(rank, world, local, dev)
 
 
@@ -58,7 +59,7 @@ def mean_over_ranks(d: Dist, value: float, weight: float) -> float:
     """The weighted mean of a value across ranks (e.g. a loss averaged over the samples each rank saw)."""
     if not d.enabled:
         return value
-    t = torch.tensor([value * weight, weight], dtype=torch.float64)
+    t = torch.tensor([value * weight, weight], dtype=torch.float64, device=d.device)  # NCCL reduces GPU tensors only
     dist.all_reduce(t)
     return float(t[0] / t[1]) if t[1] > 0 else float("nan")
 

@@ -509,6 +509,14 @@ def _fit(cfg: TrainConfig, resume: bool, console: Console, d: distributed.Dist) 
             "dataset": str(ds.root),
             "vocab_hash": ds.vocab.hash,
             "image_size": ds.image_size,
+            # What "auto" resolved to on this machine: the precision and layout the run actually trained with.
+            "runtime": {
+                "device": str(d.device),
+                "world_size": d.world,
+                "autocast": autocast,
+                "channels_last": channels_last,
+                "sync_bn": bool(d.enabled and cfg.sync_bn and cuda),
+            },
         }
         (run / "config.json").write_text(json.dumps(config, indent=1))
     writer = _tensorboard(run) if d.main else None
