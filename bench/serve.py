@@ -70,12 +70,15 @@ def start_server(bundle: Path, max_batch: int, max_wait_ms: float, device: str) 
     cmd = [sys.executable, "-m", "illust2vec.cli", "serve", "--model", str(bundle), "--port", str(port)]
     cmd += ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--backend", "torch"]
     cmd += ["--device", device]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (the server's stderr, shown if it dies; lives with the server)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"error: the server exited with {proc.returncode}: {' '.join(cmd)}")
+            log.seek(0)
+            said = log.read().decode(errors="replace")[-2000:]
+            raise SystemExit(f"error: the server exited with {proc.returncode}: {' '.join(cmd)}\n{said}")
         try:
             if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
                 return proc, url

@@ -76,6 +76,39 @@ def test_each_rank_reads_other_shards(synth_build, monkeypatch):
     assert len(got[0]) + len(got[1]) == ds.samples("train")
 
 
+@pytest.fixture(scope="module")
+def one_shard(synth_crawl, synth_vocab, tmp_path_factory):
+    """synth_crawl built into a single training shard: fewer shards than readers."""
+    from illust2vec.data.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("one-shard")
+    build(BuildConfig(dirs=(synth_crawl,), vocab=synth_vocab, out=out, size=32, shard_size=10_000, format="png"))
+    return open_dataset(out)
+
+
+def test_one_shard_feeds_every_worker_and_every_rank(one_shard, monkeypatch):
+    ds = one_shard
+    assert len(ds.shards("train")) == 1
+    written = _written(ds.root, "train")
+    pixels = {img.transpose(2, 0, 1).tobytes() for img, _ in written.values()}
+    # Two workers: both produce, and together they read each sample once (the loader interleaves their batches).
+    loader = make_loader(ds, "train", LoaderConfig(batch_size=5, workers=2), train=False)
+    keys = [_key(images[i]) for images, _ in loader for i in range(images.shape[0])]
+    assert sorted(keys) == sorted(pixels)
+    sizes = [
+        images.shape[0] for images, _ in make_loader(ds, "train", LoaderConfig(batch_size=10**6, workers=2), False)
+    ]
+    assert len(sizes) == 2 and min(sizes) >= len(written) // 2 - 1  # one batch from each worker, half the samples each
+    # Two DDP ranks of one process each: disjoint halves.
+    got = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        got.append({key for key, _ in _metas(make_pipeline(ds, "train", LoaderConfig(workers=0), train=True))})
+    assert got[0] and got[1] and not got[0] & got[1]
+    assert len(got[0]) + len(got[1]) == ds.samples("train")
+
+
 def _metas(pipeline):
     for image, targets in pipeline:
         yield image, (_key(image), tuple(targets["general"].tolist()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -100,6 +101,29 @@ def augmentation(size: int, cfg: LoaderConfig) -> v2.Transform:
     )
 
 
+def _reader() -> tuple[int, int]:
+    """This reader's index among all readers (DDP ranks x loader workers), and how many there are."""
+    rank, world, worker, workers = wds.utils.pytorch_worker_info()
+    workers = max(1, workers)
+    return rank * workers + worker, world * workers
+
+
+def _splitters(n_shards: int):
+    """Pipeline stages that give each reader its own part of the split: whole shards when there are at least as many
+    shards as readers (the usual case: no reader reads another's data), else every reader reads every shard and
+    keeps every n-th sample, so that a small dataset of one shard still feeds 8 workers on 2 GPUs, not one."""
+
+    def shards(src):
+        index, readers = _reader()
+        yield from itertools.islice(src, index, None, readers) if n_shards >= readers else src
+
+    def samples(src):
+        index, readers = _reader()
+        yield from src if n_shards >= readers else itertools.islice(src, index, None, readers)
+
+    return shards, samples
+
+
 def make_pipeline(ds: Dataset, split: str, cfg: LoaderConfig, train: bool, epoch: int = 0) -> wds.DataPipeline:
     """Shards -> samples -> (image uint8 [3,S,S], targets). Each DDP rank and each worker reads other shards.
 
@@ -123,7 +147,8 @@ def make_pipeline(ds: Dataset, split: str, cfg: LoaderConfig, train: bool, epoch
             image = augment(image)
         return image, make_targets(meta, heads)
 
-    stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples()]
+    shards, samples = _splitters(len(urls))
+    stages = [wds.SimpleShardList(urls), shards, wds.tarfile_to_samples(), samples]
     if train:
         stages.append(wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 200), seed=cfg.seed + epoch))
     stages.append(wds.map(to_example))
