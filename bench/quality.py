@@ -41,12 +41,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: TrainConfig's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic board")
     parser.add_argument("--no-prior-init", action="store_true", help="start the heads' biases at zero")
+    parser.add_argument("--global-pool", help="the preset's pooling instead of its own (avg, max, catavgmax, ...)")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it (default: a temporary one)")
     parser.add_argument("--measure", type=Path, nargs="+", help="only measure these finished runs (see measure_runs)")
     args = parser.parse_args(argv)
     if args.measure:
         measure_runs(args.measure)
         return
+    if args.global_pool is not None:  # a variant of the preset, for comparing poolings on the same data
+        from illust2vec.models.tagger import PRESETS
+
+        PRESETS[args.arch] = {**PRESETS[args.arch], "global_pool": args.global_pool}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)

@@ -247,3 +247,23 @@ def test_imagenet_vgg16_convolutions_load_in_order():
         vgg11 = timm.create_model("vgg11")
     with pytest.raises(ValueError, match="not a VGG16"):
         load_imagenet_vgg16(seed, vgg11)
+
+
+def test_the_small_preset_pools_average_and_maximum_and_keeps_them_through_json():
+    model = create_tagger("i2v_small", image_size=64).eval()
+    assert model.cfg.global_pool == "catavgmax"
+    x = images(2, 64)
+    with torch.no_grad():
+        fmap = model.forward_features(x)
+        feature = model.extract_feature(x)
+    assert feature.shape == (2, 2 * fmap.shape[1]) == (2, model.num_features)
+    # Either half is one of the two poolings (timm puts the average first).
+    halves = {"avg": fmap.mean((2, 3)), "max": fmap.amax((2, 3))}
+    first, second = feature[:, : fmap.shape[1]], feature[:, fmap.shape[1] :]
+    torch.testing.assert_close(first, halves["avg"])
+    torch.testing.assert_close(second, halves["max"])
+    again = create_tagger(TaggerConfig.from_dict(json.loads(json.dumps(model.cfg.to_dict()))))
+    assert again.cfg == model.cfg and again.num_features == model.num_features
+    # A config saved before pooling was a field (no global_pool) loads with the backbone's own average.
+    old = {k: v for k, v in model.cfg.to_dict().items() if k != "global_pool"}
+    assert create_tagger(TaggerConfig.from_dict(old)).num_features == fmap.shape[1]
