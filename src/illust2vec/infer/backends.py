@@ -139,4 +139,7 @@ def torch_backend(module: Any, device: str = "auto", amp: bool = True) -> TorchB
     if dev.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
         autocast = torch.bfloat16 if amp else None
+        # The input size is fixed, so cuDNN's autotuner pays for itself (once per batch size seen): without it
+        # ConvNeXt's depthwise convolutions run on slow default kernels.
+        torch.backends.cudnn.benchmark = True
     return TorchBackend(module, dev, autocast)
