@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu", action="store_true", help="CUDA, bf16, channels-last; adds the 448 px base preset")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.gpu else "cpu")
-    torch.backends.cudnn.benchmark = args.gpu  # as i2v train sets it on a GPU
     with tempfile.TemporaryDirectory() as tmp:
         ds = open_dataset(prepare(Path(tmp), args.posts, args.size))
         sizes = {h: len(ix) for h, ix in ds.vocab.heads.items()}
@@ -80,12 +79,6 @@ def main(argv: list[str] | None = None) -> None:
             if size != args.size:  # the in-memory batches, scaled to the preset's size
                 full = [(x, t) for x, t in held if len(x) == args.batch_size]  # one shape: no re-tuning in the timing
                 batches = [(torch.nn.functional.interpolate(x.float(), size=size).to(torch.uint8), t) for x, t in full]
-                if args.gpu:  # what cuDNN's autotuner (on in i2v train and the Tagger on a GPU) is worth
-                    torch.backends.cudnn.benchmark = False
-                    results.append(
-                        (f"{arch} (no cudnn.benchmark)", size, None, steps_per_second(model, batches, device, True, cl))
-                    )
-                    torch.backends.cudnn.benchmark = True
                 results.append((arch, size, None, steps_per_second(model, batches, device, args.gpu, cl)))
                 continue
             mem = steps_per_second(model, held, device, args.gpu, cl)

@@ -264,6 +264,9 @@ def test_the_small_preset_pools_average_and_maximum_and_keeps_them_through_json(
     torch.testing.assert_close(second, halves["max"])
     again = create_tagger(TaggerConfig.from_dict(json.loads(json.dumps(model.cfg.to_dict()))))
     assert again.cfg == model.cfg and again.num_features == model.num_features
+    # timm before 1.0.31 leaves the concatenation out of head_hidden_size: the width must not depend on it.
+    model.backbone.head_hidden_size = model.backbone.num_features
+    assert model.num_features == feature.shape[1]
     # A config saved before pooling was a field (no global_pool) loads with the backbone's own average.
     old = {k: v for k, v in model.cfg.to_dict().items() if k != "global_pool"}
     assert create_tagger(TaggerConfig.from_dict(old)).num_features == fmap.shape[1]

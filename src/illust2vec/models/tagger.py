@@ -229,8 +229,15 @@ class Tagger(nn.Module):
     @property
     def num_features(self) -> int:
         """The size of the feature vector (`extract_feature`)."""
-        # timm's pre-logits vector can be wider than its last feature map (MobileNetV3's conv head): head_hidden_size.
-        return getattr(self.backbone, "head_hidden_size", self.backbone.num_features)
+        # timm's pre-logits vector can be wider than its last feature map: a conv head after the pooling
+        # (MobileNetV3: head_hidden_size), or a pooling that concatenates (catavgmax: feat_mult 2), which timm
+        # before 1.0.31 does not count in head_hidden_size.
+        mapped = self.backbone.num_features
+        hidden = getattr(self.backbone, "head_hidden_size", mapped)
+        if hidden != mapped:
+            return hidden
+        pool = getattr(self.backbone, "global_pool", None)
+        return mapped * (pool.feat_mult() if hasattr(pool, "feat_mult") else 1)
 
     def normalize(self, x: Tensor) -> Tensor:
         """Images in 0..255 (uint8 or float) -> the backbone's normalised float input."""

@@ -454,8 +454,6 @@ def _fit(cfg: TrainConfig, resume: bool, console: Console, d: distributed.Dist) 
     if cfg.prior_init and not done:
         init_head_priors(model, ds.info["splits"]["train"]["tag_counts"], ds.samples("train"))
     cuda = d.device.type == "cuda"
-    if cuda:  # one image size for the whole run: let cuDNN pick its fastest kernels for it
-        torch.backends.cudnn.benchmark = True
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
