@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             if cl:
                 model = model.to(memory_format=torch.channels_last)
             if size != args.size:  # the in-memory batches, scaled to the preset's size
-                full = [(x, t) for x, t in held if len(x) == args.batch_size]  # one shape: no re-tuning in the timing
+                full = [(x, t) for x, t in held if len(x) == args.batch_size]  # full batches: one shape throughout
                 batches = [(torch.nn.functional.interpolate(x.float(), size=size).to(torch.uint8), t) for x, t in full]
                 results.append((arch, size, None, steps_per_second(model, batches, device, args.gpu, cl)))
                 continue
