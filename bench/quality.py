@@ -48,10 +48,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.measure:
         measure_runs(args.measure)
         return
-    if args.global_pool is not None:  # a variant of the preset, for comparing poolings on the same data
-        from illust2vec.models.tagger import PRESETS
-
-        PRESETS[args.arch] = {**PRESETS[args.arch], "global_pool": args.global_pool}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -66,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             epochs=args.epochs,
             loss=LossConfig(kind=args.loss, exclusivity=args.exclusivity),
             prior_init=not args.no_prior_init,
+            global_pool=args.global_pool,
             **{k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None},
         )
         summary = fit(cfg)

@@ -261,6 +261,9 @@ def train(
     softmax: str = typer.Option(None, help="Comma-separated heads with softmax (default: the preset's)."),
     rating_head: bool = typer.Option(None, help="Add or drop the 4-way rating head (default: the preset's)."),
     freeze: str = typer.Option(None, help="Freeze the backbone up to this named layer (the seed: block4_conv1)."),
+    global_pool: str = typer.Option(
+        None, help="timm's pooling of the last feature map: avg, max, avgmax, catavgmax (default: the preset's)."
+    ),
     pretrained: bool = typer.Option(False, help="Start from ImageNet weights (downloads them through timm)."),
     amp: str = typer.Option("auto", help="auto (bf16 on a GPU), bf16, fp16 or off."),
     device: str = typer.Option("auto", help="auto, cuda or cpu."),
@@ -291,6 +294,7 @@ def train(
         device=device,
         pretrained=pretrained,
         freeze=freeze,
+        global_pool=global_pool,
         rating_head=rating_head,
         softmax=tuple(s.strip() for s in softmax.split(",") if s.strip()) if softmax is not None else None,
         loss=LossConfig(kind=loss, frequency_weighting=frequency_weighting, exclusivity=exclusivity),

@@ -106,6 +106,27 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_build, tmp_
         fit(TrainConfig(data=str(synth_build), out=str(killed), epochs=3, **{**TINY, "lr": 1.0}), resume=True)
 
 
+def test_global_pool_is_a_setting_and_a_run_resumes_with_its_own_architecture(synth_build, tmp_path, monkeypatch):
+    from illust2vec.models.tagger import PRESETS, WD_HEADS, create_tagger
+
+    run = tmp_path / "run"
+    monkeypatch.setitem(PRESETS, "tiny_preset", {"backbone": "test_resnet", "image_size": 96, "heads": WD_HEADS})
+    tiny = {**TINY, "arch": "tiny_preset", "global_pool": "max"}
+    fit(TrainConfig(data=str(synth_build), out=str(run), epochs=2, max_steps_per_epoch=2, **tiny))
+    shutil.rmtree(run / "checkpoints" / "epoch-002")
+    assert json.loads((run / "config.json").read_text())["model"]["global_pool"] == "max"
+    # The preset changes its pooling after the run started (as i2v_small's did): the run resumes as it began.
+    monkeypatch.setitem(PRESETS, "tiny_preset", {**PRESETS["tiny_preset"], "global_pool": "catavgmax"})
+    fit(TrainConfig(data=str(synth_build), out=str(run), epochs=2, max_steps_per_epoch=2, **tiny), resume=True)
+    weights = load_file(run / "checkpoints" / "epoch-002" / "model.safetensors")
+    assert json.loads((run / "config.json").read_text())["model"]["global_pool"] == "max"
+    width = create_tagger("test_resnet", global_pool="max").num_features
+    assert width != create_tagger("test_resnet", global_pool="catavgmax").num_features
+    assert {k: v.shape[1] for k, v in weights.items() if k.startswith("heads.") and v.ndim == 2} == {
+        f"heads.{h}.fc.weight": width for h in ("rating", "general", "character", "copyright")
+    }
+
+
 def test_train_command_mistakes_are_one_line(synth_build, tmp_path):
     import subprocess
     import sys
@@ -113,6 +134,7 @@ def test_train_command_mistakes_are_one_line(synth_build, tmp_path):
     for args, needle in (
         (["--arch", "no_such_model"], "unknown model"),
         (["--loss", "hinge"], "--loss must be"),
+        (["--global-pool", "median", "--arch", "test_resnet"], "does not take global_pool='median'"),
         (["--select-by", "general/nope", "--arch", "test_resnet", "--epochs", "1", "--workers", "0"], "no such metric"),
     ):
         r = subprocess.run(

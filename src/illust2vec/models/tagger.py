@@ -196,6 +196,8 @@ class Tagger(nn.Module):
         self.cfg = cfg
         self.is_seed = cfg.backbone == SEED_BACKBONE
         if self.is_seed:
+            if cfg.global_pool:
+                raise ValueError(f"{cfg.name}: the seed pools as DESIGN.md gives it; global_pool is for timm backbones")
             if cfg.image_size < 96:
                 raise ValueError(f"{cfg.name}: the seed's valid 3x3 conv needs images of at least 96 px")
             self.backbone = I2VVGG16(cfg.drop_rate)
@@ -210,7 +212,14 @@ class Tagger(nn.Module):
             sized = {"img_size": cfg.image_size} if pcfg is not None and pcfg.fixed_input_size else {}
             if cfg.global_pool:
                 sized["global_pool"] = cfg.global_pool
-            self.backbone = timm.create_model(cfg.backbone, pretrained=pretrained, num_classes=0, **sized)
+            try:
+                self.backbone = timm.create_model(cfg.backbone, pretrained=pretrained, num_classes=0, **sized)
+            except (AssertionError, ValueError, TypeError) as e:  # timm asserts on a pooling a model does not have
+                if not cfg.global_pool:
+                    raise
+                raise ValueError(
+                    f"{cfg.name}: {cfg.backbone} does not take global_pool={cfg.global_pool!r} ({e})"
+                ) from e
             heads = {h.name: _head(self.num_features, h.classes, cfg.head_hidden, cfg.drop_rate) for h in cfg.heads}
         else:
             raise ValueError(

@@ -25,7 +25,7 @@ from ..data.loader import Dataset, LoaderConfig, make_loader, open_dataset
 from ..data.shards import iter_samples
 from ..errors import UserError
 from ..models import create_tagger, default_heads
-from ..models.tagger import PRESETS, Tagger
+from ..models.tagger import PRESETS, Tagger, TaggerConfig
 from . import distributed
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from .losses import LossConfig, cooccurrence, exclusive_pairs, multitask_loss, tag_weights
@@ -57,6 +57,7 @@ class TrainConfig:
     channels_last: str = "auto"  # auto: on a GPU
     pretrained: bool = False
     freeze: str | None = None  # None keeps the preset's (the seed freezes through block4_conv1)
+    global_pool: str | None = None  # timm's pooling ("avg", "max", "catavgmax", ...); None keeps the preset's
     softmax: tuple[str, ...] | None = None  # heads with softmax; None keeps the preset's
     rating_head: bool | None = None  # None keeps the preset's (all but the seed's have one)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -447,9 +448,14 @@ def _fit(cfg: TrainConfig, resume: bool, console: Console, d: distributed.Dist) 
     overrides = {"heads": heads, "image_size": ds.image_size}
     if cfg.freeze is not None:
         overrides["freeze"] = cfg.freeze
+    if cfg.global_pool is not None:
+        overrides["global_pool"] = cfg.global_pool
     try:
-        model = create_tagger(cfg.arch, pretrained=cfg.pretrained, **overrides).to(d.device)
-    except ValueError as e:  # an unknown preset or timm name, a bad --freeze: the user's to fix
+        if done and saved.exists():  # resuming: the run's own architecture, even if its preset has changed since
+            model = create_tagger(TaggerConfig.from_dict(json.loads(saved.read_text())["model"])).to(d.device)
+        else:
+            model = create_tagger(cfg.arch, pretrained=cfg.pretrained, **overrides).to(d.device)
+    except ValueError as e:  # an unknown preset or timm name, a bad --freeze or --global-pool: the user's to fix
         raise UserError(str(e)) from e
     if cfg.prior_init and not done:
         init_head_priors(model, ds.info["splits"]["train"]["tag_counts"], ds.samples("train"))
