@@ -109,22 +109,29 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_build, tmp_
 def test_global_pool_is_a_setting_and_a_run_resumes_with_its_own_architecture(synth_build, tmp_path, monkeypatch):
     from illust2vec.models.tagger import PRESETS, WD_HEADS, create_tagger
 
+    def head_widths(run):
+        weights = load_file(run / "checkpoints" / "epoch-002" / "model.safetensors")
+        return {k: v.shape[1] for k, v in weights.items() if k.startswith("heads.") and v.ndim == 2}
+
+    heads = ("rating", "general", "character", "copyright")
+    # --global-pool overrides the preset's pooling, and the run's config records it.
+    chosen = tmp_path / "chosen"
+    fit(TrainConfig(data=str(synth_build), out=str(chosen), epochs=2, max_steps_per_epoch=2, global_pool="max", **TINY))
+    assert json.loads((chosen / "config.json").read_text())["model"]["global_pool"] == "max"
+    max_width = create_tagger("test_resnet", global_pool="max").num_features
+    assert head_widths(chosen) == {f"heads.{h}.fc.weight": max_width for h in heads}
+    # A preset changes its pooling after a run of it started (as i2v_small's did): the run resumes as it began.
     run = tmp_path / "run"
     monkeypatch.setitem(PRESETS, "tiny_preset", {"backbone": "test_resnet", "image_size": 96, "heads": WD_HEADS})
-    tiny = {**TINY, "arch": "tiny_preset", "global_pool": "max"}
+    tiny = {**TINY, "arch": "tiny_preset"}
     fit(TrainConfig(data=str(synth_build), out=str(run), epochs=2, max_steps_per_epoch=2, **tiny))
     shutil.rmtree(run / "checkpoints" / "epoch-002")
-    assert json.loads((run / "config.json").read_text())["model"]["global_pool"] == "max"
-    # The preset changes its pooling after the run started (as i2v_small's did): the run resumes as it began.
     monkeypatch.setitem(PRESETS, "tiny_preset", {**PRESETS["tiny_preset"], "global_pool": "catavgmax"})
     fit(TrainConfig(data=str(synth_build), out=str(run), epochs=2, max_steps_per_epoch=2, **tiny), resume=True)
-    weights = load_file(run / "checkpoints" / "epoch-002" / "model.safetensors")
-    assert json.loads((run / "config.json").read_text())["model"]["global_pool"] == "max"
-    width = create_tagger("test_resnet", global_pool="max").num_features
+    assert json.loads((run / "config.json").read_text())["model"]["global_pool"] == ""
+    width = create_tagger("test_resnet").num_features
     assert width != create_tagger("test_resnet", global_pool="catavgmax").num_features
-    assert {k: v.shape[1] for k, v in weights.items() if k.startswith("heads.") and v.ndim == 2} == {
-        f"heads.{h}.fc.weight": width for h in ("rating", "general", "character", "copyright")
-    }
+    assert head_widths(run) == {f"heads.{h}.fc.weight": width for h in heads}
 
 
 def test_train_command_mistakes_are_one_line(synth_build, tmp_path):

@@ -440,7 +440,8 @@ def _fit(cfg: TrainConfig, resume: bool, console: Console, d: distributed.Dist) 
     ds = open_dataset(Path(cfg.data))
     run, done = prepare_run(cfg, resume) if d.main else (Path(cfg.out), list_checkpoints(Path(cfg.out)))
     saved = run / "config.json"
-    if resume and saved.exists() and json.loads(saved.read_text())["vocab_hash"] != ds.vocab.hash:
+    saved_cfg = json.loads(saved.read_text()) if resume and saved.exists() else None
+    if saved_cfg and saved_cfg["vocab_hash"] != ds.vocab.hash:
         raise UserError(f"{run} was trained on another vocabulary than {cfg.data}'s")
     _seed_everything(cfg.seed)
     sizes = {h: len(ix) for h, ix in ds.vocab.heads.items()}
@@ -451,8 +452,8 @@ def _fit(cfg: TrainConfig, resume: bool, console: Console, d: distributed.Dist) 
     if cfg.global_pool is not None:
         overrides["global_pool"] = cfg.global_pool
     try:
-        if done and saved.exists():  # resuming: the run's own architecture, even if its preset has changed since
-            model = create_tagger(TaggerConfig.from_dict(json.loads(saved.read_text())["model"])).to(d.device)
+        if done and saved_cfg:  # resuming: the run's own architecture, even if its preset has changed since
+            model = create_tagger(TaggerConfig.from_dict(saved_cfg["model"])).to(d.device)
         else:
             model = create_tagger(cfg.arch, pretrained=cfg.pretrained, **overrides).to(d.device)
     except ValueError as e:  # an unknown preset or timm name, a bad --freeze or --global-pool: the user's to fix
