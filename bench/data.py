@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from illust2vec.data.build import process_chunk
-from illust2vec.data.shards import ShardWriter, index_shard
+from illust2vec.formats.shards import ShardWriter, index_shard
 from illust2vec.synth.board import Board
 from illust2vec.synth.cast import SynthConfig
 

@@ -15,10 +15,10 @@ from rich.console import Console
 
 from .booru.crawl import CrawlConfig, crawl, print_summary
 from .data.build import BuildConfig, build
-from .data.shards import iter_samples
 from .data.vocab import RATING_TAGS, build_vocab, write_vocab
 from .evaluate import EvalConfig, evaluate_run
 from .export import ExportConfig, export
+from .formats.shards import iter_samples
 from .infer.embed import EmbedConfig, embed_files
 from .infer.pipeline import TagConfig, tag_files
 from .report import Example, Neighbours, Report, Stage, write_report

@@ -24,7 +24,6 @@ from rich.progress import Progress
 from .bundle import DEFAULT_THRESHOLDS, Thresholds, write_thresholds
 from .data.loader import Dataset, LoaderConfig, make_loader, open_dataset
 from .errors import UserError
-from .infer.backends import resolve_device
 from .train.checkpoints import load_run_model, resolve_epoch
 from .train.metrics import (
     calibrate_thresholds,
@@ -33,6 +32,7 @@ from .train.metrics import (
     threshold_at_precision_equals_recall,
     topk_accuracy,
 )
+from .util.device import resolve_device
 
 log = logging.getLogger(__name__)
 MODES = ("f1", "pr_equal")

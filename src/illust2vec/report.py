@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .data.images import load_rgb
+from .util.images import load_rgb
 
 THUMB = 160
 

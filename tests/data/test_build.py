@@ -16,9 +16,9 @@ from illust2vec.booru.posts import post_record, read_posts, write_posts
 from illust2vec.booru.sites import Post
 from illust2vec.data import shards
 from illust2vec.data.build import BuildConfig, build, split_of
-from illust2vec.data.shards import ShardWriter, iter_samples
 from illust2vec.data.vocab import Vocab, read_vocab, write_vocab
 from illust2vec.errors import UserError
+from illust2vec.formats.shards import ShardWriter, iter_samples
 
 
 def test_split_is_stable_grouped_by_parent_and_nested():

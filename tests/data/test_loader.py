@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from illust2vec.data.loader import LoaderConfig, make_loader, make_pipeline, make_targets, open_dataset
-from illust2vec.data.shards import iter_samples
 from illust2vec.errors import UserError
+from illust2vec.formats.shards import iter_samples
 
 
 def _written(root, split):

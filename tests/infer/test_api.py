@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from illust2vec import Tagger
-from illust2vec.data.images import BadImage
 from illust2vec.errors import UserError
 from illust2vec.infer.tagger import Selection, binarize
+from illust2vec.util.images import BadImage
 
 EXPECTED_I2V = Path("/work/shared/fixtures/real/images/illustration2vec/expected_i2v_tags.json")
 MIKU = Path("/work/shared/fixtures/real/images/illustration2vec/miku.jpg")

@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import sqlite3
 import time
 from collections import Counter
@@ -26,9 +25,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..data.images import BadImage, Stored, shrink
-from ..data.shards import ShardWriter, sample_json
 from ..errors import UserError, is_disk_full
+from ..formats.shards import ShardWriter, sample_json
+from ..util.cores import cores
+from ..util.images import BadImage, Stored, shrink
 from .client import USER_AGENT, Client, ClientConfig
 from .download import DownloadFailed, fetch_verified
 from .posts import STATUSES, post_record, record_from_json, record_to_json, write_posts
@@ -525,7 +525,7 @@ class _Run:
             }
         # Threads, not processes: Pillow releases the GIL while it decodes, resizes and encodes, so threads use
         # every core without copying each file between processes or leaving orphans when the crawl is killed.
-        pool = ThreadPoolExecutor(cfg.decoders or os.cpu_count() or 1, thread_name_prefix="decode")
+        pool = ThreadPoolExecutor(cfg.decoders or cores(), thread_name_prefix="decode")
         try:
             async with Client(ccfg) as client:
                 workers = [asyncio.create_task(self.worker(client, pool)) for _ in range(cfg.concurrency)]

@@ -15,9 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import UserError
+from ..formats.categories import POST_CATEGORIES
 from .sites import Post
 
-CATEGORIES = ("general", "character", "copyright", "artist", "meta")
+CATEGORIES = POST_CATEGORIES
 STATUSES = ("ok", "no_file", "not_image", "failed")
 _tags = pa.list_(pa.string())
 SCHEMA = pa.schema(

@@ -14,12 +14,12 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from ..errors import UserError
+from ..formats.categories import ARTIST, CATEGORY_CODES, CHARACTER, COPYRIGHT, GENERAL, META, POST_CATEGORIES
 
 RATINGS = ("g", "s", "q", "e")  # Danbooru's codes; every site maps onto them
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "avif")
-# Danbooru's tag category codes, the ones selected_tags.csv uses (DESIGN.md).
-GENERAL, ARTIST, COPYRIGHT, CHARACTER, META = 0, 1, 3, 4, 5
-CATEGORY_NAMES = {GENERAL: "general", ARTIST: "artist", COPYRIGHT: "copyright", CHARACTER: "character", META: "meta"}
+# The tag categories a post's tags split into (Danbooru's codes, which selected_tags.csv uses).
+POST_CATEGORY_NAMES = {CATEGORY_CODES[name]: name for name in POST_CATEGORIES}
 ENV_LOGIN, ENV_API_KEY = "I2V_LOGIN", "I2V_API_KEY"
 
 
@@ -260,7 +260,7 @@ def parse_tags(site: Site, payload: Any, *, base_url: str = "") -> dict[str, int
         name = html.unescape(str(item["name"])) if site.html_escaped else str(item["name"])
         # Danbooru answers with its own codes (category); the others with theirs (type).
         code = _int(item["category"]) if "category" in item else types.get(_int(item.get("type")), GENERAL)
-        found[name] = code if code in CATEGORY_NAMES else GENERAL
+        found[name] = code if code in POST_CATEGORY_NAMES else GENERAL
     return found
 
 
@@ -303,13 +303,14 @@ def to_post(site: Site, raw: dict, categories: Mapping[str, int] | None = None, 
 
 
 def _split_tags(site: Site, raw: dict, categories: Mapping[str, int]) -> dict[str, tuple[str, ...]]:
-    if any(f"tag_string_{name}" in raw for name in CATEGORY_NAMES.values()):  # Danbooru splits them itself
+    if any(f"tag_string_{name}" in raw for name in POST_CATEGORY_NAMES.values()):  # Danbooru splits them itself
         return {
-            f"tags_{name}": tuple(str(raw.get(f"tag_string_{name}") or "").split()) for name in CATEGORY_NAMES.values()
+            f"tags_{name}": tuple(str(raw.get(f"tag_string_{name}") or "").split())
+            for name in POST_CATEGORY_NAMES.values()
         }
-    groups: dict[str, list[str]] = {name: [] for name in CATEGORY_NAMES.values()}
+    groups: dict[str, list[str]] = {name: [] for name in POST_CATEGORY_NAMES.values()}
     for tag in flat_tags(site, raw):
-        groups[CATEGORY_NAMES.get(categories.get(tag, GENERAL), "general")].append(tag)
+        groups[POST_CATEGORY_NAMES.get(categories.get(tag, GENERAL), "general")].append(tag)
     return {f"tags_{name}": tuple(tags) for name, tags in groups.items()}
 
 

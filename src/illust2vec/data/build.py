@@ -24,8 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..booru.posts import read_posts
 from ..errors import UserError, is_disk_full
-from .images import BadImage, load_rgb, pad_square
-from .shards import Member, ShardWriter, index_shard, read_member, sample_json
+from ..formats.shards import Member, ShardWriter, index_shard, read_member, sample_json
+from ..util.cores import cores
+from ..util.images import BadImage, load_rgb, pad_square
 from .vocab import Vocab, apply_aliases, read_aliases, read_vocab
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ def build(cfg: BuildConfig, console: Console | None = None) -> dict:
     examples: dict[str, list[str]] = {}
     ordered = [t for s in SPLITS for t in by_split[s]]
     chunks = [ordered[i : i + CHUNK] for i in range(0, len(ordered), CHUNK)]
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or cores()
     context = multiprocessing.get_context("forkserver")
     columns = [
         TextColumn("{task.description}"),

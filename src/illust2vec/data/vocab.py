@@ -21,15 +21,10 @@ import pyarrow.parquet as pq
 
 from ..booru.posts import SCHEMA, STATUSES, post_files
 from ..errors import UserError
+from ..formats.categories import CATEGORY_CODES, CATEGORY_NAMES, HEAD_ORDER, RATING_IDS, RATING_TAGS
 
 log = logging.getLogger(__name__)
 
-CATEGORY_CODES = {"general": 0, "artist": 1, "copyright": 3, "character": 4, "meta": 5, "rating": 9}  # Danbooru's
-CATEGORY_NAMES = {code: name for name, code in CATEGORY_CODES.items()}
-# WD's order of the rows and heads: rating, general, character, then the rest.
-HEAD_ORDER = ("rating", "general", "character", "copyright", "artist")
-RATING_TAGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit"}  # post rating -> WD rating tag
-RATING_IDS = {"general": 9999999, "sensitive": 9999998, "questionable": 9999997, "explicit": 9999996}  # WD's
 DEFAULT_TOP = 512  # the seed's size of every head
 HEADER = ("tag_id", "name", "category", "count")
 TAGGED = ("general", "character", "copyright", "artist")  # the categories counted from the posts' tag columns

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..util.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -113,20 +114,6 @@ class TorchBackend:
             else:
                 probs, features = self.module(x)
         return probs.float().cpu().numpy(), features.float().cpu().numpy()
-
-
-def resolve_device(device: str):
-    """ "auto" -> cuda when present, else cpu; a CUDA request without CUDA is the user's to fix."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device here")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise UserError(f"--device {device}: {e}") from None
 
 
 def torch_backend(module: Any, device: str = "auto", amp: bool = True) -> TorchBackend:

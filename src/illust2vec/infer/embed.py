@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from ..data.images import BadImage
 from ..errors import UserError
-from .pipeline import Item, NotImage, _read_ahead, cores, discover, image_extensions, in_shard, load, progress_bar
+from ..util.cores import cores
+from ..util.images import BadImage
+from .pipeline import Item, NotImage, _read_ahead, discover, image_extensions, in_shard, load, progress_bar
 from .tagger import Tagger
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,9 @@ from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..data.images import BadImage
 from ..errors import UserError, is_disk_full
+from ..util.cores import cores
+from ..util.images import BadImage
 from .preprocess import prepare, read_image
 from .tagger import Selection, Tagger
 from .writers import FORMATS, CaptionOptions, caption_path, make_record, open_writer
@@ -206,11 +207,6 @@ def _read_ahead(items: Sequence[Item], work, pool: ThreadPoolExecutor, ahead: in
         if nxt is not None:
             pending.append((nxt, pool.submit(work, nxt)))
         yield item, future
-
-
-def cores() -> int:
-    """The cores this process may run on: the default number of decoding threads."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def progress_bar(console: Console, label: str) -> Progress:

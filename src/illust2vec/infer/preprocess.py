@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..data.images import BadImage, load_rgb, open_image, to_rgb
+from ..util.images import BadImage, load_rgb, open_image, to_rgb
 
 ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
 

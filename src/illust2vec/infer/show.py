@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 
 from ..bundle import DEFAULT_THRESHOLDS, Labels, is_bundle, read_bundle
-from ..data.images import BadImage
 from ..errors import UserError
+from ..util.images import BadImage
 from .preprocess import prepare, read_image
 from .tagger import MIN_CHARACTER_MCUT, Selection, Tagger, mcut_threshold
 
@@ -122,7 +122,7 @@ def load_model(bundle: Path, device: str = "cpu") -> Any:
         import torch  # noqa: F401
     except ImportError:
         raise UserError("--explain needs torch: pip install 'illust2vec[infer]'") from None
-    from .backends import resolve_device
+    from ..util.device import resolve_device
     from .tagger import bundle_model
 
     if not is_bundle(Path(bundle)):

@@ -152,8 +152,8 @@ def search_hits(
 
 
 def _embed_query(cfg: SimilarConfig, index: VectorIndex, tagger) -> np.ndarray:
-    from ..data.images import BadImage
     from ..infer.tagger import Tagger
+    from ..util.images import BadImage
 
     if not cfg.model and tagger is None:
         raise UserError("a query image needs the model its index was built with: --model BUNDLE")

@@ -36,11 +36,11 @@ from rich.console import Console
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..data.images import BadImage, load_rgb
 from ..errors import UserError
 from ..infer.preprocess import DRAFT_INFO, prepare, read_image
 from ..infer.tagger import Selection, Tagger
 from ..infer.writers import CaptionOptions, make_record
+from ..util.images import BadImage, load_rgb
 from .batcher import Batcher
 
 if TYPE_CHECKING:

@@ -7,7 +7,6 @@ import html
 import json
 import logging
 import math
-import os
 import re
 import socket
 import sys
@@ -25,6 +24,7 @@ from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from ..util.cores import cores
 from .board import SAMPLE_WIDTH, Board, SynthPost
 from .cast import SynthConfig
 
@@ -513,7 +513,7 @@ class BoardServer:
         self._stopping = threading.Event()
         self._warmed = threading.Event()
         # A few threads render a page's posts at once, so a page of posts nobody has rendered yet answers quickly.
-        self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="fakebooru-render")
+        self._pool = ThreadPoolExecutor(max_workers=min(4, cores()), thread_name_prefix="fakebooru-render")
 
         self._httpd = _HTTPServer((host, port), self)
         self.host = host

@@ -7,7 +7,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -22,10 +21,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..data.loader import Dataset, LoaderConfig, make_loader, open_dataset
-from ..data.shards import iter_samples
 from ..errors import UserError
+from ..formats.shards import iter_samples
 from ..models import create_tagger, default_heads
 from ..models.tagger import PRESETS, Tagger, TaggerConfig
+from ..util.cores import cores
 from . import distributed
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from .losses import LossConfig, cooccurrence, exclusive_pairs, multitask_loss, tag_weights
@@ -84,8 +84,7 @@ class TrainConfig:
 def default_workers() -> int:
     """Loader processes: every core but one, which the training step needs for itself (at most 8). On 2 cores,
     one worker keeps the model fed at 0.95 of in-memory speed where two gave 0.85 (`python -m bench train`)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, min(8, cores - 1))
+    return max(1, min(8, cores() - 1))
 
 
 def get_lr(step: int, total: int, warmup: int, base: float, floor: float) -> float:

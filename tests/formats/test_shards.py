@@ -2,7 +2,7 @@
 
 import tarfile
 
-from illust2vec.data.shards import ShardWriter, index_shard, iter_samples, read_member
+from illust2vec.formats.shards import ShardWriter, index_shard, iter_samples, read_member
 
 
 def test_write_then_read_back_identical(tmp_path):
