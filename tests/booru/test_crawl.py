@@ -11,7 +11,7 @@ from PIL import Image
 
 from illust2vec.booru.crawl import CrawlConfig, DiskFull, crawl, parse_ids, parse_shard, shard_ranges
 from illust2vec.booru.posts import export_csv, read_posts
-from illust2vec.data import shards
+from illust2vec.formats import shards
 from illust2vec.errors import UserError
 from illust2vec.synth.cast import SynthConfig
 from illust2vec.synth.server import Faults, start_board

@@ -14,7 +14,7 @@ from PIL import Image
 
 from illust2vec.booru.posts import post_record, read_posts, write_posts
 from illust2vec.booru.sites import Post
-from illust2vec.data import shards
+from illust2vec.formats import shards
 from illust2vec.data.build import BuildConfig, build, split_of
 from illust2vec.data.vocab import Vocab, read_vocab, write_vocab
 from illust2vec.errors import UserError
