@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from illust2vec.models import I2VVGG16, PRESETS, HeadConfig, Tagger, TaggerConfig, create_tagger, default_heads
+from illust2vec.models import I2VVGG16, PRESETS, HeadConfig, TaggerConfig, TaggerNet, create_tagger, default_heads
 from illust2vec.models.seed import BN_EPS, BN_MOMENTUM, load_imagenet_vgg16
 
 # Each preset's code path with a backbone small enough for a CPU test; the seed has no smaller form, so it runs whole.
@@ -24,7 +24,7 @@ def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-def head_loss(model: Tagger, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+def head_loss(model: TaggerNet, logits: dict[str, torch.Tensor]) -> torch.Tensor:
     """Each head's own loss on random targets, summed: cross-entropy for softmax heads, BCE for sigmoid ones."""
     g = torch.Generator().manual_seed(1)
     loss = torch.zeros(())
@@ -156,7 +156,10 @@ def test_overrides_replace_fields():
         (lambda: create_tagger("test_resnet", freeze="layer9"), "test_resnet has no module 'layer9'"),
         (lambda: create_tagger("test_resnet", heads=()), "at least one head"),
         (lambda: create_tagger("i2v_vgg16", image_size=64), "at least 96 px"),
-        (lambda: Tagger(TaggerConfig("x", "no_such_net", 64, default_heads(SIZES))), "unknown backbone 'no_such_net'"),
+        (
+            lambda: TaggerNet(TaggerConfig("x", "no_such_net", 64, default_heads(SIZES))),
+            "unknown backbone 'no_such_net'",
+        ),
         (lambda: default_heads({"colour": 3}), r"unknown heads \['colour'\]"),
         (lambda: HeadConfig("general", 3, "relu"), "neither sigmoid nor softmax"),
         (lambda: HeadConfig("general", 0, "sigmoid"), "positive integer"),

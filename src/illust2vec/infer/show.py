@@ -144,7 +144,7 @@ def gradcam(model: Any, image: Image.Image, head: str, position: int, input_size
     and the multi-head dict output and the seed's two maps would each need an adapter there.
 
     Args:
-        model: our tagger module (`models.tagger.Tagger`, or anything with its `forward_features`/`forward_head`),
+        model: our tagger module (`models.tagger.TaggerNet`, or anything with its `forward_features`/`forward_head`),
             in eval mode.
         image: an RGB PIL image.
         head, position: the tag (see `find_tag`).

@@ -1,15 +1,15 @@
 """The tagger model, defined once: configs, presets, the factory, and the seed's architecture."""
 
 from .seed import I2VVGG16, SEED_BACKBONE
-from .tagger import PRESETS, HeadConfig, Tagger, TaggerConfig, create_tagger, default_heads
+from .tagger import PRESETS, HeadConfig, TaggerConfig, TaggerNet, create_tagger, default_heads
 
 __all__ = [
     "PRESETS",
     "SEED_BACKBONE",
     "HeadConfig",
     "I2VVGG16",
-    "Tagger",
     "TaggerConfig",
+    "TaggerNet",
     "create_tagger",
     "default_heads",
 ]

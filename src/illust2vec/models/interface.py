@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .tagger import Tagger
+from .tagger import TaggerNet
 
 
 def _to_nchw_rgb(x: Tensor) -> Tensor:
@@ -23,7 +23,7 @@ class WDInterface(nn.Module):
     """Our tagger behind the WD interface: probabilities of every output (each head's own activation), concatenated
     in head order (which is selected_tags.csv's order), and the feature vector."""
 
-    def __init__(self, tagger: Tagger):
+    def __init__(self, tagger: TaggerNet):
         super().__init__()
         self.tagger = tagger
 

@@ -154,7 +154,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def create_tagger(name_or_cfg: str | TaggerConfig, pretrained: bool = False, **overrides: Any) -> Tagger:
+def create_tagger(name_or_cfg: str | TaggerConfig, pretrained: bool = False, **overrides: Any) -> TaggerNet:
     """A preset name, any timm model name (used as the backbone with default heads), or a config; overrides replace
     fields (e.g. heads=..., image_size=...).
 
@@ -167,7 +167,7 @@ def create_tagger(name_or_cfg: str | TaggerConfig, pretrained: bool = False, **o
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TaggerConfig)})
     if unknown:
         raise ValueError(f"unknown tagger config fields {unknown}")
-    return Tagger(dataclasses.replace(cfg, **overrides), pretrained=pretrained)
+    return TaggerNet(dataclasses.replace(cfg, **overrides), pretrained=pretrained)
 
 
 def _named_config(name: str) -> TaggerConfig:
@@ -184,7 +184,7 @@ def _named_config(name: str) -> TaggerConfig:
     )
 
 
-class Tagger(nn.Module):
+class TaggerNet(nn.Module):
     """A backbone and one head per tag category, in `cfg.heads` order.
 
     It takes images as the loader yields them: NCHW RGB, uint8 or float in 0..255. It scales and normalises them
@@ -284,7 +284,7 @@ class Tagger(nn.Module):
         """The parameters that `freeze` left trainable (for the optimiser)."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def train(self, mode: bool = True) -> Tagger:
+    def train(self, mode: bool = True) -> TaggerNet:
         """Training mode, except that frozen BatchNorm layers stay in eval mode."""
         super().train(mode)
         if mode:

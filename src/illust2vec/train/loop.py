@@ -24,7 +24,7 @@ from ..data.loader import Dataset, LoaderConfig, make_loader, open_dataset
 from ..errors import UserError
 from ..formats.shards import iter_samples
 from ..models import create_tagger, default_heads
-from ..models.tagger import PRESETS, Tagger, TaggerConfig
+from ..models.tagger import PRESETS, TaggerConfig, TaggerNet
 from ..util.cores import cores
 from . import distributed
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
@@ -99,7 +99,7 @@ def get_lr(step: int, total: int, warmup: int, base: float, floor: float) -> flo
 class TrainState:
     """What changes as training goes: the model, its optimizer, where we are, and what happened so far."""
 
-    model: Tagger
+    model: TaggerNet
     optimizer: torch.optim.Optimizer
     epoch: int = 0  # epochs completed
     step: int = 0
@@ -179,7 +179,7 @@ def loss_extras(cfg: TrainConfig, ds: Dataset, activations: dict[str, str]) -> t
 
 
 @torch.no_grad()
-def init_head_priors(model: Tagger, counts: dict[str, list[int]], samples: int) -> None:
+def init_head_priors(model: TaggerNet, counts: dict[str, list[int]], samples: int) -> None:
     """Set each head's output bias so that the untrained model predicts every tag at its frequency in the training
     split: logit(p) for sigmoid heads, log(p) for softmax heads (the prior initialisation of RetinaNet's focal loss
     paper). A zero bias predicts every tag at 0.5 (sigmoid), and the first steps are spent pulling thousands of rare
@@ -304,7 +304,7 @@ def train_one_epoch(state: TrainState, ctx: Context, progress: Progress | None) 
 
 @torch.no_grad()
 def predict(
-    model: Tagger,
+    model: TaggerNet,
     batches: Iterable,
     device: torch.device,
     channels_last: bool,
