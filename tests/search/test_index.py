@@ -1,7 +1,5 @@
 """VectorIndex: exact search equals numpy brute force, approximate kinds find the true neighbours on clustered data,
-binary codes find copies by Hamming distance, filters, and save/load round trips for every kind."""
-
-import json
+binary codes find copies by Hamming distance, filters, and one-line errors (the files: tests/formats/test_index.py)."""
 
 import numpy as np
 import pytest
@@ -108,25 +106,6 @@ def test_allow_mask_restricts_results_exactly():
     assert sorted(rows[0, :2].tolist()) == [5, 9] and (rows[0, 2:] == -1).all()
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "binary"])
-def test_save_load_round_trip(tmp_path, kind):
-    base = clustered(2000, dim=40)
-    ids = ids_of(2000)
-    paths = [f"/data/{i}.png" for i in ids]
-    tags = [json.dumps({"general": {f"t{i % 3}": 0.9}}) for i in range(2000)]
-    model = {"source": "bundle", "feature_dim": 40, "vocab_hash": "abc"}
-    index = VectorIndex.build(base, ids, paths, tags, IndexParams(kind=kind, nlist=20, nprobe=4), model)
-    index.save(tmp_path / "idx")
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.faiss", "index.json", "meta.parquet"]
-    loaded = VectorIndex.load(tmp_path / "idx")
-    assert (loaded.kind, loaded.dim, loaded.ids, loaded.paths, loaded.tags) == (kind, 40, ids, paths, tags)
-    assert loaded.model == model and loaded.params.nprobe == 4
-    queries = clustered(10, dim=40, seed=3)
-    for a, b in zip(index.search_rows(queries, 7), loaded.search_rows(queries, 7), strict=True):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(loaded.vector("img00010"), index.vector("img00010"))
-
-
 def test_add_in_steps_then_search(tmp_path):
     base = clustered(400)
     index = VectorIndex(32, kind="flat")
@@ -145,16 +124,22 @@ def test_bad_input_is_one_clear_error(tmp_path):
         index.add(clustered(1), ["img00003"])
     with pytest.raises(UserError, match="dimension 32"):
         index.search_rows(np.zeros((1, 5), np.float32), 3)
-    with pytest.raises(UserError, match="kind must be one of"):
-        IndexParams(kind="lsh").resolved(10)
     with pytest.raises(UserError, match="not an index"):
         VectorIndex.load(tmp_path)
-    (tmp_path / "x").mkdir()
-    (tmp_path / "x" / "index.json").write_text('{"format": "something else"}')
-    with pytest.raises(UserError, match="not an illust2vec index"):
-        VectorIndex.load(tmp_path / "x")
-    (tmp_path / "y").mkdir()
-    (tmp_path / "y" / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="not an index"):
-        index.save(tmp_path / "y")
-    assert (tmp_path / "y" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"kind": "lsh"}, "--kind must be one of auto, flat, hnsw, ivf, binary, not 'lsh'"),
+        ({"nlist": 0}, "--nlist must be"),
+        ({"nprobe": 0}, "--nprobe must be"),
+        ({"ef_search": -3}, "--ef-search must be"),
+        ({"hnsw_m": 1.5}, "hnsw_m must be"),
+        ({"train_size": None}, "train_size must be"),
+    ],
+)
+def test_index_params_check_themselves(fields, words):
+    with pytest.raises(UserError, match=words):
+        IndexParams(**fields)
+    assert IndexParams(nlist=None).nlist is None and IndexParams(nlist=7).resolved(10_000).nlist == 7

@@ -12,15 +12,11 @@ and `ivf` an inverted file of k-means cells (approximate, for millions). `binary
 where the value is above the collection's median, like the original Illustration2Vec's extract_binary_feature) and
 searches by Hamming distance; its score is the fraction of bits that agree.
 
-On disk an index is a directory: `index.faiss` (faiss's own format, written by faiss.write_index: no pickle),
-`meta.parquet` (id, path, tags per row, in the index's row order) and `index.json` (kind, dimension, search
-parameters, the model the vectors came from, the binary codes' centre).
+On disk an index is a directory (index.faiss, meta.parquet, index.json), written and read by formats/index.py.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -30,12 +26,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..formats.index import StoredIndex, import_faiss, read_index, write_index
 
 KINDS = ("auto", "flat", "hnsw", "ivf", "binary")
-FORMAT = "illust2vec-index"
-FORMAT_VERSION = 1
 EXACT_UP_TO = 100_000  # `auto`: exact search up to this many vectors (at 512-d, tens of ms a query on a CPU)
-FILES = ("index.faiss", "meta.parquet", "index.json")
 
 
 @dataclass(frozen=True)
@@ -50,10 +44,25 @@ class IndexParams:
     ef_search: int = 128  # hnsw: candidates kept while searching (recall against speed)
     train_size: int = 100_000  # ivf: vectors that train k-means (at least 40 per cell, as faiss asks)
 
-    def resolved(self, n: int) -> IndexParams:
-        """`auto` made concrete for a collection of n vectors: exact up to EXACT_UP_TO, an inverted file above."""
+    def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise UserError(f"--kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        counts = {
+            "--nlist": self.nlist,
+            "--nprobe": self.nprobe,
+            "hnsw_m": self.hnsw_m,
+            "ef_construction": self.ef_construction,
+            "--ef-search": self.ef_search,
+            "train_size": self.train_size,
+        }
+        for name, value in counts.items():
+            if value is None and name == "--nlist":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"{name} must be a whole number of at least 1, not {value!r}")
+
+    def resolved(self, n: int) -> IndexParams:
+        """`auto` made concrete for a collection of n vectors: exact up to EXACT_UP_TO, an inverted file above."""
         kind = self.kind if self.kind != "auto" else ("flat" if n <= EXACT_UP_TO else "ivf")
         nlist = self.nlist
         if kind == "ivf" and nlist is None:
@@ -204,7 +213,7 @@ class VectorIndex:
         return self.encode(q) if self.kind == "binary" else q
 
     def _search_params(self, allow: np.ndarray | None) -> Any:
-        faiss = _faiss()
+        faiss = import_faiss()
 
         sel = None
         if allow is not None:
@@ -261,91 +270,42 @@ class VectorIndex:
     # ---- files
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the index directory (index.faiss, meta.parquet, index.json); each file replaced atomically."""
-        faiss = _faiss()
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        out = Path(path)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"{out}: exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()) and not (out / "index.json").is_file():
-            raise UserError(f"{out}: a non-empty directory that is not an index; choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = {name: out / f".{name}.tmp" for name in FILES}
-        if self.kind == "binary":
-            faiss.write_index_binary(self.faiss_index, str(tmp["index.faiss"]))
-        else:
-            faiss.write_index(self.faiss_index, str(tmp["index.faiss"]))
-        table = pa.table({"id": self.ids, "path": self.paths, "tags": self.tags})
-        pq.write_table(table, tmp["meta.parquet"])
-        info = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "kind": self.kind,
-            "dim": self.dim,
-            "count": len(self),
-            "metric": "hamming" if self.kind == "binary" else "cosine",
-            "params": asdict(self.params),
-            "model": self.model,
-            "center": None if self.center is None else [float(c) for c in self.center],
-        }
-        tmp["index.json"].write_text(json.dumps(info, indent=1))
-        for name in FILES:  # index.json last: its presence says the other two are whole
-            os.replace(tmp[name], out / name)
-        return out
+        """Write the index directory (formats/index.py); each file replaced atomically."""
+        stored = StoredIndex(
+            kind=self.kind,
+            dim=self.dim,
+            faiss_index=self.faiss_index,
+            ids=self.ids,
+            paths=self.paths,
+            tags=self.tags,
+            params=asdict(self.params),
+            model=self.model,
+            center=self.center,
+        )
+        return write_index(path, stored)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VectorIndex:
         """Open an index directory written by `save` (or `i2v index build`)."""
-        faiss = _faiss()
-        import pyarrow.parquet as pq
-
-        root = Path(path)
-        if not (root / "index.json").is_file():
-            raise UserError(f"{root}: not an index (no index.json; build one with `i2v index build`)")
+        stored = read_index(path)
         try:
-            info = json.loads((root / "index.json").read_text())
-            if info.get("format") != FORMAT:
-                raise ValueError(f"format {info.get('format')!r}")
-            if int(info["format_version"]) > FORMAT_VERSION:
-                raise ValueError(f"format version {info['format_version']} is newer than this illust2vec's")
-            kind, dim = str(info["kind"]), int(info["dim"])
-            params = IndexParams(**info.get("params", {}))
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{root}/index.json: not an illust2vec index ({e})") from None
-        try:
-            reader = faiss.read_index_binary if kind == "binary" else faiss.read_index
-            fx = reader(str(root / "index.faiss"))
-            meta = pq.read_table(root / "meta.parquet", columns=["id", "path", "tags"])
-        except (RuntimeError, OSError) as e:
-            raise UserError(f"{root}: cannot read the index ({str(e).splitlines()[0]})") from None
-        if fx.ntotal != meta.num_rows or fx.d != dim:
-            raise UserError(f"{root}: index.faiss ({fx.ntotal} x {fx.d}) does not match its metadata")
-        center = info.get("center")
-        return cls(
-            dim,
-            kind,
-            params,
-            dict(info.get("model") or {}),
-            None if center is None else np.asarray(center, np.float32),
-            meta.column("id").to_pylist(),
-            meta.column("path").to_pylist(),
-            meta.column("tags").to_pylist(),
-            fx,
-        )
-
-
-def _faiss() -> Any:
-    """faiss, imported when first needed (the CLI starts fast), without its loader's INFO lines on stderr."""
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    import faiss
-
-    return faiss
+            return cls(
+                dim=stored.dim,
+                kind=stored.kind,
+                params=IndexParams(**stored.params),
+                model=stored.model,
+                center=stored.center,
+                ids=stored.ids,
+                paths=stored.paths,
+                tags=stored.tags,
+                faiss_index=stored.faiss_index,
+            )
+        except (TypeError, UserError) as e:  # params of another version, or out of range
+            raise UserError(f"{Path(path)}/index.json: not an illust2vec index ({e})") from None
 
 
 def _new_faiss(dim: int, p: IndexParams) -> Any:
-    faiss = _faiss()
+    faiss = import_faiss()
 
     if p.kind == "flat":
         return faiss.IndexFlatIP(dim)
