@@ -10,15 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from illust2vec.errors import UserError
-from illust2vec.infer.embed import (
-    FORMAT,
-    META_KEY,
-    EmbedConfig,
-    embed_files,
-    parts_dir,
-    read_vectors,
-    vectors_table,
-)
+from illust2vec.formats.vectors import FORMAT, META_KEY, parts_dir, read_vectors, vectors_table
+from illust2vec.infer.embed import EmbedConfig, embed_files
 from illust2vec.infer.tagger import Tagger
 from illust2vec.search import IndexParams, VectorIndex, build_index
 

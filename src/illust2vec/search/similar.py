@@ -46,7 +46,7 @@ def build_index(
     """Vectors files of `i2v embed` (one per shard of a job array, or folders of them) -> an index saved in `out`.
 
     Returns the index and how many rows were left out because their id was already in an earlier file."""
-    from ..infer.embed import read_vectors
+    from ..formats.vectors import read_vectors
 
     v = read_vectors(inputs)
     if not v.ids:
@@ -170,7 +170,7 @@ def _embed_query(cfg: SimilarConfig, index: VectorIndex, tagger) -> np.ndarray:
 def check_model(index: VectorIndex, tagger, name: str) -> None:
     """Vectors from two models do not compare: the dimension, the vocabulary and the weights must match the index's
     (`i2v similar` and `i2v serve` both check with this)."""
-    from ..infer.embed import model_meta
+    from ..formats.vectors import model_meta
 
     have, want = model_meta(tagger), index.model
     if tagger.feature_dim != index.dim:
