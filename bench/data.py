@@ -69,10 +69,6 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
-if __name__ == "__main__":
-    main()
-
-
 def loader_vs_model(argv: list[str] | None = None) -> None:
     """Loader images/s (training augmentation, 2 workers) against the demo model's forward+backward images/s."""
     import torch
@@ -108,3 +104,57 @@ def loader_vs_model(argv: list[str] | None = None) -> None:
     print(f"loader: {n} training images with augmentation, 2 workers: {loader_rate:.0f} images/s")
     print(f"loader: i2v_small forward+backward at {args.size} px, batch {args.batch_size}: {model_rate:.0f} images/s")
     print(f"loader: loader / model = {loader_rate / model_rate:.2f} (above 1: the loader is not the bottleneck)")
+
+
+def _pictures(real: Path | None, posts: int) -> list[tuple[str, str, bytes]]:
+    """(name, ext, bytes): the synthetic board's pictures, and the real illustrations under `real` when given."""
+    board = Board(SynthConfig(posts=posts, seed=3))
+    out = [(f"synth/{p.id}", p.file_ext, board.file(p)) for p in board.posts if p.is_image]
+    if real is not None:
+        for path in sorted(real.rglob("*")):
+            if path.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".gif"):
+                out.append((str(path.relative_to(real)), path.suffix[1:].lower(), path.read_bytes()))
+    return out
+
+
+def skew(argv: list[str] | None = None) -> None:
+    """Train/serve skew: the sample `i2v build` writes for a picture against what inference feeds the model for it.
+
+    Both sides as RGB 0..255: build's stored image decoded, inference's `load_batch` turned from BGR to RGB.
+    """
+    import numpy as np
+
+    from illust2vec.infer.preprocess import load_batch
+
+    parser = argparse.ArgumentParser(prog="python -m bench.data skew")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--posts", type=int, default=200, help="synthetic board posts")
+    parser.add_argument("--real", type=Path, default=None, help="a folder of real pictures, read in place")
+    args = parser.parse_args(argv)
+    pictures = _pictures(args.real, args.posts)
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = ShardWriter(Path(tmp), "{index:06d}.tar")
+        for i, (_, ext, data) in enumerate(pictures):
+            writer.add(f"{i:08d}", {ext: data})
+        writer.close()
+        members = [(m.key, m) for m in index_shard(Path(tmp) / "000000.tar")]
+        for fmt in ("png", "jpg"):
+            built = process_chunk(members, args.size, fmt, 95)
+            diffs = {"synth": [], "real": []}
+            for (name, _, data), (_, sample, _) in zip(pictures, built, strict=True):
+                ours = np.asarray(Image.open(io.BytesIO(sample)).convert("RGB"), np.float32)
+                theirs = load_batch(data, args.size)[0][:, :, ::-1]
+                diffs["synth" if name.startswith("synth/") else "real"].append(np.abs(ours - theirs))
+            for kind, d in diffs.items():
+                if d:
+                    mean, worst = float(np.mean([x.mean() for x in d])), float(max(x.max() for x in d))
+                    print(
+                        f"skew: {kind} {len(d)} pictures, build stores {fmt}, {args.size} px: "
+                        f"mean |build - inference| {mean:.3f}, max {worst:.0f} (0..255)"
+                    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    skew(sys.argv[2:]) if sys.argv[1:2] == ["skew"] else main()
