@@ -15,10 +15,12 @@ from rich.console import Console
 
 from .booru.crawl import CrawlConfig, crawl, print_summary
 from .data.build import BuildConfig, build
-from .data.vocab import RATING_TAGS, build_vocab, write_vocab
+from .data.vocab import build_vocab
 from .evaluate import EvalConfig, evaluate_run
 from .export import ExportConfig, export
+from .formats.categories import RATING_TAGS
 from .formats.shards import iter_samples
+from .formats.vocab import write_vocab
 from .infer.embed import EmbedConfig, embed_files
 from .infer.pipeline import TagConfig, tag_files
 from .report import Example, Neighbours, Report, Stage, write_report
@@ -66,58 +68,97 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     serve the board, crawl it, choose the vocabulary, build shards, train, evaluate, export (with ONNX), tag
     held-out images, embed them, index them and query the index; then write DIR/report.html. Returns the summary."""
     console = console or Console(stderr=True)
-    out = cfg.out
+    _clean(cfg.out)
+    clock = _Clock(console)
+    t0 = time.perf_counter()
+    crawled = _crawl(cfg, clock)
+    vocab = _vocab(cfg, crawled, clock)
+    _build(cfg, crawled, clock)
+    run = _train(cfg, clock)
+    heads = _evaluate(cfg, run, clock)
+    bundle = _export(cfg, run, clock)
+    held_out = cfg.out / "held-out"
+    truth = _write_held_out(cfg, held_out)
+    records, tagged = _tag(cfg, held_out, bundle, clock)
+    quality = _search(cfg, held_out, bundle, truth, vocab, clock)
+    summary = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "stages": {s.name: {"seconds": round(s.seconds, 1), **s.facts} for s in clock.stages},
+        "metrics": heads,
+        "search": quality["precision@10"],
+        "bundle": str(bundle),
+        "index": str(cfg.out / "index"),
+    }
+    _write_page(cfg, summary, clock, run, heads, [_example(held_out, r, truth) for r in records[:12]], quality, tagged)
+    console.print(
+        f"wrote {summary['report']} (and {run}, {bundle}, {cfg.out / 'tags.jsonl'}, {summary['index']}); "
+        f"{summary['seconds']:.0f} s in all. Next: i2v serve --model {bundle} --index {summary['index']}",
+        highlight=False,
+    )
+    return summary
+
+
+def _clean(out: Path) -> None:
+    """Each demo serves a new board on a new port: an earlier demo's outputs are not ones to resume."""
     out.mkdir(parents=True, exist_ok=True)
-    # Each demo serves a new board on a new port: an earlier demo's outputs are not ones to resume.
     for name in ("crawl", "dataset", "run", "bundle", "held-out", "vectors.parquet.parts", "index"):
         shutil.rmtree(out / name, ignore_errors=True)
     for name in ("vectors.parquet", "tags.jsonl", "report.html", "summary.json"):
         (out / name).unlink(missing_ok=True)
-    clock = _Clock(console)
-    t0 = time.perf_counter()
 
-    # 1 crawl
+
+def _crawl(cfg: DemoConfig, clock: _Clock) -> Path:
+    """1: serve the board in-process and crawl it; a contact sheet of what came in."""
+    console = clock.console
     with start_board(SynthConfig(posts=cfg.posts, seed=cfg.seed)) as server:
         console.print(f"[bold]fakebooru[/] serving {len(server.board.posts)} synthetic posts at {server.url}")
         console.print(f"[bold]crawl[/] posts and images, resized to a longer side of {cfg.image_size} px")
         # The board is local: the polite default rates of a real board would only slow the demo down.
         crawl_cfg = CrawlConfig(
-            url=server.url, out=out / "crawl", image_size=cfg.image_size, api_rate=100, file_rate=200
+            url=server.url, out=cfg.out / "crawl", image_size=cfg.image_size, api_rate=100, file_rate=200
         )
         result = crawl(crawl_cfg, console=console)
     print_summary(result, console)
-    sheet = out / "contact-sheet.jpg"
-    _contact_sheet(_samples(crawl_cfg.out, 48)).save(sheet, quality=88)
+    _contact_sheet(_samples(crawl_cfg.out, 48)).save(cfg.out / "contact-sheet.jpg", quality=88)
     crawled = asdict(result)
     clock.done("crawl", statuses=crawled["statuses"], images=crawled["images"], seconds=round(crawled["seconds"], 1))
+    return crawl_cfg.out
 
-    # 2 vocabulary
-    vocab = build_vocab([crawl_cfg.out])
-    write_vocab(vocab, out / "selected_tags.csv")
+
+def _vocab(cfg: DemoConfig, crawled: Path, clock: _Clock):
+    """2: the vocabulary."""
+    vocab = build_vocab([crawled])
+    write_vocab(vocab, cfg.out / "selected_tags.csv")
     clock.done("vocab", **{f"{head} tags": len(rows) for head, rows in vocab.heads.items()})
+    return vocab
 
-    # 3 build
-    data = build(
-        BuildConfig(
-            dirs=(crawl_cfg.out,),
-            vocab=out / "selected_tags.csv",
-            out=out / "dataset",
-            size=cfg.train_size,
-            val_fraction=0.1,
-            workers=cfg.workers,
-        ),
-        console=console,
+
+def _build(cfg: DemoConfig, crawled: Path, clock: _Clock) -> None:
+    """3: the training shards."""
+    build_cfg = BuildConfig(
+        dirs=(crawled,),
+        vocab=cfg.out / "selected_tags.csv",
+        out=cfg.out / "dataset",
+        size=cfg.train_size,
+        val_fraction=0.1,
+        workers=cfg.workers,
     )
+    data = build(build_cfg, console=clock.console)
     clock.done("build", **{s: v["samples"] for s, v in data["splits"].items()}, size=f"{cfg.train_size} px")
 
-    # 4 train
-    console.print(f"[bold]train[/] i2v_small for {cfg.epochs} epochs on the CPU")
-    run = out / "run"
-    trained = fit(TrainConfig(data=str(out / "dataset"), out=str(run), epochs=cfg.epochs), console=console)
-    clock.done("train", epochs=cfg.epochs, **{"best epoch": trained["best_epoch"], "by": trained["select_by"]})
 
-    # 5 evaluate
-    report = evaluate_run(EvalConfig(str(run), "best", workers=cfg.workers), console=console)
+def _train(cfg: DemoConfig, clock: _Clock) -> Path:
+    """4: train i2v_small on the CPU."""
+    clock.console.print(f"[bold]train[/] i2v_small for {cfg.epochs} epochs on the CPU")
+    run = cfg.out / "run"
+    trained = fit(TrainConfig(data=str(cfg.out / "dataset"), out=str(run), epochs=cfg.epochs), console=clock.console)
+    clock.done("train", epochs=cfg.epochs, **{"best epoch": trained["best_epoch"], "by": trained["select_by"]})
+    return run
+
+
+def _evaluate(cfg: DemoConfig, run: Path, clock: _Clock) -> dict:
+    """5: evaluate the best epoch; returns the metrics per head."""
+    report = evaluate_run(EvalConfig(str(run), "best", workers=cfg.workers), console=clock.console)
     heads = report["heads"]
     clock.done(
         "evaluate",
@@ -125,27 +166,35 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
         **{f"{h} mAP": round(r["mAP"], 3) for h, r in heads.items() if r.get("mAP") is not None},
         **{"character top-1": round(heads.get("character", {}).get("top1") or 0.0, 3)},
     )
+    return heads
 
-    # 6 export
-    bundle = out / "bundle"
-    exported = export(ExportConfig(str(run), str(bundle), onnx=True, overwrite=True, workers=cfg.workers), console)
-    clock.done("export", bundle=str(bundle), **{"ONNX vs torch": f"{exported['onnx_max_abs_diff']:.1e}"})
 
-    # 7 tag held-out images (posts drawn after the board's: never crawled, never trained on)
-    held_out = out / "held-out"
-    truth = _write_held_out(cfg, held_out)
-    tags_path = out / "tags.jsonl"
+def _export(cfg: DemoConfig, run: Path, clock: _Clock) -> Path:
+    """6: export a bundle with ONNX."""
+    bundle = cfg.out / "bundle"
+    export_cfg = ExportConfig(str(run), str(bundle), onnx=True, overwrite=True, workers=cfg.workers)
+    exported = export(export_cfg, clock.console)
+    clock.done("export", bundle=str(bundle), **{"ONNX vs torch": f"{exported.onnx_max_abs_diff:.1e}"})
+    return bundle
+
+
+def _tag(cfg: DemoConfig, held_out: Path, bundle: Path, clock: _Clock):
+    """7: tag held-out images (posts drawn after the board's: never crawled, never trained on)."""
+    tags_path = cfg.out / "tags.jsonl"
     with open(tags_path, "w") as f:
-        tagged = tag_files(TagConfig(paths=(str(held_out),), model=str(bundle), format="jsonl"), out=f, console=console)
+        tag_cfg = TagConfig(paths=(str(held_out),), model=str(bundle), format="jsonl")
+        tagged = tag_files(tag_cfg, out=f, console=clock.console)
     records = [json.loads(line) for line in tags_path.read_text().splitlines()]
-    clock.done("tag", images=tagged.tagged, failed=tagged.n_failed, output=str(tags_path))
+    clock.done("tag", images=tagged.done, failed=tagged.n_failed, output=str(tags_path))
+    return records, tagged
 
-    # 8 embed, index, similar
-    vectors = out / "vectors.parquet"
-    embedded = embed_files(
-        EmbedConfig(paths=(str(held_out),), model=str(bundle), out=str(vectors), ids="stem"), console=console
-    )
-    index, _ = build_index([vectors], out / "index", IndexParams())
+
+def _search(cfg: DemoConfig, held_out: Path, bundle: Path, truth: dict, vocab, clock: _Clock) -> dict:
+    """8: embed the held-out images, index them and query the index with each."""
+    vectors = cfg.out / "vectors.parquet"
+    embed_cfg = EmbedConfig(paths=(str(held_out),), model=str(bundle), out=str(vectors), ids="stem")
+    embedded = embed_files(embed_cfg, console=clock.console)
+    index = build_index([vectors], cfg.out / "index", IndexParams()).index
     quality = _search_quality(index, truth, vocab.head_names("character") if "character" in vocab.heads else ())
     clock.done(
         "embed+index+similar",
@@ -153,39 +202,29 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
         index=index.kind,
         **{f"precision@10 {k}": round(v, 3) for k, v in quality["precision@10"].items()},
     )
+    return quality
 
-    # the report
-    summary = {
-        "seconds": round(time.perf_counter() - t0, 1),
-        "stages": {s.name: {"seconds": round(s.seconds, 1), **s.facts} for s in clock.stages},
-        "metrics": heads,
-        "search": quality["precision@10"],
-        "bundle": str(bundle),
-        "index": str(out / "index"),
-    }
+
+def _write_page(cfg, summary, clock, run, heads, examples, quality, tagged) -> None:
+    """report.html and summary.json."""
+    bundle, index = summary["bundle"], summary["index"]
     page = Report(
         title=f"illust2vec demo: {cfg.posts} synthetic posts, i2v_small, {cfg.epochs} epochs",
         stages=clock.stages,
         curves=run / "curves.png",
         metrics=heads,
-        examples=[_example(held_out, r, truth) for r in records[:12]],
+        examples=examples,
         neighbours=quality["examples"],
         figures=_figures(heads, quality, summary["seconds"]),
         notes=[
-            f"Tagged images: {tagged.tagged} posts drawn after the board's {cfg.posts}, never crawled nor trained "
+            f"Tagged images: {tagged.done} posts drawn after the board's {cfg.posts}, never crawled nor trained "
             "on. Their true tags are the board's (label noise included).",
-            f"Serve it: i2v serve --model {bundle} --index {out / 'index'}",
+            f"Serve it: i2v serve --model {bundle} --index {index}",
         ],
     )
-    write_report(page, out / "report.html")
-    summary["report"] = str(out / "report.html")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    console.print(
-        f"wrote {out / 'report.html'} (and {run}, {bundle}, {tags_path}, {out / 'index'}); "
-        f"{summary['seconds']:.0f} s in all. Next: i2v serve --model {bundle} --index {out / 'index'}",
-        highlight=False,
-    )
-    return summary
+    write_report(page, cfg.out / "report.html")
+    summary["report"] = str(cfg.out / "report.html")
+    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
 def _write_held_out(cfg: DemoConfig, folder: Path) -> dict[str, dict]:
