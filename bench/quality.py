@@ -13,7 +13,8 @@ from pathlib import Path
 
 from illust2vec.booru.crawl import CrawlConfig, crawl
 from illust2vec.data.build import BuildConfig, build
-from illust2vec.data.vocab import build_vocab, write_vocab
+from illust2vec.data.vocab import build_vocab
+from illust2vec.formats.vocab import write_vocab
 from illust2vec.synth.cast import SynthConfig
 from illust2vec.synth.server import start_board
 from illust2vec.train.loop import TrainConfig, fit

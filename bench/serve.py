@@ -22,14 +22,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from illust2vec.bundle import Thresholds, bundle_config, write_bundle_files
 from illust2vec.data.vocab import CATEGORY_CODES, RATING_IDS, Vocab, tag_id
+from illust2vec.formats.bundle import Thresholds, save_bundle
 
 
 def save_random_bundle(arch: str, out: Path, tags: int = 512) -> Path:
     """A bundle of a freshly initialised preset (`tags` per head): a real model's cost, no training."""
     import torch
-    from safetensors.torch import save_file
 
     from illust2vec.models import create_tagger
     from illust2vec.models.tagger import default_heads
@@ -41,11 +40,8 @@ def save_random_bundle(arch: str, out: Path, tags: int = 512) -> Path:
     sizes = {h: len(ix) for h, ix in vocab.heads.items()}
     torch.manual_seed(0)
     model = create_tagger(arch, heads=default_heads(sizes)).eval()
-    out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    config = bundle_config(model.cfg.to_dict(), vocab, model.num_features, source={"bench": "random weights"})
-    write_bundle_files(out, config, vocab, Thresholds(method="defaults"))
+    source = {"bench": "random weights"}
+    save_bundle(out, model, vocab, Thresholds(method="defaults"), source=source, overwrite=True)
     return out
 
 

@@ -52,18 +52,15 @@ def board_vocab(board: Board, top: int = 512) -> Vocab:
 
 def save_random_bundle(arch: str, vocab: Vocab, out: Path) -> Path:
     """A freshly initialised preset saved as a bundle with model.onnx, through export's own functions."""
-    from safetensors.torch import save_file
+    from functools import partial
 
-    from illust2vec.bundle import Thresholds, bundle_config, write_bundle_files
-    from illust2vec.export import export_onnx
+    from illust2vec.formats.bundle import Thresholds, save_bundle
+    from illust2vec.models.onnx import export_onnx
     from illust2vec.models.tagger import create_tagger, default_heads
 
     model = create_tagger(arch, heads=default_heads({h: len(ix) for h, ix in vocab.heads.items()})).eval()
-    out.mkdir(parents=True)
-    config = bundle_config(model.cfg.to_dict(), vocab, model.num_features, source={"bench": "random weights"})
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
-    config["onnx"] = export_onnx(model, out / "model.onnx")
-    write_bundle_files(out, config, vocab, Thresholds())
+    source = {"bench": "random weights"}
+    save_bundle(out, model, vocab, Thresholds(), source=source, onnx=partial(export_onnx, model))
     return out
 
 

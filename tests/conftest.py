@@ -7,7 +7,8 @@ import pytest
 
 from illust2vec.booru.crawl import CrawlConfig, crawl
 from illust2vec.data.build import BuildConfig, build
-from illust2vec.data.vocab import build_vocab, write_vocab
+from illust2vec.data.vocab import build_vocab
+from illust2vec.formats.vocab import write_vocab
 from illust2vec.synth.cast import SynthConfig
 from illust2vec.synth.server import start_board
 

@@ -406,7 +406,7 @@ def test_tag_lists_from_json_and_csv(tmp_path):
     assert read_tag_lists(attribute) == TAGS
 
     selected = tmp_path / "selected_tags.csv"
-    from illust2vec.data.vocab import write_vocab
+    from illust2vec.formats.vocab import write_vocab
 
     write_vocab(tags_vocab(TAGS), selected)
     assert read_tag_lists(selected) == TAGS

@@ -143,7 +143,7 @@ def test_bad_inputs_are_one_line_errors(run_copy, synth_build, tmp_path):
         evaluate_run(EvalConfig(str(run_copy), data=str(tmp_path), workers=0))
 
     # A dataset built with another vocabulary (one tag renamed): refused before any image is read.
-    from illust2vec.data.vocab import read_vocab
+    from illust2vec.formats.vocab import read_vocab
 
     other = tmp_path / "other"
     other.mkdir()

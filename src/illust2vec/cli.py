@@ -372,9 +372,12 @@ def export_bundle(
     """Write a model bundle (weights, config, labels, thresholds; optionally ONNX) from one epoch of a run."""
     from .export import ExportConfig, export
 
-    s = export(ExportConfig(str(run), str(out), epoch, onnx, overwrite, workers, device), console=err)
-    onnx_note = f", ONNX within {s['onnx_max_abs_diff']:.1e} of torch" if "onnx_max_abs_diff" in s else ""
-    err.print(f"wrote {out} from epoch {s['epoch']} (thresholds: {s['thresholds']}{onnx_note})", highlight=False)
+    cfg = ExportConfig(
+        run=str(run), out=str(out), epoch=epoch, onnx=onnx, overwrite=overwrite, workers=workers, device=device
+    )
+    s = export(cfg, console=err)
+    onnx_note = f", ONNX within {s.onnx_max_abs_diff:.1e} of torch" if s.onnx_max_abs_diff is not None else ""
+    err.print(f"wrote {out} from epoch {s.epoch} (thresholds: {s.thresholds}{onnx_note})", highlight=False)
 
 
 @app.command()
@@ -669,15 +672,24 @@ def convert_keras_cmd(
     from .convert import ConvertConfig, convert_keras
 
     order = tuple(h.strip() for h in head_order.split(",")) if head_order else None
-    cfg = ConvertConfig(str(weights), str(tags), str(out), preprocess, size, order, onnx, overwrite)
+    cfg = ConvertConfig(
+        weights=str(weights),
+        tags=str(tags),
+        out=str(out),
+        preprocess=preprocess,
+        size=size,
+        head_order=order,
+        onnx=onnx,
+        overwrite=overwrite,
+    )
     s = convert_keras(cfg)
-    for head, layers in s["dense"].items():
+    for head, layers in s.dense.items():
         err.print(f"{head}: {layers}", highlight=False)
-    counts = ", ".join(f"{n} {h}" for h, n in s["tags"].items())
-    onnx_note = f", ONNX within {s['onnx_max_abs_diff']:.1e} of torch" if "onnx_max_abs_diff" in s else ""
+    counts = ", ".join(f"{n} {h}" for h, n in s.tags.items())
+    onnx_note = f", ONNX within {s.onnx_max_abs_diff:.1e} of torch" if s.onnx_max_abs_diff is not None else ""
     err.print(
-        f"wrote {out}: {s['layout']} weights, heads by {s['dense_resolved_by']}, {counts} tags, "
-        f"{s['image_size']} px, {s['preprocess']} preprocessing{onnx_note}",
+        f"wrote {out}: {s.layout} weights, heads by {s.dense_resolved_by}, {counts} tags, "
+        f"{s.image_size} px, {s.preprocess} preprocessing{onnx_note}",
         highlight=False,
     )
 

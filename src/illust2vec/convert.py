@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from .bundle import Thresholds, bundle_config, write_bundle_files
-from .data.vocab import CATEGORY_CODES, CATEGORY_NAMES, HEADER, Vocab, read_vocab, tag_id
+from .formats.categories import CATEGORY_CODES, CATEGORY_NAMES
+from .formats.vocab import HEADER, Vocab, read_vocab, tag_id
 from .errors import UserError
 
 log = logging.getLogger(__name__)

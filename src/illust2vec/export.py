@@ -22,7 +22,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from .bundle import ONNX_INPUT, Thresholds, bundle_config, is_bundle, read_thresholds, write_bundle_files
-from .data.vocab import read_vocab
+from .formats.vocab import read_vocab
 from .errors import UserError
 from .evaluate import EvalConfig, calibrate, eval_dir, predict_split, run_dataset
 from .models.interface import WDInterface

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from illust2vec.bundle import read_bundle
-from illust2vec.data.vocab import Vocab, write_vocab
+from illust2vec.formats.vocab import Vocab, write_vocab
 from illust2vec.infer.pipeline import discover, in_shard, parse_exclude
 from illust2vec.infer.writers import CSV_COLUMNS, KAOMOJIS, CaptionOptions
 

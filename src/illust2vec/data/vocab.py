@@ -1,17 +1,12 @@
-"""The tag vocabulary (stage 2): count the posts' tags, keep the most frequent, read and write selected_tags.csv."""
+"""`i2v vocab` (stage 2): count the posts' tags and keep the most frequent of each category, in WD's order."""
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import heapq
-import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,105 +14,96 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..booru.posts import SCHEMA, STATUSES, post_files
 from ..errors import UserError
-from ..formats.categories import CATEGORY_CODES, CATEGORY_NAMES, HEAD_ORDER, RATING_IDS, RATING_TAGS
+from ..formats.categories import CATEGORY_CODES, HEAD_ORDER, RATING_IDS, RATING_TAGS
+from ..formats.posts import SCHEMA, STATUSES, post_files
+from ..formats.vocab import Vocab, tag_id
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP = 512  # the seed's size of every head
-HEADER = ("tag_id", "name", "category", "count")
 TAGGED = ("general", "character", "copyright", "artist")  # the categories counted from the posts' tag columns
 
 
 @dataclass(frozen=True)
-class Vocab:
-    """The selected tags, in the order of the model's outputs (selected_tags.csv)."""
+class VocabConfig:
+    """Which tags `build_vocab` counts and keeps; it checks itself, so a mistake is one UserError line."""
 
-    tag_ids: tuple[int, ...]
-    names: tuple[str, ...]
-    categories: tuple[int, ...]
-    counts: tuple[int, ...]
+    top: Mapping[str, int] = field(default_factory=dict)  # category -> how many tags to keep; default_top elsewhere
+    default_top: int = DEFAULT_TOP
+    min_count: int = 1  # a tag on fewer posts is left out, whatever `top` says (the rating tags never are)
+    artist: bool = False  # give artists a head too; without it artist tags are not counted
+    aliases: Mapping[str, str] = field(default_factory=dict)  # old tag name -> new, applied before counting
+    statuses: tuple[str, ...] = ("ok",)  # the posts counted, by crawl status: by default those with a stored image
 
     def __post_init__(self) -> None:
-        if not len(self.tag_ids) == len(self.names) == len(self.categories) == len(self.counts):
-            raise ValueError("tag_ids, names, categories and counts differ in length")
-        problem = _first_problem(self.names, self.categories)
-        if problem:
-            raise ValueError(f"row {problem[0] + 1}: {problem[1]}")
+        # None for "none given", as a caller passing on an optional argument would.
+        object.__setattr__(self, "top", dict(self.top or {}))
+        object.__setattr__(self, "aliases", dict(self.aliases or {}))
+        object.__setattr__(self, "statuses", tuple(self.statuses))
+        for category, n in self.top.items():
+            if category not in TAGGED:
+                raise UserError(f"top: {category!r} is not one of {', '.join(TAGGED)}")
+            if not isinstance(n, int) or n < 0:
+                raise UserError(f"top[{category!r}] must be a whole number >= 0, not {n!r}")
+        if "artist" in self.top and not self.artist:
+            raise UserError("--top-artist needs --artist")
+        if not isinstance(self.default_top, int) or self.default_top < 0:
+            raise UserError(f"--top must be a whole number >= 0, not {self.default_top!r}")
+        if not isinstance(self.min_count, int) or self.min_count < 0:
+            raise UserError(f"--min-count must be a whole number >= 0, not {self.min_count!r}")
+        if bad := set(self.statuses) - set(STATUSES):
+            raise UserError(f"unknown statuses {sorted(bad)}; known: {', '.join(STATUSES)}")
 
-    def __len__(self) -> int:
-        return len(self.names)
-
-    @cached_property
-    def hash(self) -> str:
-        """sha256 of the (name, category) sequence: what the model's outputs mean. Counts and ids leave it alone."""
-        rows = [[n, c] for n, c in zip(self.names, self.categories, strict=True)]
-        return hashlib.sha256(json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
-
-    @cached_property
-    def heads(self) -> dict[str, tuple[int, ...]]:
-        """Head name -> its rows in the vocabulary; non-empty heads only, in HEAD_ORDER, which is the file's order."""
-        rows: dict[str, list[int]] = {}
-        for i, c in enumerate(self.categories):
-            rows.setdefault(CATEGORY_NAMES[c], []).append(i)
-        return {h: tuple(rows[h]) for h in HEAD_ORDER if h in rows}
-
-    def head_names(self, head: str) -> tuple[str, ...]:
-        """The tag names of one head, in the order of its outputs."""
-        return tuple(self.names[i] for i in self.heads[head])
-
-    @cached_property
-    def _positions(self) -> dict[str, dict[str, int]]:
-        # Built once: encode runs for every post of a multi-million-post build.
-        return {h: {name: i for i, name in enumerate(self.head_names(h))} for h in self.heads}
-
-    def encode(self, rating: str, tags: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
-        """One post's labels: head -> sorted positions, within that head, of its tags in the vocabulary.
-
-        Args:
-            rating: the post's rating code, 'g', 's', 'q' or 'e'; anything else sets no rating.
-            tags: category name ("general", "character", "copyright", "artist") -> the post's tags.
-        """
-        labels: dict[str, list[int]] = {}
-        for head, positions in self._positions.items():
-            if head == "rating":
-                pos = positions.get(RATING_TAGS.get(rating, ""))
-                labels[head] = [] if pos is None else [pos]
-            else:
-                labels[head] = sorted({positions[t] for t in tags.get(head, ()) if t in positions})
-        return labels
+    @property
+    def limits(self) -> dict[str, int]:
+        """Head -> how many tags it keeps, for the heads counted."""
+        heads = [h for h in TAGGED if h != "artist" or self.artist]
+        return {h: self.top.get(h, self.default_top) for h in heads}
 
 
-def _first_problem(names: Sequence[str], categories: Sequence[int]) -> tuple[int, str] | None:
-    """The first row (index, why) that breaks the vocabulary's rules, or None: one rule set for files and code."""
-    rank = {CATEGORY_CODES[h]: i for i, h in enumerate(HEAD_ORDER)}
-    seen: set[tuple[str, int]] = set()
-    last = 0
-    for i, (name, category) in enumerate(zip(names, categories, strict=True)):
-        if category not in rank:
-            known = ", ".join(f"{CATEGORY_CODES[h]} {h}" for h in HEAD_ORDER)
-            return i, f"category {category} is not a head's (known: {known})"
-        if not name:
-            return i, "empty tag name"
-        if (name, category) in seen:
-            return i, f"{name!r} (category {category}) is listed twice"
-        if category == CATEGORY_CODES["rating"] and name not in RATING_IDS:
-            return i, f"{name!r} is not a rating tag (those are {', '.join(RATING_IDS)})"
-        if rank[category] < last:
-            order = ", ".join(HEAD_ORDER)
-            return i, f"{name!r} (category {category}) comes after {HEAD_ORDER[last]} tags; rows go by head: {order}"
-        seen.add((name, category))
-        last = rank[category]
-    return None
+def build_vocab(dirs: Sequence[Path], cfg: VocabConfig | None = None, **options) -> Vocab:
+    """The vocabulary of crawled posts: the most frequent tags of each category, in WD's order.
 
+    Args:
+        dirs: crawl directories that `i2v crawl` wrote.
+        cfg: what to keep; or give VocabConfig's fields as keywords (`build_vocab(dirs, top={"general": 100})`).
 
-def tag_id(name: str) -> int:
-    """A stable id for a tag that the board named but did not number."""
-    # Posts carry tag names, not ids. The first 6 bytes of sha1 give the same id on every machine and crawl; 48 bits
-    # stay exact in a float64 (pandas reads selected_tags.csv into floats when a column has a gap), and they land far
-    # above Danbooru's real ids (under 10**7) and WD's rating ids (all but about one in 3*10**7 of them).
-    return int.from_bytes(hashlib.sha1(name.encode()).digest()[:6], "big")
+    Each count is the number of posts carrying the tag. Ties go by name, so the same posts give the same file.
+    Meta tags are never kept; the four rating tags always are, with their post counts.
+    """
+    if cfg is not None and options:
+        raise TypeError("build_vocab takes a VocabConfig or its fields as keywords, not both")
+    cfg = cfg or VocabConfig(**options)
+    limits = cfg.limits
+    resolved = {a: _resolve(a, cfg.aliases) for a in cfg.aliases}
+    counts = {h: Counter() for h in limits}
+    ratings: Counter = Counter()
+    posts = seen = 0
+    columns = ["rating", "status", *[f"tags_{h}" for h in limits]]
+    # One file at a time, so memory holds one file's posts, not a whole multi-million-post crawl.
+    for path in post_files(dirs):
+        table = pq.read_table(path, columns=columns, schema=SCHEMA)
+        seen += table.num_rows
+        table = table.filter(pc.is_in(table["status"], value_set=pa.array(list(cfg.statuses), pa.string())))
+        posts += table.num_rows
+        for code, n in _value_counts(table["rating"]).items():
+            if code in RATING_TAGS:
+                ratings[RATING_TAGS[code]] += n
+        for h in limits:
+            counts[h].update(_count_tags(table[f"tags_{h}"], resolved))
+    log.info("counted %d of %d posts (status %s)", posts, seen, ", ".join(cfg.statuses))
+    if not posts:
+        where = " ".join(str(d) for d in dirs)
+        raise UserError(f"{where}: no posts with status {' or '.join(cfg.statuses)} to count tags on")
+
+    rows = [(RATING_IDS[name], name, CATEGORY_CODES["rating"], ratings[name]) for name in RATING_IDS]
+    for h in HEAD_ORDER:
+        if h not in limits:
+            continue
+        kept = heapq.nsmallest(limits[h], ((-n, name) for name, n in counts[h].items() if n >= cfg.min_count))
+        rows += [(tag_id(name), name, CATEGORY_CODES[h], -neg) for neg, name in kept]
+    return Vocab(*(tuple(column) for column in zip(*rows, strict=True)))
 
 
 def _resolve(tag: str, aliases: Mapping[str, str]) -> str:
@@ -136,117 +122,6 @@ def apply_aliases(tags: Iterable[str], aliases: Mapping[str, str]) -> list[str]:
     A tag whose chain runs in a cycle is left as it is.
     """
     return list(dict.fromkeys(_resolve(t, aliases) for t in tags))
-
-
-def read_aliases(path: Path) -> dict[str, str]:
-    """Old tag name -> new from a CSV: two columns old,new, or Danbooru's tag_aliases export; a header is optional.
-
-    In Danbooru's export (columns antecedent_name, consequent_name, status, ...) only active and retired aliases
-    apply: deleted ones were undone and pending ones never took effect.
-    """
-    rows = _read_csv(path)
-    aliases: dict[str, str] = {}
-    if not rows:
-        return aliases
-    first = [c.strip().lower() for c in rows[0][1]]
-    old, new, status = 0, 1, None
-    if "antecedent_name" in first and "consequent_name" in first:
-        old, new = first.index("antecedent_name"), first.index("consequent_name")
-        status = first.index("status") if "status" in first else None
-        rows = rows[1:]
-    elif first == ["old", "new"]:
-        rows = rows[1:]
-    width = max(old, new, -1 if status is None else status) + 1
-    for line, row in rows:
-        if len(row) < width or (status is None and len(row) != 2):
-            raise UserError(f"{path}:{line}: expected {'two columns old,new' if status is None else width} fields")
-        if status is not None and row[status].strip() not in ("active", "retired"):
-            continue
-        a, b = row[old].strip(), row[new].strip()
-        if not a or not b:
-            raise UserError(f"{path}:{line}: empty tag name")
-        if aliases.get(a, b) != b:
-            raise UserError(f"{path}:{line}: {a!r} is aliased to both {aliases[a]!r} and {b!r}")
-        aliases[a] = b
-    return aliases
-
-
-def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
-    """The non-blank rows of a CSV file with their line numbers; a UserError for a file that cannot be read."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, strict=True)
-            return [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a CSV file") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{path}: not a readable CSV file ({e})") from None
-
-
-def build_vocab(
-    dirs: Sequence[Path],
-    top: Mapping[str, int] | None = None,
-    min_count: int = 1,
-    artist: bool = False,
-    aliases: Mapping[str, str] | None = None,
-    statuses: Sequence[str] = ("ok",),
-) -> Vocab:
-    """The vocabulary of crawled posts: the most frequent tags of each category, in WD's order.
-
-    Args:
-        dirs: crawl directories that `i2v crawl` wrote.
-        top: category -> how many tags to keep (general, character, copyright, artist); 512 where not given.
-        min_count: a tag on fewer posts is left out, whatever `top` says (the rating tags never are).
-        artist: give artists a head too; without it artist tags are not counted.
-        aliases: old tag name -> new, applied before counting, so a renamed tag's posts count once, under the new name.
-        statuses: the posts to count, by crawl status; by default those whose image was stored (a model learns
-            only from those).
-
-    Each count is the number of posts carrying the tag. Ties go by name, so the same posts give the same file.
-    Meta tags are never kept; the four rating tags always are, with their post counts.
-    """
-    heads = [h for h in TAGGED if h != "artist" or artist]
-    limits = {h: DEFAULT_TOP for h in heads}
-    for category, n in (top or {}).items():
-        if category not in TAGGED:
-            raise ValueError(f"top: {category!r} is not one of {', '.join(TAGGED)}")
-        if n < 0:
-            raise ValueError(f"top[{category!r}] is negative")
-        if category in limits:
-            limits[category] = n
-    if bad := set(statuses) - set(STATUSES):
-        raise ValueError(f"unknown statuses {sorted(bad)}; known: {', '.join(STATUSES)}")
-    resolved = {a: _resolve(a, aliases) for a in aliases} if aliases else {}
-
-    counts = {h: Counter() for h in heads}
-    ratings: Counter = Counter()
-    posts = seen = 0
-    columns = ["rating", "status", *[f"tags_{h}" for h in heads]]
-    # One file at a time, so memory holds one file's posts, not a whole multi-million-post crawl.
-    for path in post_files(dirs):
-        table = pq.read_table(path, columns=columns, schema=SCHEMA)
-        seen += table.num_rows
-        table = table.filter(pc.is_in(table["status"], value_set=pa.array(list(statuses), pa.string())))
-        posts += table.num_rows
-        for code, n in _value_counts(table["rating"]).items():
-            if code in RATING_TAGS:
-                ratings[RATING_TAGS[code]] += n
-        for h in heads:
-            counts[h].update(_count_tags(table[f"tags_{h}"], resolved))
-    log.info("counted %d of %d posts (status %s)", posts, seen, ", ".join(statuses))
-    if not posts:
-        where = " ".join(str(d) for d in dirs)
-        raise UserError(f"{where}: no posts with status {' or '.join(statuses)} to count tags on")
-
-    rows = [(RATING_IDS[name], name, CATEGORY_CODES["rating"], ratings[name]) for name in RATING_IDS]
-    for h in HEAD_ORDER:
-        if h not in limits:
-            continue
-        kept = heapq.nsmallest(limits[h], ((-n, name) for name, n in counts[h].items() if n >= min_count))
-        rows += [(tag_id(name), name, CATEGORY_CODES[h], -neg) for neg, name in kept]
-    return Vocab(*(tuple(column) for column in zip(*rows, strict=True)))
 
 
 def _value_counts(values: pa.ChunkedArray) -> dict[str, int]:
@@ -279,42 +154,3 @@ def _count_tags(lists: pa.ChunkedArray, aliases: Mapping[str, str]) -> dict[str,
     first[1:] = pairs[1:] != pairs[:-1]
     per_tag = np.bincount(pairs[first] % len(names), minlength=len(names))
     return {name: int(n) for name, n in zip(names, per_tag, strict=True) if n}
-
-
-def write_vocab(vocab: Vocab, path: Path) -> None:
-    """Write selected_tags.csv with exactly WD's columns tag_id,name,category,count; atomically (temp, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(HEADER)
-        writer.writerows(zip(vocab.tag_ids, vocab.names, vocab.categories, vocab.counts, strict=True))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_vocab(path: Path) -> Vocab:
-    """Read selected_tags.csv (ours or a WD tagger's), checking it; a UserError names the file and line of a fault."""
-    rows = _read_csv(path)
-    if not rows:
-        raise UserError(f"{path}: empty file; expected the header {','.join(HEADER)}")
-    line, header = rows[0]
-    if tuple(c.strip() for c in header) != HEADER:
-        raise UserError(f"{path}:{line}: the header must be {','.join(HEADER)}, not {','.join(header)}")
-    columns: tuple[list, ...] = ([], [], [], [])
-    lines = []
-    for line, row in rows[1:]:
-        if len(row) != len(HEADER):
-            raise UserError(f"{path}:{line}: {len(row)} fields where {','.join(HEADER)} are 4")
-        try:
-            values = (int(row[0]), row[1], int(row[2]), int(row[3]))
-        except ValueError:
-            raise UserError(f"{path}:{line}: tag_id, category and count must be integers: {','.join(row)}") from None
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-        lines.append(line)
-    if problem := _first_problem(columns[1], columns[2]):
-        raise UserError(f"{path}:{lines[problem[0]]}: {problem[1]}")
-    return Vocab(*(tuple(c) for c in columns))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data.vocab import Vocab, read_vocab, write_vocab
+from .formats.vocab import Vocab, read_vocab, write_vocab
 from .errors import UserError
 
 FORMAT = "illust2vec-bundle"

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import DEFAULT_THRESHOLDS, BundleInfo, Labels, Thresholds, is_bundle, read_bundle
-from ..data.vocab import read_vocab
+from ..formats.vocab import read_vocab
 from ..errors import UserError
 from .backends import OnnxBackend, TorchBackend, onnx_backend, onnx_input_size, torch_backend
 from .preprocess import load_batch

@@ -14,7 +14,7 @@ import torch
 from timm.models import get_pretrained_cfg
 from torch import Tensor, nn
 
-from ..data.vocab import HEAD_ORDER
+from ..formats.categories import HEAD_ORDER
 from .seed import I2VVGG16, SEED_BACKBONE, SEED_WIDTH, load_imagenet_vgg16, seed_head
 
 ACTIVATIONS = ("sigmoid", "softmax")
