@@ -117,30 +117,23 @@ def crawl(
     dry_run: bool = typer.Option(False, help="List the posts and count them; download and write nothing."),
 ) -> None:
     """Crawl a board: posts to Parquet, images verified and written to tar shards; resumable."""
-    from .booru.client import USER_AGENT
-    from .booru.crawl import CrawlConfig, parse_ids, parse_shard, print_summary
+    from .booru.crawl import CrawlConfig, print_summary
     from .booru.crawl import crawl as run_crawl
     from .booru.sites import load_auth
 
-    if image_size == "original":
-        size = None
-    elif image_size.isdigit() and int(image_size) >= 16:
-        size = int(image_size)
-    else:
-        raise UserError(f"--image-size takes a number of pixels (at least 16) or 'original', not {image_size!r}")
     cfg = CrawlConfig(
         url=url,
         out=out,
         site=site,
         tags=tags,
-        ids=parse_ids(ids) if ids else None,
-        shard=parse_shard(shard),
+        ids=ids,
+        shard=shard,
         limit=limit,
         concurrency=concurrency,
         api_rate=api_rate,
         file_rate=file_rate,
-        image_size=size,
-        user_agent=user_agent or USER_AGENT,
+        image_size=image_size,
+        user_agent=user_agent,
         keep_non_images=keep_non_images,
         shard_size=shard_size,
         dry_run=dry_run,
@@ -148,7 +141,7 @@ def crawl(
     auth = load_auth(login, api_key, key_file=key_file)
     result = run_crawl(cfg, auth, console=err)
     if dry_run:
-        print(json.dumps(result))
+        print(json.dumps(result.as_dict()))
         return
     print_summary(result, err)
     if result.failed:
@@ -161,7 +154,7 @@ def export_csv(
     out: Path = typer.Option(None, help="CSV file to write (default: stdout)."),
 ) -> None:
     """Write the crawled posts as the seed's tags.csv: id, md5, rating, tags per category."""
-    from .booru.posts import export_csv as write_csv
+    from .formats.posts import export_csv as write_csv
 
     if out is None:
         rows = write_csv(dirs)

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from illust2vec.booru.crawl import CrawlConfig, DiskFull, crawl, parse_ids, parse_shard, shard_ranges
-from illust2vec.booru.posts import export_csv, read_posts
-from illust2vec.formats import shards
+from illust2vec.booru.crawl import CrawlConfig, DiskFull, crawl, parse_ids
+from illust2vec.booru.lister import shard_ranges
 from illust2vec.errors import UserError
+from illust2vec.formats import shards
+from illust2vec.formats.posts import export_csv, read_posts
 from illust2vec.synth.cast import SynthConfig
 from illust2vec.synth.server import Faults, start_board
+from illust2vec.util.shard import parse_shard
 
 FAST = dict(api_rate=200.0, file_rate=200.0, backoff=0.01, decoders=2, concurrency=8, flush_seconds=0.5)
 
@@ -26,7 +28,7 @@ def fast_config(url: str, out: Path, **kw) -> CrawlConfig:
 def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
     """Every sample in the crawl's tar shards, by key; fails on a key seen twice."""
     samples: dict[str, dict[str, bytes]] = {}
-    for key, files in shards.iter_samples(sorted((out / "images").glob("*.tar"))):
+    for key, files in shards.iter_samples(shards.image_shards(out)):
         assert key not in samples, f"{key} is in two samples"
         samples[key] = files
     return samples

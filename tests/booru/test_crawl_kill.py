@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from illust2vec.booru.posts import read_posts
+from illust2vec.formats.posts import read_posts
 from illust2vec.synth.cast import SynthConfig
 from illust2vec.synth.server import Faults, start_board
 

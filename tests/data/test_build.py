@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from illust2vec.booru.posts import post_record, read_posts, write_posts
-from illust2vec.booru.sites import Post
+from illust2vec.booru.sites import Post, post_record
 from illust2vec.formats import shards
 from illust2vec.data.build import BuildConfig, build, split_of
 from illust2vec.data.vocab import Vocab, read_vocab, write_vocab
 from illust2vec.errors import UserError
+from illust2vec.formats.posts import read_posts, write_posts
 from illust2vec.formats.shards import ShardWriter, iter_samples
 
 

@@ -7,7 +7,7 @@ import html
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from urllib.parse import urljoin, urlsplit
 
 from ..errors import UserError
 from ..formats.categories import ARTIST, CATEGORY_CODES, CHARACTER, COPYRIGHT, GENERAL, META, POST_CATEGORIES
+from ..formats.posts import make_row
 
 RATINGS = ("g", "s", "q", "e")  # Danbooru's codes; every site maps onto them
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "avif")
@@ -54,6 +55,11 @@ class Post:
     def is_image(self) -> bool:
         """Whether the file is a still or animated picture (not a video, ugoira zip or flash)."""
         return self.file_ext in IMAGE_EXTS
+
+
+def post_record(post: Post, status: str, reason: str = "", shard: str | None = None) -> dict:
+    """The post as one row of the posts table (formats/posts.py)."""
+    return make_row(asdict(post), status, reason, shard)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..booru.posts import read_posts
 from ..errors import UserError, is_disk_full
+from ..formats.posts import read_posts
 from ..formats.shards import Member, ShardWriter, index_shard, read_member, sample_json
 from ..util.cores import cores
 from ..util.images import BadImage, load_rgb, pad_square

@@ -1,4 +1,5 @@
-"""WebDataset-style tar shards: a writer that never leaves a half shard looking whole, and readers."""
+"""WebDataset-style tar shards: a writer that never leaves a half shard looking whole, readers, and the crawl's
+raw image shards (`images/NNNNNN.tar`, each post as `{md5}.{ext}` and `{md5}.json`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+TMP = ".tmp"  # a shard being written is NAME.tmp until it is whole
+IMAGES_DIR = "images"  # in a crawl directory
+IMAGE_SHARDS = IMAGES_DIR + "/{index:06d}.tar"  # a crawl's raw image shards, relative to its directory
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class ShardWriter:
     def add(self, key: str, files: dict[str, bytes]) -> None:
         """Add one sample: `files` maps an extension (jpg, json, ...) to its bytes."""
         if self._tar is None:
-            path = self.root / (self.name + ".tmp")
+            path = self.root / (self.name + TMP)
             path.parent.mkdir(parents=True, exist_ok=True)
             # Kept open across calls and closed in close(): a context manager cannot span them.
             self._file = open(path, "wb")  # noqa: SIM115
@@ -65,7 +70,7 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.root / (self.name + ".tmp"), self.root / self.name)
+        os.replace(self.root / (self.name + TMP), self.root / self.name)
         info = ShardInfo(self.name, self.count, self.bytes)
         self._tar, self._file = None, None
         self.count, self.bytes = 0, 0
@@ -78,7 +83,7 @@ class ShardWriter:
             for closable in (self._tar, self._file):
                 with contextlib.suppress(OSError):
                     closable.close()
-            (self.root / (self.name + ".tmp")).unlink(missing_ok=True)
+            (self.root / (self.name + TMP)).unlink(missing_ok=True)
         self._tar, self._file = None, None
         self.count, self.bytes = 0, 0
 
@@ -139,3 +144,21 @@ def read_member(member: Member) -> bytes:
 def sample_json(record: dict) -> bytes:
     """A sample's `.json` member."""
     return json.dumps(record, ensure_ascii=False, sort_keys=True, default=str).encode()
+
+
+def image_sample(md5: str, ext: str, data: bytes, meta: dict) -> tuple[str, dict[str, bytes]]:
+    """A raw image shard's sample, as (key, files) for ShardWriter.add: the file as `{md5}.{ext}` (jpg, png, ...,
+    or zip/mp4 when a crawl keeps non-images), its post record as `{md5}.json`."""
+    return md5, {ext: data, "json": sample_json(meta)}
+
+
+def image_shards(crawl_dir: Path) -> list[Path]:
+    """The raw image shards of a crawl directory, in order."""
+    return sorted((Path(crawl_dir) / IMAGES_DIR).glob("*.tar"))
+
+
+def image_members(path: Path) -> dict[str, Member]:
+    """The files of a raw image shard by md5 (their `.json` records left out); empty when the shard is missing."""
+    if not Path(path).is_file():
+        return {}
+    return {m.key: m for m in index_shard(path) if m.ext != "json"}

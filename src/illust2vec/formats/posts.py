@@ -1,12 +1,15 @@
-"""The posts table (DESIGN.md's Parquet contract between crawl and the later stages): schema, write, read, CSV."""
+"""The posts table of a crawl directory (Parquet, `posts/*.parquet`): schema, statuses, write, read, the CSV export.
+
+`i2v crawl` writes it; `i2v vocab`, `i2v build` and `i2v export-csv` read it. A crawl directory holds numbered parts
+(`posts/000000.parquet`, ...) and `posts/failed.parquet`, the posts whose file could not be had this time.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TextIO
@@ -15,11 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import UserError
-from ..formats.categories import POST_CATEGORIES
-from .sites import Post
+from .categories import POST_CATEGORIES
 
 CATEGORIES = POST_CATEGORIES
-STATUSES = ("ok", "no_file", "not_image", "failed")
+STATUSES = ("ok", "no_file", "not_image", "failed")  # what became of a post's file; the words users see
+POSTS_DIR = "posts"  # in a crawl directory
+PARTS = POSTS_DIR + "/{index:06d}.parquet"  # a crawl's numbered parts, relative to its directory
+FAILED = POSTS_DIR + "/failed.parquet"  # the posts that failed, rewritten at the end of every run
+STATE = "crawl.sqlite"  # the crawler's resume state: a crawl directory may hold it before it holds any part
 _tags = pa.list_(pa.string())
 SCHEMA = pa.schema(
     [
@@ -43,13 +49,13 @@ SCHEMA = pa.schema(
 )
 
 
-def post_record(post: Post, status: str, reason: str = "", shard: str | None = None) -> dict:
-    """One row of the posts table."""
-    record = asdict(post)
+def make_row(fields: Mapping, status: str, reason: str = "", shard: str | None = None) -> dict:
+    """One row of the posts table from a post's fields (the schema's names; tags as any sequence)."""
+    row = {name: fields.get(name) for name in SCHEMA.names}
     for c in CATEGORIES:
-        record[f"tags_{c}"] = list(record[f"tags_{c}"])
-    record.update(status=status, reason=reason, shard=shard)
-    return {name: record.get(name) for name in SCHEMA.names}
+        row[f"tags_{c}"] = list(fields.get(f"tags_{c}") or ())
+    row.update(status=status, reason=reason, shard=shard)
+    return row
 
 
 def record_to_json(record: dict) -> dict:
@@ -58,6 +64,7 @@ def record_to_json(record: dict) -> dict:
 
 
 def record_from_json(data: dict) -> dict:
+    """A row back from `record_to_json`'s values."""
     value = data.get("created_at")
     return {**data, "created_at": datetime.fromisoformat(value) if value else None}
 
@@ -72,12 +79,17 @@ def write_posts(path: Path, records: Sequence[dict]) -> None:
     os.replace(tmp, path)
 
 
+def part_files(crawl_dir: Path) -> list[Path]:
+    """The numbered parts of one crawl directory (not failed.parquet), in order."""
+    return sorted((crawl_dir / POSTS_DIR).glob("[0-9]*.parquet"))
+
+
 def post_files(dirs: Iterable[Path]) -> list[Path]:
     """Every posts Parquet file of these crawl directories; a UserError names a directory that holds none."""
     files: list[Path] = []
     for d in dirs:
-        found = sorted((Path(d) / "posts").glob("*.parquet"))
-        if not found and not (Path(d) / "crawl.sqlite").exists():
+        found = sorted((Path(d) / POSTS_DIR).glob("*.parquet"))
+        if not found and not (Path(d) / STATE).exists():
             raise UserError(f"{d}: no posts/*.parquet here; is it a directory that `i2v crawl` wrote?")
         files += found
     return files
