@@ -22,8 +22,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from illust2vec.data.vocab import CATEGORY_CODES, RATING_IDS, Vocab, tag_id
 from illust2vec.formats.bundle import Thresholds, save_bundle
+from illust2vec.formats.categories import CATEGORY_CODES, RATING_IDS
+from illust2vec.formats.vocab import Vocab, tag_id
 
 
 def save_random_bundle(arch: str, out: Path, tags: int = 512) -> Path:

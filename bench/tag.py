@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 
-from illust2vec.data.vocab import CATEGORY_CODES, HEAD_ORDER, RATING_IDS, RATING_TAGS, Vocab, tag_id
+from illust2vec.formats.categories import CATEGORY_CODES, HEAD_ORDER, RATING_IDS, RATING_TAGS
+from illust2vec.formats.vocab import Vocab, tag_id
 from illust2vec.infer.pipeline import TagConfig, tag_files
 from illust2vec.infer.preprocess import load_batch
 from illust2vec.infer.tagger import Tagger

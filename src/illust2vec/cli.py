@@ -178,19 +178,18 @@ def vocab(
     aliases: Path = typer.Option(None, help="CSV of tag renames old,new (or Danbooru's tag_aliases)."),
 ) -> None:
     """Choose the tag vocabulary: the most frequent tags of each category in the crawled posts, as selected_tags.csv."""
-    from .data.vocab import build_vocab, read_aliases, write_vocab
+    from .data.vocab import VocabConfig, build_vocab
+    from .formats.vocab import read_aliases, write_vocab
 
-    if top_artist is not None and not artist:
-        raise UserError("--top-artist needs --artist")
     given = {"general": top_general, "character": top_character, "copyright": top_copyright, "artist": top_artist}
-    renames = read_aliases(aliases) if aliases else None
-    result = build_vocab(
-        dirs,
-        top={c: top if n is None else n for c, n in given.items()},
+    cfg = VocabConfig(
+        top={c: n for c, n in given.items() if n is not None},
+        default_top=top,
         min_count=min_count,
         artist=artist,
-        aliases=renames,
+        aliases=read_aliases(aliases) if aliases else None,
     )
+    result = build_vocab(dirs, cfg)
     write_vocab(result, out)
     for head, rows in result.heads.items():
         counts = [result.counts[i] for i in rows]
