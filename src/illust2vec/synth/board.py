@@ -26,6 +26,7 @@ from .cast import (
     OUTFITS,
     RATING_TAGS,
     RATING_WEIGHTS,
+    Character,
     SynthConfig,
     World,
     make_world,
@@ -65,6 +66,17 @@ class SynthPost:
     @property
     def tag_string(self) -> str:
         return " ".join(sorted(t for group in self.tags.values() for t in group))
+
+    @property
+    def is_hidden(self) -> bool:
+        """Whether the board hides the post's file from anonymous users: deleted or banned."""
+        return self.is_deleted or self.is_banned
+
+
+def unit(seed: int, label: str, n: int) -> float:
+    """A uniform number in [0, 1) that depends only on its arguments, for draws that must not share a stream."""
+    digest = hashlib.blake2b(f"{seed}/{label}/{n}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def scene_tags(scene: Scene) -> list[str]:
@@ -135,118 +147,169 @@ def _figure(rng: random.Random, world: World, cast_member) -> Figure:
     return Figure(expression=expression, **traits)
 
 
+@dataclass(frozen=True)
+class _Odds:
+    """How likely each character and artist is to be drawn, and who shares a series: fixed for a world."""
+
+    characters: list[float]
+    artists: list[float]
+    by_series: dict[str, list[int]]  # series name -> indices of its characters
+
+    @classmethod
+    def of(cls, world: World) -> _Odds:
+        by_series: dict[str, list[int]] = {}
+        for i, c in enumerate(world.characters):
+            by_series.setdefault(c.series, []).append(i)
+        artists = [1.0 / (k + 1) ** 0.8 for k in range(len(world.artists))]
+        return cls(world.character_weights, artists, by_series)
+
+
 def make_posts(world: World) -> list[SynthPost]:
     """Generate every post's metadata and scene (cheap: no pixels are drawn here)."""
     cfg = world.config
     rng = random.Random(f"posts-{cfg.seed}")
-    by_series: dict[str, list[int]] = {}
-    for i, c in enumerate(world.characters):
-        by_series.setdefault(c.series, []).append(i)
-    weights = world.character_weights
-    artist_weights = [1.0 / (k + 1) ** 0.8 for k in range(len(world.artists))]
+    odds = _Odds.of(world)
     posts: list[SynthPost] = []
     post_id = 0
     for _ in range(cfg.posts):
         post_id += rng.choices([1, 2, 3, 7], weights=[0.8, 0.12, 0.06, 0.02])[0]
-        prng = random.Random(f"post-{cfg.seed}-{post_id}")
-        ext, encoding = _format(prng, cfg)
-        width, height = _size(prng, cfg)
-        parent = prng.choice(posts[-50:]) if posts and prng.random() < cfg.child_fraction else None
-        if parent is not None and not parent.scene.figures:
-            parent = None
-        if parent is not None:  # a variant: the same picture with another expression
-            figures = tuple(replace(f, expression=_figure(prng, world, None).expression) for f in parent.scene.figures)
-            chars, series_tags, artist = parent.tags["character"], parent.tags["copyright"], parent.scene.artist
-            base = parent.scene
-            scene = replace(base, figures=figures, seed=prng.randrange(2**31), width=width, height=height)
-            rating = base.rating
-        else:
-            n = prng.choices([1, 2, 3], weights=[0.72, 0.2, 0.08])[0]
-            original = prng.random() < cfg.original_fraction or not world.characters
-            if original:
-                members = [None] * n
-                chars, series_tags = [], ["original"]
-                palette_src = prng.choice(world.series) if world.series else None
-            else:
-                first = prng.choices(range(len(world.characters)), weights=weights)[0]
-                picks = [first]
-                for _ in range(n - 1):
-                    same = [i for i in by_series[world.characters[first].series] if i not in picks]
-                    if same and prng.random() < 0.8:
-                        picks.append(prng.choices(same, weights=[weights[i] for i in same])[0])
-                    else:
-                        rest = [i for i in range(len(world.characters)) if i not in picks]
-                        if rest:
-                            picks.append(prng.choices(rest, weights=[weights[i] for i in rest])[0])
-                members = [world.characters[i] for i in picks]
-                chars = sorted({c.name for c in members})
-                series_tags = sorted({c.series for c in members})
-                palette_src = next(s for s in world.series if s.name == members[0].series)
-            figures = tuple(_figure(prng, world, m) for m in members)
-            rating = prng.choices(list(RATING_WEIGHTS), weights=list(RATING_WEIGHTS.values()))[0]
-            if encoding.get("alpha"):
-                background = "transparent"
-            elif palette_src is not None and prng.random() < 0.7:
-                background = palette_src.background
-            else:
-                background = prng.choice(list(BACKGROUNDS))
-            palette = palette_src.palette if palette_src else ((201, 201, 211), (135, 181, 231), (111, 171, 91))
-            artist = prng.choices(world.artists, weights=artist_weights)[0]
-            scene = Scene(
-                width=width,
-                height=height,
-                figures=figures,
-                framing=prng.choices(FRAMINGS, weights=[0.2, 0.35, 0.25, 0.2])[0],
-                background=background,
-                palette=palette,
-                rating=rating,
-                artist=artist,
-                props=tuple(p for p in world.props if prng.random() < 0.15),
-                seed=prng.randrange(2**31),
-            )
-        if encoding.get("alpha") and scene.background != "transparent":
-            encoding = {**encoding, "alpha": False}
-        if scene.background == "transparent" and not encoding.get("alpha"):
-            scene = replace(scene, background="white")
-        true_general = scene_tags(scene)
-        # Label noise: boards miss tags; the truth stays in true_general for evaluation.
-        general = [t for t in true_general if prng.random() >= cfg.label_noise]
-        meta = []
-        if width >= 1600 or height >= 1200:
-            meta.append("highres")
-        if ext == "zip":
-            meta += ["animated", "ugoira"]
-        elif ext == "mp4":
-            meta += ["animated", "video"]
-        if prng.random() < 0.1:
-            meta.append("commentary_request")
-        tags = {
-            "general": general,
-            "character": list(chars),
-            "copyright": list(series_tags),
-            "artist": [artist.name] if artist else [],
-            "meta": sorted(meta),
-        }
-        posts.append(
-            SynthPost(
-                id=post_id,
-                created_at=EPOCH + timedelta(hours=post_id * 1.7, seconds=prng.randrange(3600)),
-                rating=rating,
-                score=int(prng.paretovariate(1.5) * 3) - 2,
-                source=f"https://www.pixiv.net/artworks/{40_000_000 + post_id * 13}" if prng.random() < 0.6 else "",
-                parent_id=parent.id if parent is not None else None,
-                is_deleted=prng.random() < cfg.deleted_fraction,
-                is_banned=prng.random() < cfg.banned_fraction,
-                file_ext=ext,
-                width=width,
-                height=height,
-                tags=tags,
-                true_general=tuple(true_general),
-                scene=scene,
-                encoding=encoding,
-            )
-        )
+        posts.append(_make_post(post_id, world, odds, posts))
     return posts
+
+
+def _make_post(post_id: int, world: World, odds: _Odds, earlier: list[SynthPost]) -> SynthPost:
+    """One post. It draws from its own random stream, seeded by its id, in a fixed order: same seed, same post."""
+    cfg = world.config
+    prng = random.Random(f"post-{cfg.seed}-{post_id}")
+    ext, encoding = _format(prng, cfg)
+    width, height = _size(prng, cfg)
+    parent = None
+    if earlier and prng.random() < cfg.child_fraction:
+        parent = prng.choice(earlier[-50:])
+        if not parent.scene.figures:
+            parent = None
+    if parent is not None:
+        scene, chars, series_tags = _variant(prng, parent, world, width, height)
+    else:
+        scene, chars, series_tags = _new_picture(prng, world, odds, encoding.get("alpha", False), width, height)
+    # A picture with an alpha channel and a transparent background go together.
+    if encoding.get("alpha") and scene.background != "transparent":
+        encoding = {**encoding, "alpha": False}
+    if scene.background == "transparent" and not encoding.get("alpha"):
+        scene = replace(scene, background="white")
+    true_general = scene_tags(scene)
+    tags = _board_tags(prng, cfg, scene, true_general, ext, chars, series_tags)
+    return SynthPost(
+        id=post_id,
+        created_at=EPOCH + timedelta(hours=post_id * 1.7, seconds=prng.randrange(3600)),
+        rating=scene.rating,
+        score=int(prng.paretovariate(1.5) * 3) - 2,
+        source=f"https://www.pixiv.net/artworks/{40_000_000 + post_id * 13}" if prng.random() < 0.6 else "",
+        parent_id=parent.id if parent is not None else None,
+        is_deleted=prng.random() < cfg.deleted_fraction,
+        is_banned=prng.random() < cfg.banned_fraction,
+        file_ext=ext,
+        width=width,
+        height=height,
+        tags=tags,
+        true_general=tuple(true_general),
+        scene=scene,
+        encoding=encoding,
+    )
+
+
+def _variant(
+    prng: random.Random, parent: SynthPost, world: World, width: int, height: int
+) -> tuple[Scene, list[str], list[str]]:
+    """A variant of the parent's picture: the same figures with other expressions; its characters and copyrights."""
+    figures = tuple(replace(f, expression=_figure(prng, world, None).expression) for f in parent.scene.figures)
+    scene = replace(parent.scene, figures=figures, seed=prng.randrange(2**31), width=width, height=height)
+    return scene, parent.tags["character"], parent.tags["copyright"]
+
+
+def _new_picture(
+    prng: random.Random, world: World, odds: _Odds, alpha: bool, width: int, height: int
+) -> tuple[Scene, list[str], list[str]]:
+    """A new picture of one to three figures (cast members, or original characters); its characters and copyrights."""
+    n = prng.choices([1, 2, 3], weights=[0.72, 0.2, 0.08])[0]
+    if prng.random() < world.config.original_fraction or not world.characters:
+        members: list[Character | None] = [None] * n
+        chars, series_tags = [], ["original"]
+        palette_src = prng.choice(world.series) if world.series else None
+    else:
+        members = list(_pick_cast(prng, world, odds, n))
+        chars = sorted({c.name for c in members})
+        series_tags = sorted({c.series for c in members})
+        palette_src = next(s for s in world.series if s.name == members[0].series)
+    figures = tuple(_figure(prng, world, m) for m in members)
+    rating = prng.choices(list(RATING_WEIGHTS), weights=list(RATING_WEIGHTS.values()))[0]
+    if alpha:
+        background = "transparent"
+    elif palette_src is not None and prng.random() < 0.7:
+        background = palette_src.background
+    else:
+        background = prng.choice(list(BACKGROUNDS))
+    palette = palette_src.palette if palette_src else ((201, 201, 211), (135, 181, 231), (111, 171, 91))
+    artist = prng.choices(world.artists, weights=odds.artists)[0]
+    scene = Scene(
+        width=width,
+        height=height,
+        figures=figures,
+        framing=prng.choices(FRAMINGS, weights=[0.2, 0.35, 0.25, 0.2])[0],
+        background=background,
+        palette=palette,
+        rating=rating,
+        artist=artist,
+        props=tuple(p for p in world.props if prng.random() < 0.15),
+        seed=prng.randrange(2**31),
+    )
+    return scene, chars, series_tags
+
+
+def _pick_cast(prng: random.Random, world: World, odds: _Odds, n: int) -> list[Character]:
+    """n distinct characters, popular ones more often; later picks come from the first one's series 80% of the time."""
+    weights = odds.characters
+    first = prng.choices(range(len(world.characters)), weights=weights)[0]
+    picks = [first]
+    for _ in range(n - 1):
+        same = [i for i in odds.by_series[world.characters[first].series] if i not in picks]
+        if same and prng.random() < 0.8:
+            picks.append(prng.choices(same, weights=[weights[i] for i in same])[0])
+        else:
+            rest = [i for i in range(len(world.characters)) if i not in picks]
+            if rest:
+                picks.append(prng.choices(rest, weights=[weights[i] for i in rest])[0])
+    return [world.characters[i] for i in picks]
+
+
+def _board_tags(
+    prng: random.Random,
+    cfg: SynthConfig,
+    scene: Scene,
+    true_general: list[str],
+    ext: str,
+    chars: list[str],
+    series_tags: list[str],
+) -> dict[str, list[str]]:
+    """The tags the board shows, by category: the true general tags less label noise, and meta tags of the file."""
+    # Label noise: boards miss tags; the truth stays in true_general for evaluation.
+    general = [t for t in true_general if prng.random() >= cfg.label_noise]
+    meta = []
+    if scene.width >= 1600 or scene.height >= 1200:
+        meta.append("highres")
+    if ext == "zip":
+        meta += ["animated", "ugoira"]
+    elif ext == "mp4":
+        meta += ["animated", "video"]
+    if prng.random() < 0.1:
+        meta.append("commentary_request")
+    return {
+        "general": general,
+        "character": list(chars),
+        "copyright": list(series_tags),
+        "artist": [scene.artist.name] if scene.artist else [],
+        "meta": sorted(meta),
+    }
 
 
 def draw_post(post: SynthPost, pixel_noise: float = 0.0) -> Image.Image:
