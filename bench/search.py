@@ -151,7 +151,7 @@ def quality(args: argparse.Namespace) -> None:
             tagger=tagger,
         )
         seconds = time.perf_counter() - t0
-        index, _ = build_index([root / "v.parquet"], root / "index", IndexParams(kind="flat"))
+        index = build_index([root / "v.parquet"], root / "index", IndexParams(kind="flat")).index
         # near-duplicates: copies of the first queries, halved with Lanczos and re-encoded as JPEG quality 75
         originals = held[: args.copies]
         copies = []

@@ -526,17 +526,11 @@ def index_build(
     ef_search: int = typer.Option(128, min=1, help="hnsw: candidates kept while searching."),
 ) -> None:
     """Build a searchable index of feature vectors, with their ids, paths and tags."""
-    import time
-
     from .search import IndexParams, build_index
 
-    t0 = time.perf_counter()
     params = IndexParams(kind=kind, nlist=nlist, nprobe=nprobe, ef_search=ef_search)
-    index, duplicates = build_index([str(v) for v in vectors], out, params)
-    note = f"; {duplicates} rows with an id seen before left out" if duplicates else ""
-    seconds = time.perf_counter() - t0
-    summary = f"{out}: {index.kind} index of {len(index)} vectors ({index.dim}-d) in {seconds:.1f} s{note}"
-    err.print(summary, highlight=False, soft_wrap=True)
+    summary = build_index([str(v) for v in vectors], out, params)
+    err.print(summary.line(), highlight=False, soft_wrap=True)
 
 
 def _print_hits(rows: list[dict], format: str, title: str) -> None:
@@ -566,13 +560,29 @@ def similar(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """The images most like a query image, best first (the query itself first when it is in the index)."""
-    from .search.similar import SimilarConfig
-    from .search.similar import similar as find_similar
+    from .formats.vectors import model_meta
+    from .infer.tagger import Tagger
+    from .search import SimilarConfig, VectorIndex, check_model
+    from .search import similar as find_similar
+    from .util.images import BadImage
 
     if format not in ("table", "json"):
         raise UserError(f"--format must be table or json, not {format!r}")
-    cfg = SimilarConfig(str(index), image, id, model, k, tags, backend, device)
-    hits = find_similar(cfg)
+    cfg = SimilarConfig(index=str(index), image=image, id=id, k=k, tags=tags)
+    vi = VectorIndex.load(index)
+    query = None
+    if image is not None:  # embedded here, with the index's model: search never loads a model
+        if not model:
+            raise UserError("a query image needs the model its index was built with: --model BUNDLE")
+        if not Path(image).is_file():
+            raise UserError(f"{image}: no such image file")
+        tagger = Tagger.load(model, backend=backend, device=device)
+        check_model(vi, model_meta(tagger), model)
+        try:
+            query = tagger.extract_feature([image], normalize=True)[0]
+        except BadImage as e:
+            raise UserError(f"{image}: {e}") from None
+    hits = find_similar(cfg, vi, query)
     _print_hits([h.to_json() for h in hits], format, f"most similar to {image or id}")
     if not hits:
         err.print("no image in the index passes --tags", highlight=False)
@@ -587,24 +597,18 @@ def dedup(
     format: str = typer.Option("table", help="table or json (a list of groups, each a list of {path, id, score})."),
 ) -> None:
     """Groups of near-duplicate images (resized, re-encoded copies): each group's first image, then its copies."""
-    from .search import VectorIndex, find_duplicates
-    from .search.similar import DEFAULT_DEDUP_THRESHOLD
+    from .search import DedupConfig
+    from .search import dedup as find_duplicates
 
     if format not in ("table", "json"):
         raise UserError(f"--format must be table or json, not {format!r}")
-    threshold = DEFAULT_DEDUP_THRESHOLD if threshold is None else threshold
-    if not -1.0 <= threshold <= 1.0:
-        raise UserError(f"--threshold is a cosine similarity, between -1 and 1, not {threshold}")
-    vi = VectorIndex.load(index)
-    groups = find_duplicates(vi, threshold)
+    summary = find_duplicates(DedupConfig(index=str(index), threshold=threshold))
     if format == "json":
-        print(json.dumps([[h.to_json() for h in g] for g in groups], indent=1))
+        print(json.dumps(summary.as_json(), indent=1))
     else:
-        rows = [{"group": n, **h.to_json()} for n, g in enumerate(groups, 1) for h in g]
+        rows = [{"group": n, **h} for n, g in enumerate(summary.as_json(), 1) for h in g]
         _print_hits(rows, "table", f"near-duplicates in {index} (similarity to each group's first image)")
-    copies = sum(len(g) - 1 for g in groups)
-    summary = f"{len(groups)} groups, {copies} copies among {len(vi)} images (threshold {threshold})"
-    err.print(summary, highlight=False, soft_wrap=True)
+    err.print(summary.line(), highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -90,11 +90,11 @@ def test_resume_skips_what_is_done(synth_images, tagger, tmp_path):
     copy_images(synth_images, folder, 5)
     out = tmp_path / "v.parquet"
     first = embed(tagger, [folder], out)
-    assert (first.embedded, first.already, first.rows) == (5, 0, 5)
+    assert (first.done, first.already, first.rows) == (5, 0, 5)
     before = table_of(out)
     copy_images(synth_images, folder)  # the folder grows: 7 new images
     second = embed(tagger, [folder], out)
-    assert (second.embedded, second.already, second.rows) == (7, 5, 12)
+    assert (second.done, second.already, second.rows) == (7, 5, 12)
     after = table_of(out)
     assert len(after) == 12
     for key, row in before.items():  # rows done before are kept as they were
@@ -110,7 +110,7 @@ def test_resume_after_a_stop_keeps_the_written_parts(synth_images, tagger, tmp_p
     parts_dir(out).mkdir()
     shutil.move(tmp_path / "partial.parquet", parts_dir(out) / "part-000000.parquet")
     summary = embed(tagger, [folder], out, part_size=3)
-    assert (summary.already, summary.embedded, summary.rows) == (5, 7, 12)
+    assert (summary.already, summary.done, summary.rows) == (5, 7, 12)
     assert sorted(table_of(out)) == sorted(p.name for p in images_of(folder))
     assert not parts_dir(out).exists()
 
@@ -124,7 +124,8 @@ def test_shards_partition_the_files_and_the_index_takes_them_together(synth_imag
     parts = [set(table_of(o)) for o in outs]
     assert sum(len(p) for p in parts) == 12 and set().union(*parts) == set(table_of(full))
     assert sum(1 for p in parts if p) >= 2  # a real split, not everything in one shard
-    index, duplicates = build_index([str(o) for o in outs], tmp_path / "index", IndexParams())
+    built = build_index([str(o) for o in outs], tmp_path / "index", IndexParams())
+    index, duplicates = built.index, built.duplicates
     assert duplicates == 0 and len(index) == 12
     loaded = VectorIndex.load(tmp_path / "index")
     want = table_of(full)
@@ -132,7 +133,8 @@ def test_shards_partition_the_files_and_the_index_takes_them_together(synth_imag
         np.testing.assert_allclose(loaded.vector(id_), want[id_]["vector"], atol=1e-6)
     assert loaded.model["feature_dim"] == tagger.feature_dim
     # the same file twice: its rows once, and the count of those left out
-    index, duplicates = build_index([str(outs[0]), str(full)], tmp_path / "index2", IndexParams())
+    built = build_index([str(outs[0]), str(full)], tmp_path / "index2", IndexParams())
+    index, duplicates = built.index, built.duplicates
     assert len(index) == 12 and duplicates == len(parts[0])
 
 

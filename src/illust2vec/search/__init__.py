@@ -1,6 +1,30 @@
 """Similar-image search: a vector index (exact, HNSW, IVF or binary codes; faiss) and queries over it."""
 
 from .index import IndexParams, VectorIndex
-from .similar import Hit, build_index, find_duplicates, similar
+from .similar import (
+    BuildSummary,
+    DedupConfig,
+    DedupSummary,
+    Hit,
+    SimilarConfig,
+    build_index,
+    check_model,
+    dedup,
+    find_duplicates,
+    similar,
+)
 
-__all__ = ["Hit", "IndexParams", "VectorIndex", "build_index", "find_duplicates", "similar"]
+__all__ = [
+    "BuildSummary",
+    "DedupConfig",
+    "DedupSummary",
+    "Hit",
+    "IndexParams",
+    "SimilarConfig",
+    "VectorIndex",
+    "build_index",
+    "check_model",
+    "dedup",
+    "find_duplicates",
+    "similar",
+]

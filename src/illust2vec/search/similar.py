@@ -1,5 +1,8 @@
-"""Similar-image queries over a VectorIndex: build one from `i2v embed` outputs, query by image or id with tag
+"""Similar-image queries over a VectorIndex: build one from `i2v embed` outputs, query by vector or id with tag
 filters, and group near-duplicates.
+
+Search never embeds an image: a caller with the model (`i2v similar`, `i2v serve`) computes the query vector, checks
+the model against the index's with `check_model`, and hands the vector over.
 
 Tag filters read the predicted tags stored with each vector: `"blue_hair -hat"` keeps images with blue_hair and
 without hat. A row's tags are those above the model's thresholds in every head, plus its top rating class.
@@ -9,13 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import UserError
+from ..formats.vectors import read_vectors
 from .index import IndexParams, VectorIndex
 
 # Cosine. Halved, re-encoded copies scored 0.9967 and up with the demo model (bench/search.py --quality), while
@@ -40,20 +46,33 @@ class Hit:
 # ---- building
 
 
-def build_index(
-    inputs: Sequence[str | os.PathLike], out: str | os.PathLike, params: IndexParams
-) -> tuple[VectorIndex, int]:
+@dataclass(frozen=True)
+class BuildSummary:
+    """What `build_index` made: the index (saved in `out`), and the rows left out as repeated ids."""
+
+    index: VectorIndex
+    out: str
+    duplicates: int
+    seconds: float
+
+    def line(self) -> str:
+        """The one line `i2v index build` prints."""
+        index = self.index
+        note = f"; {self.duplicates} rows with an id seen before left out" if self.duplicates else ""
+        return f"{self.out}: {index.kind} index of {len(index)} vectors ({index.dim}-d) in {self.seconds:.1f} s{note}"
+
+
+def build_index(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, params: IndexParams) -> BuildSummary:
     """Vectors files of `i2v embed` (one per shard of a job array, or folders of them) -> an index saved in `out`.
 
-    Returns the index and how many rows were left out because their id was already in an earlier file."""
-    from ..formats.vectors import read_vectors
-
+    Rows whose id was already in an earlier file are left out (and counted)."""
+    t0 = time.perf_counter()
     v = read_vectors(inputs)
     if not v.ids:
         raise UserError("the vectors files hold no rows: nothing to index")
     index = VectorIndex.build(v.vectors, v.ids, v.paths, v.tags, params, model=v.meta.get("model", {}))
     index.save(out)
-    return index, v.duplicates
+    return BuildSummary(index, str(out), v.duplicates, time.perf_counter() - t0)
 
 
 # ---- tag filters
@@ -108,34 +127,40 @@ def tag_mask(index: VectorIndex, text: str | None) -> np.ndarray | None:
 
 @dataclass(frozen=True)
 class SimilarConfig:
-    """What `i2v similar` was asked: an image (needs the model) or an id in the index."""
+    """What `i2v similar` was asked: an image (its vector computed by the caller) or an id in the index."""
 
     index: str
     image: str | None = None
     id: str | None = None
-    model: str | None = None
     k: int = 10
     tags: str | None = None
-    backend: str = "auto"
-    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if (self.image is None) == (self.id is None):
+            raise UserError("give an IMAGE or --id ID (one of them)")
+        if not isinstance(self.k, int) or self.k < 1:
+            raise UserError("-k must be at least 1")
 
 
-def similar(cfg: SimilarConfig, index: VectorIndex | None = None, tagger=None) -> list[Hit]:
-    """The k images most similar to the query, best first; the query itself first when it is in the index."""
-    if (cfg.image is None) == (cfg.id is None):
-        raise UserError("give an IMAGE or --id ID (one of them)")
-    if cfg.k < 1:
-        raise UserError("-k must be at least 1")
-    index = index or VectorIndex.load(cfg.index)
+def similar(cfg: SimilarConfig, index: VectorIndex | None = None, query: np.ndarray | None = None) -> list[Hit]:
+    """The k images most similar to the query, best first; the query itself first when it is in the index.
+
+    Args:
+        cfg: the query; `index` is opened from `cfg.index` unless given.
+        index: the opened index, if the caller has it.
+        query: for an image query, its feature vector from the index's model (see `check_model`).
+    """
+    index = VectorIndex.load(cfg.index) if index is None else index
     if cfg.id is not None:
         row = index.rows_by_id().get(cfg.id)
         if row is None:
             raise UserError(f"--id {cfg.id}: not in the index {cfg.index}")
         query, self_row = index.vector(cfg.id), row
+    elif query is None:
+        raise UserError(f"{cfg.image}: a query image needs its vector, from the model the index was built with")
     else:
-        query = _embed_query(cfg, index, tagger)
         self_row = _row_of_path(index, cfg.image)
-    return search_hits(index, query, cfg.k, tag_mask(index, cfg.tags), self_row)
+    return search_hits(index, np.asarray(query), cfg.k, tag_mask(index, cfg.tags), self_row)
 
 
 def search_hits(
@@ -151,32 +176,21 @@ def search_hits(
     return [Hit(r, index.ids[r], index.paths[r], s) for r, s in found[:k]]
 
 
-def _embed_query(cfg: SimilarConfig, index: VectorIndex, tagger) -> np.ndarray:
-    from ..infer.tagger import Tagger
-    from ..util.images import BadImage
-
-    if not cfg.model and tagger is None:
-        raise UserError("a query image needs the model its index was built with: --model BUNDLE")
-    if not Path(cfg.image).is_file():
-        raise UserError(f"{cfg.image}: no such image file")
-    tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device)
-    check_model(index, tagger, cfg.model or tagger.source)
-    try:
-        return tagger.extract_feature([cfg.image], normalize=True)[0]
-    except BadImage as e:
-        raise UserError(f"{cfg.image}: {e}") from None
-
-
-def check_model(index: VectorIndex, tagger, name: str) -> None:
+def check_model(index: VectorIndex, model: dict[str, Any], name: str | None = None) -> None:
     """Vectors from two models do not compare: the dimension, the vocabulary and the weights must match the index's
-    (`i2v similar` and `i2v serve` both check with this)."""
-    from ..formats.vectors import model_meta
+    (`i2v similar` and `i2v serve` both check with this before they embed a query).
 
-    have, want = model_meta(tagger), index.model
-    if tagger.feature_dim != index.dim:
-        raise UserError(f"{name}: gives {tagger.feature_dim}-d vectors, the index holds {index.dim}-d vectors")
+    Args:
+        index: the index to be searched.
+        model: the query model's metadata, as vectors files store it (formats.vectors.model_meta).
+        name: how to name the model in an error (default: its source).
+    """
+    name = name or str(model.get("source", "the model"))
+    want, dim = index.model, model.get("feature_dim")
+    if dim != index.dim:
+        raise UserError(f"{name}: gives {dim}-d vectors, the index holds {index.dim}-d vectors")
     same = [k for k in ("vocab_hash", "weights") if want.get(k)]
-    if any(have[k] != want[k] for k in same):
+    if any(model.get(k) != want[k] for k in same):
         raise UserError(f"{name}: not the model the index was built with ({want.get('source', 'another model')})")
 
 
@@ -189,6 +203,52 @@ def _row_of_path(index: VectorIndex, image: str) -> int | None:
 
 
 # ---- near-duplicates
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """What `i2v dedup` was asked: the index, and the similarity at which two images count as copies."""
+
+    index: str
+    threshold: float | None = None  # None: DEFAULT_DEDUP_THRESHOLD
+    neighbours: int = DEDUP_NEIGHBOURS
+
+    def __post_init__(self) -> None:
+        if self.threshold is None:
+            object.__setattr__(self, "threshold", DEFAULT_DEDUP_THRESHOLD)
+        if not isinstance(self.threshold, int | float) or not -1.0 <= self.threshold <= 1.0:
+            raise UserError(f"--threshold is a cosine similarity, between -1 and 1, not {self.threshold}")
+        if not isinstance(self.neighbours, int) or self.neighbours < 1:
+            raise UserError(f"neighbours must be at least 1, not {self.neighbours!r}")
+
+
+@dataclass(frozen=True)
+class DedupSummary:
+    """The groups of near-duplicates `dedup` found, among how many images, at which threshold."""
+
+    groups: list[list[Hit]]
+    images: int
+    threshold: float
+
+    @property
+    def copies(self) -> int:
+        return sum(len(g) - 1 for g in self.groups)
+
+    def as_json(self) -> list[list[dict]]:
+        """What `i2v dedup --format json` prints: a list of groups, each a list of {path, id, score}."""
+        return [[h.to_json() for h in g] for g in self.groups]
+
+    def line(self) -> str:
+        return (
+            f"{len(self.groups)} groups, {self.copies} copies among {self.images} images (threshold {self.threshold})"
+        )
+
+
+def dedup(cfg: DedupConfig, index: VectorIndex | None = None) -> DedupSummary:
+    """The near-duplicate groups of an index (`index` is opened from `cfg.index` unless given)."""
+    index = VectorIndex.load(cfg.index) if index is None else index
+    groups = find_duplicates(index, cfg.threshold, cfg.neighbours)
+    return DedupSummary(groups, len(index), cfg.threshold)
 
 
 def find_duplicates(
