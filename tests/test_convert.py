@@ -12,17 +12,18 @@ import h5py
 import numpy as np
 import pytest
 
-from illust2vec.bundle import read_bundle
 from illust2vec.convert import (
     BN_VARS,
     CONV_VARS,
     ConvertConfig,
+    ConvertSummary,
     convert_keras,
     read_tag_lists,
     resolve_dense,
     tags_vocab,
 )
 from illust2vec.errors import UserError
+from illust2vec.formats.bundle import open_bundle
 from illust2vec.infer.preprocess import load_batch
 from illust2vec.infer.tagger import Tagger
 from illust2vec.models.seed import VGG16_BLOCKS
@@ -148,7 +149,7 @@ def tags_json(tmp_path_factory) -> Path:
     return path
 
 
-def convert(tmp_path: Path, weights: Path, tags: Path, **kw) -> tuple[Tagger, dict]:
+def convert(tmp_path: Path, weights: Path, tags: Path, **kw) -> tuple[Tagger, ConvertSummary]:
     out = tmp_path / f"bundle-{weights.stem}"
     summary = convert_keras(ConvertConfig(str(weights), str(tags), str(out), **kw))
     return Tagger.load(out, backend="torch", device="cpu"), summary
@@ -192,15 +193,15 @@ def test_keras3_h5_converts_to_the_same_outputs(mode, seed_files, batch, tags_js
     # the softmax heads are mostly not saturated.
     assert min(expected[h].std(0).max() for h in TAGS) > 1e-3
     assert max(np.median(expected[h].max(1)) for h in ("character", "copyright")) < 0.99
-    assert summary["image_size"] == SIZE  # from the file's input layer
-    assert summary["dense"] == {
+    assert summary.image_size == SIZE  # from the file's input layer
+    assert summary.dense == {
         "general head": "dense_1 -> dense_2",
         "character head": "dense_3 -> dense_4",
         "copyright head": "dense_5 -> dense_6",
     }
     # The graph says which pair reads the low features; character before copyright is the convention.
-    assert summary["dense_resolved_by"] == "graph and nearest convention"
-    info = read_bundle(tmp_path / f"bundle-{path.stem}")
+    assert summary.dense_resolved_by == "graph and nearest convention"
+    info = open_bundle(tmp_path / f"bundle-{path.stem}")
     assert info.config["source"]["keras_preprocess"] == mode
     assert info.config["source"]["layout"] == "keras3-legacy"
     assert [(h["name"], h["classes"], h["activation"]) for h in info.config["model"]["heads"]] == [
@@ -227,9 +228,9 @@ def test_keras3_weights_h5_converts(seed_files, batch, tags_json, tmp_path):
     _, expected, _ = seed_files["caffe"]
     path = seed_files["caffe"][0].with_name("seed-caffe.weights.h5")
     tagger, summary = convert(tmp_path, path, tags_json, size=SIZE)
-    assert summary["layout"] == "keras3"
-    assert summary["dense_resolved_by"] == "numbering and nearest convention"
-    assert summary["dense"]["general head"] == "dense_1 -> dense_2"
+    assert summary.layout == "keras3"
+    assert summary.dense_resolved_by == "numbering and nearest convention"
+    assert summary.dense["general head"] == "dense_1 -> dense_2"
     assert_matches_keras(tagger, batch, expected)
 
 
@@ -241,9 +242,9 @@ def test_keras2_layout_converts(nested, suffix, seed_files, batch, tags_json, tm
     path = tmp_path / "seed-keras2.h5"
     write_keras2(path, weights, nested=nested, suffix=suffix)
     tagger, summary = convert(tmp_path, path, tags_json, size=SIZE)
-    assert summary["layout"] == "keras2"
+    assert summary.layout == "keras2"
     assert_matches_keras(tagger, batch, expected)
-    info = read_bundle(tmp_path / "bundle-seed-keras2")
+    info = open_bundle(tmp_path / "bundle-seed-keras2")
     assert info.config["source"]["keras_keras_version"] == "2.2.4"
     assert info.config["model"]["mean"] == pytest.approx([123.68 / 255, 116.779 / 255, 103.939 / 255])
 
@@ -284,7 +285,7 @@ def test_cli_convert_then_load(seed_files, tags_json, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "" and "general head: dense_1 -> dense_2" in r.stderr and "caffe" in r.stderr
-    assert read_bundle(out).config["source"]["file"] == path.name
+    assert open_bundle(out).config["source"]["file"] == path.name
     # Again into the same place: refused without --overwrite, as one line.
     r = subprocess.run(
         [*I2V, "convert", "keras", str(path), "--tags", str(tags_json), "--out", str(out)],
@@ -300,7 +301,7 @@ def test_onnx_matches_keras(seed_files, batch, tags_json, tmp_path):
     path, expected, _ = seed_files["tf"]
     out = tmp_path / "bundle"
     summary = convert_keras(ConvertConfig(str(path), str(tags_json), str(out), preprocess="tf", onnx=True))
-    assert summary["onnx_max_abs_diff"] < 1e-4
+    assert summary.onnx_max_abs_diff < 1e-4
     assert_matches_keras(Tagger.load(out, backend="onnx", device="cpu"), batch, expected)
 
 

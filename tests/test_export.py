@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from illust2vec import Tagger
-from illust2vec.bundle import DEFAULT_THRESHOLDS, read_bundle
 from illust2vec.errors import UserError
 from illust2vec.evaluate import EvalConfig, evaluate_run
 from illust2vec.export import ExportConfig, export
+from illust2vec.formats.bundle import DEFAULT_THRESHOLDS, open_bundle
 from illust2vec.models.interface import WDInterface
 from illust2vec.train.checkpoints import load_run_model, resolve_epoch
 
@@ -42,7 +42,7 @@ def batch(n: int, seed: int = 0) -> np.ndarray:
 def test_save_load_gives_identical_outputs(synth_run, synth_bundle, run_copy, tmp_path):
     out = tmp_path / "bundle"
     summary = export(ExportConfig(str(run_copy), str(out), workers=0))
-    assert summary["epoch"] == resolve_epoch(synth_run, "best") == 2
+    assert summary.epoch == resolve_epoch(synth_run, "best") == 2
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "model.safetensors",
@@ -56,7 +56,7 @@ def test_save_load_gives_identical_outputs(synth_run, synth_bundle, run_copy, tm
     for bundle in (out, synth_bundle):  # exported twice (once with ONNX), loaded by the torch backend
         got_probs, got_feats = Tagger.load(bundle, backend="torch").run(x)
         assert np.array_equal(got_probs, probs) and np.array_equal(got_feats, feats)
-    info, again = read_bundle(out), read_bundle(synth_bundle)
+    info, again = open_bundle(out), open_bundle(synth_bundle)
     assert info.vocab == again.vocab and info.labels == again.labels and info.thresholds == again.thresholds
     assert info.config["model"] == again.config["model"] and info.config["source"]["epoch"] == 2
     assert info.config["feature_dim"] == len(info.config["feature_center"]) == feats.shape[1]
@@ -81,7 +81,7 @@ def test_a_newer_format_or_another_vocabulary_is_refused(synth_bundle, tmp_path)
         Tagger.load(bundle)
     (bundle / "config.json").write_text(json.dumps({**config, "format": "something-else"}))
     with pytest.raises(UserError, match="not an illust2vec bundle"):
-        read_bundle(bundle)
+        open_bundle(bundle)
 
 
 def test_export_refuses_a_folder_that_holds_something(run_copy, tmp_path):
@@ -102,7 +102,7 @@ def test_export_refuses_a_folder_that_holds_something(run_copy, tmp_path):
     with pytest.raises(UserError, match="not empty"):
         export(ExportConfig(str(run_copy), str(bundle), workers=0))
     export(ExportConfig(str(run_copy), str(bundle), overwrite=True, workers=0))  # a bundle: replaced
-    assert read_bundle(bundle).config["source"]["epoch"] == 2
+    assert open_bundle(bundle).config["source"]["epoch"] == 2
     assert not list(tmp_path.glob("bundle.*"))  # no temporary or old copy left beside it
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -112,7 +112,7 @@ def test_export_refuses_a_folder_that_holds_something(run_copy, tmp_path):
 def test_thresholds_come_from_evaluate_else_the_validation_split_else_the_defaults(run_copy, tmp_path):
     # No evaluate yet: export calibrates on the run's validation split itself.
     calibrated = export(ExportConfig(str(run_copy), str(tmp_path / "calibrated"), workers=0))
-    assert calibrated["thresholds"] == "calibrated on the validation split"
+    assert calibrated.thresholds == "calibrated on the validation split"
     mine = json.loads((tmp_path / "calibrated" / "thresholds.json").read_text())
     assert mine["method"].endswith("(export)")
 
@@ -124,7 +124,7 @@ def test_thresholds_come_from_evaluate_else_the_validation_split_else_the_defaul
     evaluated = json.loads((Path(report["out"]) / "thresholds.json").read_text())
     assert evaluated["tags"] and evaluated["heads"] != mine["heads"]
     summary = export(ExportConfig(str(run_copy), str(tmp_path / "evaluated"), workers=0))
-    assert summary["thresholds"].startswith("i2v evaluate")
+    assert summary.thresholds.startswith("i2v evaluate")
     assert json.loads((tmp_path / "evaluated" / "thresholds.json").read_text()) == evaluated
     tagger = Tagger.load(tmp_path / "evaluated")
     assert (
@@ -136,20 +136,20 @@ def test_thresholds_come_from_evaluate_else_the_validation_split_else_the_defaul
     config = json.loads((run_copy / "config.json").read_text())
     (run_copy / "config.json").write_text(json.dumps({**config, "dataset": str(tmp_path / "moved")}))
     summary = export(ExportConfig(str(run_copy), str(tmp_path / "defaults"), epoch="1", workers=0))
-    assert summary["thresholds"].startswith("defaults: no validation images") and "moved" in summary["thresholds"]
-    info = read_bundle(tmp_path / "defaults")
+    assert summary.thresholds.startswith("defaults: no validation images") and "moved" in summary.thresholds
+    info = open_bundle(tmp_path / "defaults")
     assert info.thresholds.heads == DEFAULT_THRESHOLDS and info.thresholds.heads["general"] == 0.35
     assert info.thresholds.heads["character"] == 0.85 and "feature_center" not in info.config
     # ... but epoch 2's evaluate file is still found without the dataset.
     summary = export(ExportConfig(str(run_copy), str(tmp_path / "still"), workers=0))
-    assert summary["thresholds"].startswith("i2v evaluate")
+    assert summary.thresholds.startswith("i2v evaluate")
 
 
 # ---- ONNX
 
 
 def test_onnx_matches_torch_with_a_dynamic_batch_in_selected_tags_order(synth_run, synth_bundle):
-    info = read_bundle(synth_bundle)
+    info = open_bundle(synth_bundle)
     assert info.onnx_path == synth_bundle / "model.onnx"
     assert {k: info.config["onnx"][k] for k in ("input", "outputs", "layout", "channel_order", "dtype", "range")} == {
         "input": "input",
@@ -209,7 +209,7 @@ def test_the_export_command(run_copy, tmp_path):
     assert r.returncode == 0, r.stderr
     said = " ".join(r.stderr.split())  # rich wraps lines at the terminal's width
     assert r.stdout == "" and f"wrote {out} from epoch 1 (thresholds: calibrated on the validation split)" in said
-    assert read_bundle(out).config["source"]["epoch"] == 1
+    assert open_bundle(out).config["source"]["epoch"] == 1
     r = subprocess.run([*I2V, "export", str(run_copy), "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: --out {out} exists and is not empty; choose another --out or add --overwrite"

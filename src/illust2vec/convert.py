@@ -17,6 +17,7 @@ fit no order are an error that names their shapes.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import itertools
@@ -24,7 +25,6 @@ import json
 import logging
 import pickle
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Thresholds, bundle_config, write_bundle_files
+from .errors import UserError
+from .formats.bundle import Thresholds, check_out, save_bundle
 from .formats.categories import CATEGORY_CODES, CATEGORY_NAMES
 from .formats.vocab import HEADER, Vocab, read_vocab, tag_id
-from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +64,41 @@ _NUMBERED = re.compile(r"(dense|batch_normalization)(?:_(\d+))?")
 
 @dataclass(frozen=True)
 class ConvertConfig:
+    """What `i2v convert keras` reads and where it writes the bundle."""
+
     weights: str  # the Keras .h5 file
     tags: str  # the tag lists: .json, .csv or the seed's pickle
     out: str  # the bundle directory to write
     preprocess: str = "caffe"  # the Keras preprocess_input mode the seed was trained with
     size: int | None = None  # input size; None: the file's, else 256
     head_order: tuple[str, ...] | None = None  # the heads of the dense pairs in numbering order (overrides the rest)
-    onnx: bool = False
-    overwrite: bool = False
+    onnx: bool = False  # also write model.onnx
+    overwrite: bool = False  # replace a bundle already in `out`
+
+    def __post_init__(self) -> None:
+        for name in ("weights", "tags", "out"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise UserError(f"ConvertConfig.{name} must be a non-empty string, not {getattr(self, name)!r}")
+        if self.preprocess not in PREPROCESS:
+            raise UserError(f"--preprocess must be one of {', '.join(PREPROCESS)}, not {self.preprocess!r}")
+        if self.size is not None and (not isinstance(self.size, int) or self.size <= 0):
+            raise UserError(f"--size must be a number of pixels, not {self.size!r}")
+        if self.head_order is not None:
+            _check_head_order(self.head_order)
+
+
+@dataclass(frozen=True)
+class ConvertSummary:
+    """What was converted: the file's layout, which Dense layers became which head and how that was decided."""
+
+    bundle: str
+    layout: str  # KerasFile.layout
+    image_size: int
+    preprocess: str
+    tags: dict[str, int]  # head -> tags in its list
+    dense: dict[str, str]  # "general head" -> "dense_1 -> dense_2"
+    dense_resolved_by: str  # "graph", "numbering and output sizes", "--head-order", ...
+    onnx_max_abs_diff: float | None = None  # with onnx: the largest difference in probability from torch
 
 
 # ---- tag lists
@@ -341,9 +368,7 @@ def resolve_dense(
         return None
 
     if head_order is not None:
-        order = tuple(head_order)
-        if sorted(order) != sorted(SEED_HEADS):
-            raise UserError(f"--head-order must name {', '.join(SEED_HEADS)} once each, not {','.join(order)}")
+        order = _check_head_order(head_order)
         if why := fits(order):
             raise UserError(f"--head-order {','.join(order)} does not fit the file: {why}")
         return dict(zip(order, pairs, strict=True)), "--head-order"
@@ -362,6 +387,13 @@ def resolve_dense(
     else:
         how += " and convention" if order == CONVENTION else " and nearest convention"
     return dict(zip(order, pairs, strict=True)), how
+
+
+def _check_head_order(head_order: Sequence[str]) -> tuple[str, ...]:
+    order = tuple(head_order)
+    if sorted(order) != sorted(SEED_HEADS):
+        raise UserError(f"--head-order must name {', '.join(SEED_HEADS)} once each, not {','.join(map(str, order))}")
+    return order
 
 
 def _dense_graph(dense: Sequence[str], config: Mapping[str, dict]) -> tuple[list[tuple[str, str]], tuple] | None:
@@ -478,17 +510,10 @@ def _check_activations(keras: KerasFile, heads: Mapping[str, tuple[str, str]], p
 # ---- the command
 
 
-def convert_keras(cfg: ConvertConfig) -> dict:
+def convert_keras(cfg: ConvertConfig) -> ConvertSummary:
     """Write a bundle from the seed's Keras weights and tag lists; returns a summary of what was mapped."""
-    from safetensors.torch import save_file
-
-    from .models.tagger import HeadConfig, create_tagger
-
     path, out = Path(cfg.weights), Path(cfg.out)
-    if cfg.preprocess not in PREPROCESS:
-        raise UserError(f"--preprocess must be one of {', '.join(PREPROCESS)}, not {cfg.preprocess!r}")
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(f"{out} exists and is not empty; choose another --out or add --overwrite")
+    check_out(out, cfg.overwrite)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     lists = read_tag_lists(cfg.tags)
@@ -500,18 +525,11 @@ def convert_keras(cfg: ConvertConfig) -> dict:
         heads, how = resolve_dense(kernels, sizes, keras.config, cfg.head_order)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-    activations = _check_activations(keras, heads, path)
     size = cfg.size or _input_size(keras.config) or DEFAULT_SIZE
-    mean, std = PREPROCESS[cfg.preprocess]
-    head_cfgs = tuple(HeadConfig(h, sizes[h], activations[h]) for h in SEED_HEADS)
-    try:
-        model = create_tagger("i2v_vgg16", heads=head_cfgs, image_size=size, mean=mean, std=std).eval()
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    flip = cfg.preprocess == "caffe"
-    model.load_state_dict(seed_state_dict(keras, heads, model, flip, path))
+    model = _seed_model(keras, heads, sizes, size, cfg.preprocess, path)
 
     layer_map = {f"{h} head": f"{hidden} -> {output}" for h, (hidden, output) in heads.items()}
+    flip = cfg.preprocess == "caffe"
     source = {
         "converted_from": "keras",
         "file": path.name,
@@ -524,25 +542,29 @@ def convert_keras(cfg: ConvertConfig) -> dict:
         "dense": layer_map,
         "dense_resolved_by": how,
     }
-    summary = {"bundle": str(out), "layout": keras.layout, "image_size": size, "preprocess": cfg.preprocess}
-    summary |= {"tags": sizes, "dense": layer_map, "dense_resolved_by": how}
-    tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed: a failure leaves no half bundle
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        config = bundle_config(model.cfg.to_dict(), vocab, model.num_features, source=source)
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-        if cfg.onnx:
-            from .export import export_onnx
+    onnx = None
+    if cfg.onnx:
+        from .models.onnx import export_onnx
 
-            config["onnx"] = export_onnx(model, tmp / "model.onnx")
-            summary["onnx_max_abs_diff"] = config["onnx"]["max_abs_diff"]
-        write_bundle_files(tmp, config, vocab, Thresholds(method="defaults (converted from Keras; not calibrated)"))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return summary
+        onnx = functools.partial(export_onnx, model)
+    thresholds = Thresholds(method="defaults (converted from Keras; not calibrated)")
+    info = save_bundle(out, model, vocab, thresholds, source=source, onnx=onnx, overwrite=cfg.overwrite)
+    diff = info.config["onnx"]["max_abs_diff"] if cfg.onnx else None
+    return ConvertSummary(str(out), keras.layout, size, cfg.preprocess, sizes, layer_map, how, diff)
+
+
+def _seed_model(
+    keras: KerasFile, heads: Mapping[str, tuple[str, str]], sizes: Mapping[str, int], size: int, mode: str, path: Path
+) -> Any:
+    """The seed's architecture (`models.I2VVGG16` behind our heads) holding the Keras file's weights, in eval mode."""
+    from .models.tagger import HeadConfig, create_tagger
+
+    activations = _check_activations(keras, heads, path)
+    mean, std = PREPROCESS[mode]
+    head_cfgs = tuple(HeadConfig(h, sizes[h], activations[h]) for h in SEED_HEADS)
+    try:
+        model = create_tagger("i2v_vgg16", heads=head_cfgs, image_size=size, mean=mean, std=std).eval()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model.load_state_dict(seed_state_dict(keras, heads, model, mode == "caffe", path))
+    return model

@@ -21,9 +21,9 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from .bundle import DEFAULT_THRESHOLDS, Thresholds, write_thresholds
 from .data.loader import Dataset, LoaderConfig, make_loader, open_dataset
 from .errors import UserError
+from .formats.bundle import DEFAULT_THRESHOLDS, Thresholds, write_thresholds
 from .train.checkpoints import load_run_model, resolve_epoch
 from .train.metrics import (
     calibrate_thresholds,

@@ -10,41 +10,71 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
-from safetensors.torch import save_file
 
-from .bundle import ONNX_INPUT, Thresholds, bundle_config, is_bundle, read_thresholds, write_bundle_files
-from .formats.vocab import read_vocab
 from .errors import UserError
 from .evaluate import EvalConfig, calibrate, eval_dir, predict_split, run_dataset
-from .models.interface import WDInterface
+from .formats.bundle import Thresholds, check_out, read_thresholds, save_bundle
+from .formats.vocab import Vocab, read_vocab
+from .models.onnx import export_onnx
 from .train.checkpoints import load_run_model, resolve_epoch
 
 log = logging.getLogger(__name__)
-ONNX_OPSET = 18
 CALIBRATION_SAMPLES = 5000  # enough validation images for stable thresholds and medians; a bounded pass
+EPOCH_WORDS = ("best", "last", "latest")
 
 
 @dataclass(frozen=True)
 class ExportConfig:
+    """What `i2v export` writes: which epoch of which run, into which bundle directory."""
+
     run: str
     out: str
-    epoch: str = "best"
-    onnx: bool = False
-    overwrite: bool = False
-    workers: int = 2
-    device: str = "auto"
+    epoch: str = "best"  # a number, best or last
+    onnx: bool = False  # also write model.onnx
+    overwrite: bool = False  # replace a bundle already in `out`
+    workers: int = 2  # loader processes for the calibration pass
+    device: str = "auto"  # for the calibration pass
+
+    def __post_init__(self) -> None:
+        for name in ("run", "out", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise UserError(f"ExportConfig.{name} must be a non-empty string, not {getattr(self, name)!r}")
+        if str(self.epoch) not in EPOCH_WORDS and not str(self.epoch).isdigit():
+            raise UserError(f"--epoch takes a number, best or last, not {self.epoch!r}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise UserError(f"--workers must be 0 or more, not {self.workers!r}")
 
 
-def export(cfg: ExportConfig, console: Console | None = None) -> dict:
+@dataclass(frozen=True)
+class ExportSummary:
+    """What export wrote: the bundle, from which epoch, where its thresholds came from, and the ONNX parity."""
+
+    bundle: str
+    run: str
+    epoch: int
+    thresholds: str  # where the thresholds came from
+    onnx_max_abs_diff: float | None = None  # with --onnx: the largest difference in probability from torch
+    onnx_seconds: float | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    thresholds: Thresholds
+    source: str  # where the thresholds came from, for the summary
+    center: np.ndarray | None  # each feature's median on the validation split
+
+
+def export(cfg: ExportConfig, console: Console | None = None) -> ExportSummary:
     """Write the bundle; returns a summary (epoch, where the thresholds came from, ONNX parity)."""
     console = console or Console(stderr=True)
     run, out = Path(cfg.run), Path(cfg.out)
@@ -55,8 +85,38 @@ def export(cfg: ExportConfig, console: Console | None = None) -> dict:
     run_config = json.loads((run / "config.json").read_text())
     if vocab.hash != run_config["vocab_hash"]:
         raise UserError(f"{run}: selected_tags.csv is not the vocabulary the run was trained on")
+    cal = _calibration(run, epoch, model, vocab, cfg, console)
+    model = model.cpu().eval()
 
-    # Thresholds and feature medians from the validation split (thresholds from `i2v evaluate` when it ran).
+    onnx_seconds: list[float] = []
+
+    def write_onnx(path: Path) -> dict:
+        t0 = time.perf_counter()
+        described = export_onnx(model, path)
+        onnx_seconds.append(round(time.perf_counter() - t0, 1))
+        return described
+
+    metrics = next((row for row in _history(run) if row.get("epoch") == epoch), {})
+    val = {k: v for k, v in metrics.items() if k.startswith("val/")}
+    info = save_bundle(
+        out,
+        model,
+        vocab,
+        cal.thresholds,
+        source={"run": str(run), "epoch": epoch, "val": val},
+        feature_center=cal.center,
+        onnx=write_onnx if cfg.onnx else None,
+        overwrite=cfg.overwrite,
+    )
+    diff = info.config["onnx"]["max_abs_diff"] if cfg.onnx else None
+    return ExportSummary(str(out), str(run), epoch, cal.source, diff, onnx_seconds[0] if cfg.onnx else None)
+
+
+def _calibration(
+    run: Path, epoch: int, model: torch.nn.Module, vocab: Vocab, cfg: ExportConfig, console: Console
+) -> _Calibration:
+    """Thresholds (from `i2v evaluate` when it ran on the epoch, else F1 on the validation split, else the
+    defaults) and the feature medians, from one bounded pass over the validation split."""
     evaluated = eval_dir(run, epoch) / "thresholds.json"
     thresholds = read_thresholds(evaluated) if evaluated.exists() else None
     source = f"i2v evaluate ({evaluated})" if thresholds is not None else "calibrated on the validation split"
@@ -75,53 +135,7 @@ def export(cfg: ExportConfig, console: Console | None = None) -> dict:
         if thresholds is None:
             source = f"defaults: no validation images ({e})"
             thresholds = Thresholds(method="defaults (no validation images at export)")
-    model = model.cpu().eval()
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    metrics = next((row for row in _history(run) if row.get("epoch") == epoch), {})
-    config = bundle_config(
-        model.cfg.to_dict(),
-        vocab,
-        model.num_features,
-        source={"run": str(run), "epoch": epoch, "val": {k: v for k, v in metrics.items() if k.startswith("val/")}},
-    )
-    if center is not None:
-        config["feature_center"] = [round(float(v), 6) for v in center]
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-    summary = {"bundle": str(out), "run": str(run), "epoch": epoch, "thresholds": source}
-    if cfg.onnx:
-        t0 = time.perf_counter()
-        config["onnx"] = export_onnx(model, tmp / "model.onnx")
-        summary["onnx_max_abs_diff"] = config["onnx"]["max_abs_diff"]
-        summary["onnx_seconds"] = round(time.perf_counter() - t0, 1)
-    write_bundle_files(tmp, config, vocab, thresholds)
-    # safetensors writes its file readable by its owner only; a bundle is for sharing, so it gets the mode (umask
-    # included) of the files written beside it.
-    os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
-    # Swap the new bundle in: a crash leaves the old one, or the new one beside it, never half of either.
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return summary
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an --out that holds something: a non-empty directory without --overwrite, and, even with it,
-    anything but a bundle (--overwrite replaces a bundle; it never deletes a folder of other files)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; a bundle is a directory")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise UserError(f"--out {out} exists and is not empty; choose another --out or add --overwrite")
-    if not is_bundle(out):
-        raise UserError(f"--out {out} is not a bundle; --overwrite replaces a bundle, not a folder of other files")
+    return _Calibration(thresholds, source, center)
 
 
 def _history(run: Path) -> list[dict]:
@@ -132,48 +146,3 @@ def _history(run: Path) -> list[dict]:
     # best.json keeps the last epoch; the per-epoch rows are in the latest checkpoint's state.
     states = sorted((run / "checkpoints").glob("epoch-*/state.json"))
     return json.loads(states[-1].read_text()).get("history", [last]) if states else [last]
-
-
-def export_onnx(model: torch.nn.Module, path: Path, opset: int = ONNX_OPSET) -> dict:
-    """Write the WD-convention ONNX file and check it against torch with onnxruntime; returns its description.
-
-    Input "input": [batch, size, size, 3] float32, BGR, 0..255 (dynamic batch). Outputs: "output", the probabilities
-    in selected_tags.csv order (what WD tools read, as the first output), and "features", the feature vector.
-    """
-    size = model.cfg.image_size
-    wrapped = WDInterface(model).eval()
-    example = torch.rand(2, size, size, 3) * 255
-    for name in ("onnx_ir", "onnxscript", "torch.onnx"):  # their INFO lines are of no use to a user
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        program = torch.onnx.export(
-            wrapped,
-            (example,),
-            dynamo=True,
-            input_names=["input"],
-            output_names=["output", "features"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-            opset_version=opset,
-            verbose=False,
-        )
-        program.save(str(path))
-    except ImportError as e:
-        raise UserError(f"--onnx needs onnx and onnxscript: pip install 'illust2vec[train]' ({e})") from None
-    diff = onnx_parity(wrapped, path, size)
-    if diff > 1e-3:
-        raise UserError(f"{path}: the ONNX model differs from torch by {diff:.2g} in probability; not exported")
-    outputs = ["output", "features"]
-    return {"file": path.name, "input": "input", "outputs": outputs, "opset": opset, **ONNX_INPUT, "max_abs_diff": diff}
-
-
-def onnx_parity(wrapped: torch.nn.Module, path: Path, size: int, batch: int = 3) -> float:
-    """The largest difference in probability between torch and onnxruntime on a random batch (of another size than
-    the export's, which checks the dynamic batch dimension)."""
-    import onnxruntime as ort
-
-    x = (torch.rand(batch, size, size, 3, generator=torch.Generator().manual_seed(0)) * 255).numpy()
-    with torch.no_grad():
-        expected = wrapped(torch.from_numpy(x))[0].numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(["output"], {"input": x})[0]
-    return float(np.abs(got - expected).max())

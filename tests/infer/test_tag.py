@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from illust2vec.bundle import read_bundle
+from illust2vec.formats.bundle import open_bundle
 from illust2vec.formats.vocab import Vocab, write_vocab
 from illust2vec.infer.pipeline import discover, in_shard, parse_exclude
 from illust2vec.infer.writers import CSV_COLUMNS, KAOMOJIS, CaptionOptions
@@ -56,7 +56,7 @@ def test_json_one_record_per_image_with_the_bundles_thresholds(i2v, synth_bundle
     records = json.loads(out)
     images = images_of(synth_images)
     assert [r["path"] for r in records] == [str(p) for p in images] and len(images) == 12
-    info = read_bundle(synth_bundle)
+    info = open_bundle(synth_bundle)
     rating_tags = set(info.vocab.head_names("rating"))
     for rec in records:
         assert list(rec) == ["path", "rating", "general", "character", "copyright"]
@@ -159,7 +159,7 @@ def test_txt_captions_beside_images_kept_unless_overwrite(i2v, synth_bundle, syn
 def renamed_bundle(bundle: Path, out: Path, renames: dict[str, str]) -> Path:
     """A copy of the bundle whose vocabulary names some tags otherwise (the hash in config.json updated to match)."""
     shutil.copytree(bundle, out)
-    info = read_bundle(out)
+    info = open_bundle(out)
     v = info.vocab
     vocab = Vocab(v.tag_ids, tuple(renames.get(n, n) for n in v.names), v.categories, v.counts)
     write_vocab(vocab, out / "selected_tags.csv")
@@ -170,7 +170,7 @@ def renamed_bundle(bundle: Path, out: Path, renames: dict[str, str]) -> Path:
 
 
 def test_caption_options(i2v, synth_bundle, synth_images, tmp_path):
-    names = read_bundle(synth_bundle).vocab.head_names("general")
+    names = open_bundle(synth_bundle).vocab.head_names("general")
     renames = {names[0]: "^_^", names[1]: "grin_(test_tag)"}
     bundle = renamed_bundle(synth_bundle, tmp_path / "bundle", renames)
     (image,) = copy_images(synth_images, tmp_path / "images", 1)

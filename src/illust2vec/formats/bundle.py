@@ -1,22 +1,28 @@
-"""The model bundle on disk: config.json, selected_tags.csv and thresholds.json, read and written without torch.
+"""The model bundle on disk: written whole by `save_bundle`, opened by `open_bundle`, without torch for reading.
 
 A bundle is a directory: `config.json` (format version, the tagger config, the vocabulary's hash, how inputs are
-prepared), `model.safetensors`, `selected_tags.csv`, `thresholds.json` and optionally `model.onnx`. This module
-reads and writes the JSON and CSV parts only, so that the ONNX path (`i2v tag` with onnxruntime) never imports
-torch; the weights are written by `export.py` and loaded by the torch backend.
+prepared), `model.safetensors`, `selected_tags.csv`, `thresholds.json` and optionally `model.onnx`. `i2v export` and
+`i2v convert keras` both write through `save_bundle`, which decides every file name and swaps the new bundle in
+atomically. `open_bundle` reads the JSON and CSV parts only, so that the ONNX path (`i2v tag` with onnxruntime) never
+imports torch; the torch backend loads `BundleInfo.weights_path` itself.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
-from collections.abc import Mapping
+import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .formats.vocab import Vocab, read_vocab, write_vocab
-from .errors import UserError
+from ..errors import UserError
+from .vocab import Vocab, read_vocab, write_vocab
 
 FORMAT = "illust2vec-bundle"
 FORMAT_VERSION = 1
@@ -24,6 +30,8 @@ FORMAT_VERSION = 1
 DEFAULT_THRESHOLDS = {"rating": 0.0, "general": 0.35, "character": 0.85, "copyright": 0.85, "artist": 0.85}
 # The ONNX file follows the WD taggers: NHWC float32, 0..255, BGR, white-padded square, bicubic resize.
 ONNX_INPUT = {"layout": "NHWC", "channel_order": "BGR", "dtype": "float32", "range": [0, 255]}
+WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,7 @@ class BundleInfo:
 
     @property
     def weights_path(self) -> Path:
-        return self.root / "model.safetensors"
+        return self.root / WEIGHTS_FILE
 
 
 def is_bundle(path: Path) -> bool:
@@ -117,10 +125,86 @@ def is_bundle(path: Path) -> bool:
         return False
 
 
-def bundle_config(
-    model_cfg: Mapping[str, Any], vocab: Vocab, feature_dim: int, source: Mapping[str, Any] | None = None
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that holds something: a non-empty directory without --overwrite, and, even with it,
+    anything but a bundle (--overwrite replaces a bundle; it never deletes a folder of other files)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; a bundle is a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"--out {out} exists and is not empty; choose another --out or add --overwrite")
+    if not is_bundle(out):
+        raise UserError(f"--out {out} is not a bundle; --overwrite replaces a bundle, not a folder of other files")
+
+
+class TaggerModule(Protocol):
+    """What `save_bundle` needs of a model (`models.TaggerNet`), named here so that this module never imports it."""
+
+    cfg: Any  # has to_dict(): the TaggerConfig as JSON
+
+    @property
+    def num_features(self) -> int: ...
+
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+
+def save_bundle(
+    out: str | os.PathLike,
+    model: TaggerModule,
+    vocab: Vocab,
+    thresholds: Thresholds,
+    *,
+    source: Mapping[str, Any] | None = None,
+    feature_center: Sequence[float] | None = None,
+    onnx: Callable[[Path], dict] | None = None,
+    overwrite: bool = False,
+) -> BundleInfo:
+    """Write a bundle at `out`, replacing the one there (only a bundle, and only with `overwrite`) in one step.
+
+    The bundle is written whole in `OUT.tmp` beside `out`, then exchanged with `out`: a reader or a crash sees the
+    old bundle or the new one, never half of either and never none. A `OUT.tmp` left by a crash is removed first.
+
+    Args:
+        model: the tagger, whose config, feature width and weights are saved.
+        source: where the model came from (a run and epoch, a converted file), kept in config.json.
+        feature_center: each feature's median, which `extract_binary_feature` thresholds at.
+        onnx: writes model.onnx at the path it is given and returns config.json's "onnx" entry (`models.onnx`).
+    """
+    from safetensors.torch import save_file  # the writer needs torch anyway; the reader stays free of it
+
+    out = Path(out)
+    check_out(out, overwrite)
+    config = _bundle_config(model.cfg.to_dict(), vocab, model.num_features, source)
+    if feature_center is not None:
+        config["feature_center"] = [round(float(v), 6) for v in feature_center]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        if onnx is not None:
+            config["onnx"] = onnx(tmp / ONNX_FILE)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        write_vocab(vocab, tmp / "selected_tags.csv")
+        write_thresholds(thresholds, tmp / "thresholds.json")
+        # safetensors writes its file readable by its owner only; a bundle is for sharing, so every file gets the
+        # mode (umask included) of the files written beside it.
+        mode = (tmp / "config.json").stat().st_mode & 0o777
+        for f in tmp.iterdir():
+            if f.is_file():
+                f.chmod(mode)
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the unfinished bundle, or after the swap the old one
+    return open_bundle(out)
+
+
+def _bundle_config(
+    model_cfg: Mapping[str, Any], vocab: Vocab, feature_dim: int, source: Mapping[str, Any] | None
 ) -> dict:
-    """The content of a bundle's config.json."""
+    """The content of a bundle's config.json (the "onnx" and "feature_center" entries are added by save_bundle)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -138,15 +222,46 @@ def bundle_config(
     }
 
 
-def write_bundle_files(out: Path, config: Mapping[str, Any], vocab: Vocab, thresholds: Thresholds) -> None:
-    """Write config.json, selected_tags.csv and thresholds.json into `out` (the weights are written by the caller)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    write_vocab(vocab, out / "selected_tags.csv")
-    write_thresholds(thresholds, out / "thresholds.json")
+def _swap_in(new: Path, out: Path) -> None:
+    """Put directory `new` at `out`; the old `out`, if any, ends up at `new` (for the caller to remove)."""
+    if not out.exists():
+        new.rename(out)
+    elif not _exchange(new, out):
+        # No atomic exchange here: two renames, with a moment between them when `out` is missing.
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        new.rename(out)
+        old.rename(new)
 
 
-def read_bundle(path: Path) -> BundleInfo:
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where the system cannot (then nothing was changed).
+
+    Python has no atomic exchange of two directories (os.replace cannot replace a non-empty directory), so this
+    calls Linux's renameat2(RENAME_EXCHANGE) through ctypes (glibc 2.28 or later; ext4, xfs, btrfs, tmpfs, ...).
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # an older or another libc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # kernel or file system lacks it
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def open_bundle(path: str | os.PathLike) -> BundleInfo:
     """Open a bundle's JSON and CSV, checking the format version and that the vocabulary is the one trained on."""
     path = Path(path)
     cfg_path = path / "config.json"
@@ -156,7 +271,7 @@ def read_bundle(path: Path) -> BundleInfo:
         config = json.loads(cfg_path.read_text())
     except ValueError as e:
         raise UserError(f"{cfg_path}: not JSON ({e})") from None
-    if config.get("format") != FORMAT:
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise UserError(f"{path}: config.json is not an illust2vec bundle's")
     if int(config.get("format_version", 0)) > FORMAT_VERSION:
         raise UserError(
@@ -166,10 +281,13 @@ def read_bundle(path: Path) -> BundleInfo:
     vocab = read_vocab(path / "selected_tags.csv")
     if vocab.hash != config.get("vocab_hash"):
         raise UserError(f"{path}: selected_tags.csv is not the vocabulary the model was trained on (hash differs)")
-    heads = config["model"]["heads"]
-    activations = {h["name"]: h["activation"] for h in heads}
+    try:
+        heads = config["model"]["heads"]
+        activations = {h["name"]: h["activation"] for h in heads}
+        sizes = {h["name"]: int(h["classes"]) for h in heads}
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{cfg_path}: the model's heads are not readable ({type(e).__name__}: {e})") from None
     labels = Labels.from_vocab(vocab, activations)
-    sizes = {h["name"]: int(h["classes"]) for h in heads}
     if {h: len(ix) for h, ix in labels.heads.items()} != sizes:
         raise UserError(f"{path}: the heads in config.json do not match selected_tags.csv")
     return BundleInfo(path, config, vocab, labels, read_thresholds(path / "thresholds.json"))

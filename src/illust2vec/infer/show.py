@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..bundle import DEFAULT_THRESHOLDS, Labels, is_bundle, read_bundle
 from ..errors import UserError
+from ..formats.bundle import DEFAULT_THRESHOLDS, Labels, is_bundle, open_bundle
 from ..util.images import BadImage
 from .preprocess import prepare, read_image
 from .tagger import MIN_CHARACTER_MCUT, Selection, Tagger, mcut_threshold
@@ -127,7 +127,7 @@ def load_model(bundle: Path, device: str = "cpu") -> Any:
 
     if not is_bundle(Path(bundle)):
         raise UserError(f"{bundle}: --explain needs an illust2vec bundle (i2v export), for its torch weights")
-    return bundle_model(read_bundle(Path(bundle))).to(resolve_device(device))
+    return bundle_model(open_bundle(Path(bundle))).to(resolve_device(device))
 
 
 def gradcam(model: Any, image: Image.Image, head: str, position: int, input_size: int) -> np.ndarray:

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import DEFAULT_THRESHOLDS, BundleInfo, Labels, Thresholds, is_bundle, read_bundle
-from ..formats.vocab import read_vocab
 from ..errors import UserError
+from ..formats.bundle import DEFAULT_THRESHOLDS, BundleInfo, Labels, Thresholds, is_bundle, open_bundle
+from ..formats.vocab import read_vocab
 from .backends import OnnxBackend, TorchBackend, onnx_backend, onnx_input_size, torch_backend
 from .preprocess import load_batch
 
@@ -292,7 +292,7 @@ def download(repo_id: str, backend: str = "auto") -> Path:
 
 
 def _load_bundle(root: Path, backend: str, device: str) -> Tagger:
-    info = read_bundle(root)
+    info = open_bundle(root)
     center = info.config.get("feature_center")
     center = np.asarray(center, np.float32) if center else None
     use_onnx = backend == "onnx" or (backend == "auto" and info.onnx_path is not None and _prefer_onnx(device))
@@ -380,7 +380,7 @@ def _load_wd_timm(root: Path, device: str) -> Tagger:
 
 
 def _wd_thresholds(root: Path) -> Thresholds:
-    from ..bundle import read_thresholds
+    from ..formats.bundle import read_thresholds
 
     return read_thresholds(root / "thresholds.json")
 
