@@ -90,7 +90,7 @@ def pipeline_rate(tagger: Tagger, folder: Path, batch_size: int) -> tuple[float,
     """`i2v tag FOLDER --format jsonl` through its library function, the records written to memory."""
     cfg = TagConfig(paths=(str(folder),), model="", format="jsonl", batch_size=batch_size)
     summary = tag_files(cfg, out=io.StringIO(), console=Console(file=io.StringIO()), tagger=tagger)
-    return summary.tagged / summary.seconds, summary.tagged
+    return summary.done / summary.seconds, summary.done
 
 
 def wd_prepare(image: Image.Image, size: int) -> np.ndarray:

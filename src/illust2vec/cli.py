@@ -418,12 +418,6 @@ def tag(
     from .infer.pipeline import TagConfig, parse_exclude, tag_files
     from .infer.writers import CaptionOptions
 
-    if shard == "0/1":
-        parts = (0, 1)
-    else:  # the crawler's parser, imported only when needed: tagging starts fast
-        from .booru.crawl import parse_shard
-
-        parts = parse_shard(shard)
     cfg = TagConfig(
         paths=tuple(paths),
         model=model,
@@ -438,7 +432,7 @@ def tag(
         overwrite=overwrite,
         device=device,
         backend=backend,
-        shard=parts,
+        shard=shard,
         workers=workers,
     )
     try:
@@ -467,7 +461,7 @@ def show(
     """Draw an image beside bars of its top tags per category; --explain shows where one tag's evidence lies."""
     from .infer.show import ShowConfig
     from .infer.show import show as show_image
-    from .infer.tagger import Selection
+    from .infer.thresholds import Selection
 
     selection = Selection(general=threshold, character=character_threshold, mcut_general=mcut, mcut_character=mcut)
     cfg = ShowConfig(image, model, out, explain, top, selection, backend, device)
@@ -495,7 +489,6 @@ def embed(
     workers: int = typer.Option(None, min=1, help="Decoding threads (default: one per core)."),
 ) -> None:
     """Feature vectors and predicted tags of images, from one forward pass each, into Parquet; exit 1 if any failed."""
-    from .booru.crawl import parse_shard
     from .infer.embed import EmbedConfig, embed_files
 
     cfg = EmbedConfig(
@@ -505,7 +498,7 @@ def embed(
         recursive=recursive,
         ids=ids,
         batch_size=batch_size,
-        shard=parse_shard(shard),
+        shard=shard,
         device=device,
         backend=backend,
         workers=workers,

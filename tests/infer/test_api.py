@@ -15,7 +15,8 @@ from PIL import Image
 
 from illust2vec import Tagger
 from illust2vec.errors import UserError
-from illust2vec.infer.tagger import Selection, binarize
+from illust2vec.infer.tagger import binarize
+from illust2vec.infer.thresholds import Selection
 from illust2vec.util.images import BadImage
 
 EXPECTED_I2V = Path("/work/shared/fixtures/real/images/illustration2vec/expected_i2v_tags.json")

@@ -13,7 +13,8 @@ from illust2vec.cli import main
 from illust2vec.errors import UserError
 from illust2vec.infer.preprocess import read_image
 from illust2vec.infer.show import ShowConfig, choose_bars, find_tag, gradcam, load_model, show
-from illust2vec.infer.tagger import Selection, Tagger
+from illust2vec.infer.tagger import Tagger
+from illust2vec.infer.thresholds import Selection
 
 
 def images_of(folder: Path) -> list[Path]:

@@ -15,8 +15,10 @@ import pytest
 
 from illust2vec.formats.bundle import open_bundle
 from illust2vec.formats.vocab import Vocab, write_vocab
-from illust2vec.infer.pipeline import discover, in_shard, parse_exclude
+from illust2vec.infer.engine import discover
+from illust2vec.infer.pipeline import parse_exclude
 from illust2vec.infer.writers import CSV_COLUMNS, KAOMOJIS, CaptionOptions
+from illust2vec.util.shard import in_shard
 
 I2V = [sys.executable, "-m", "illust2vec.cli"]
 ALL = ["--threshold", "0", "--character-threshold", "0"]  # every general and character tag, with its score

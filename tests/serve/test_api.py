@@ -17,10 +17,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from illust2vec.errors import UserError
-from illust2vec.infer.tagger import Selection, Tagger, mcut_threshold
+from illust2vec.infer.tagger import Tagger
+from illust2vec.infer.thresholds import MIN_CHARACTER_MCUT, Selection, mcut_threshold
 from illust2vec.search import VectorIndex
 from illust2vec.serve import Batcher, ServeConfig, create_app
-from illust2vec.serve.app import open_index
+from illust2vec.serve.state import open_index
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,13 @@ def test_thresholds_from_query_and_form(client, tagger, images):
     ix = list(tagger.labels.heads["general"])
     assert mcut["thresholds"]["general"] == pytest.approx(mcut_threshold(probs[ix]), abs=1e-6)
     assert all(s >= mcut["thresholds"]["general"] for s in mcut["general"].values())
+    # MCut's thresholds come with every answer (the page's MCut box), the character one floored as the WD Space does.
+    for answer in (everything, mcut):
+        assert set(answer["mcut_thresholds"]) == {"general", "character"}
+        assert answer["mcut_thresholds"]["general"] == mcut["thresholds"]["general"]
+        cx = list(tagger.labels.heads["character"])
+        floored = max(MIN_CHARACTER_MCUT, mcut_threshold(probs[cx]))
+        assert answer["mcut_thresholds"]["character"] == pytest.approx(floored, abs=1e-6)
     bad = post_image(client, path, params={"general": 1.5})
     assert bad.status_code == 422 and "general" in bad.json()["error"]
 
@@ -144,7 +152,7 @@ def test_an_oversized_upload_is_413(synth_bundle, tagger, images):
     Image.fromarray(big).save(buf, "PNG")  # incompressible noise: about 480 KB
     with TestClient(app) as c:
         assert "too large" in refused(c.post("/api/tag", files={"file": ("big.png", buf.getvalue())}), 413)
-        assert app.state.batcher.stats.images == 0
+        assert app.state.serve.batcher.stats.images == 0
         buf = io.BytesIO()
         Image.fromarray(big[:64, :64]).save(buf, "PNG")  # about 12 KB: under the limit
         assert c.post("/api/tag", files={"file": ("small.png", buf.getvalue())}).status_code == 200
@@ -280,7 +288,7 @@ def test_concurrent_requests_share_a_forward_pass(synth_bundle, tagger, images):
             return await asyncio.gather(*posts)
 
     answers = asyncio.run(send_all())
-    stats = app.state.batcher.stats
+    stats = app.state.serve.batcher.stats
     assert stats.images == len(paths) and stats.max_batch > 1 and stats.batches < len(paths)
     expected = tagger.predict(paths)
     for r, probs in zip(answers, expected, strict=True):  # each answer is its own image's, batched or not
@@ -357,3 +365,12 @@ def test_serve_cli_refuses_a_missing_index_in_one_line(synth_bundle, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and "no such index" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("port", 70000), ("max_upload_mb", 0), ("max_batch", 0), ("max_wait_ms", -1), ("backend", "tpu"), ("k", 0)],
+)
+def test_a_bad_serve_config_is_one_user_error_naming_the_field(field, value):
+    with pytest.raises(UserError, match=field.replace("_", "-")):
+        ServeConfig(model="m", **{field: value})

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from illust2vec.infer.tagger import Tagger
+from illust2vec.infer.thresholds import MIN_CHARACTER_MCUT, resolve
 from illust2vec.search import VectorIndex
 from illust2vec.serve import ServeConfig, create_app
+from illust2vec.serve.state import MCUT
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +134,15 @@ def test_upload_tag_move_thresholds_copy_caption(chromium, server, tmp_path):
         page.click("#copy")
         expect(page.locator("#copied")).to_have_text("copied")
         assert page.evaluate("navigator.clipboard.readText()") == caption
+
+        # MCut: the sliders take the thresholds the server resolved (the character one floored), no new request.
+        probs = tagger.predict([image])[0]
+        want = resolve(tagger.labels.heads, tagger.labels.names, probs, tagger.thresholds, MCUT)
+        page.check("#mcut")
+        for head in ("general", "character"):
+            expect(page.locator(f"#thr-{head}-value")).to_have_text(f"{want[head].value:.2f}")
+        assert want["character"].value >= MIN_CHARACTER_MCUT
+        assert len(tag_requests) == 1
 
         # Similar images from the index, with thumbnails served by id.
         thumbs = page.locator("#similar .sim img")

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +29,9 @@ from rich.console import Console
 
 from ..errors import UserError
 from ..formats.vectors import PartWriter, check_same_model, done_ids, file_metadata, model_meta, tags_json
-from ..util.cores import cores
-from ..util.images import BadImage
-from .pipeline import Item, NotImage, _read_ahead, discover, image_extensions, in_shard, load, progress_bar
+from ..util.shard import check_shard, in_shard
+from .engine import Batch, BatchSummary, Engine, Item, discover
+from .pipeline import check_batching
 from .tagger import Tagger
 
 log = logging.getLogger(__name__)
@@ -52,49 +50,29 @@ class EmbedConfig:
     ids: str = "path"  # path: relative path (default); stem: file name without suffix, e.g. a board's post id
     batch_size: int = 32
     part_size: int = 4096  # rows per part written while running: the most a crash can make us redo
-    shard: tuple[int, int] = (0, 1)  # part I of N of the files, for job arrays
+    shard: tuple[int, int] = (0, 1)  # part I of N of the files, for job arrays ("I/N" is taken too)
     device: str = "auto"
     backend: str = "auto"
     workers: int | None = None  # decoding threads; None: one per core
 
-
-@dataclass
-class EmbedSummary:
-    embedded: int = 0
-    already: int = 0  # done by an earlier run (resume)
-    failed: Counter = field(default_factory=Counter)  # reason -> count
-    not_images: int = 0
-    files: int = 0  # in this shard
-    rows: int = 0  # in the output when finished
-    seconds: float = 0.0
-
-    @property
-    def n_failed(self) -> int:
-        return sum(self.failed.values())
-
-    def line(self) -> str:
-        rate = self.embedded / self.seconds if self.seconds > 0 else 0.0
-        parts = [f"embedded {self.embedded} images in {self.seconds:.1f} s ({rate:.1f} images/s)"]
-        if self.already:
-            parts.append(f"{self.already} done before (resumed)")
-        if self.failed:
-            reasons = ", ".join(f"{n} {r}" for r, n in self.failed.most_common())
-            parts.append(f"{self.n_failed} failed ({reasons})")
-        if self.not_images:
-            parts.append(f"{self.not_images} files not images")
-        return "; ".join(parts) + f"; {self.rows} rows in the output"
+    def __post_init__(self) -> None:
+        if isinstance(self.paths, str):
+            raise UserError("EmbedConfig.paths: a tuple of paths, not one string")
+        object.__setattr__(self, "paths", tuple(self.paths))
+        object.__setattr__(self, "out", str(self.out))
+        object.__setattr__(self, "shard", check_shard(self.shard))
+        if self.ids not in ID_KINDS:
+            raise UserError(f"--ids must be one of {', '.join(ID_KINDS)}, not {self.ids!r}")
+        check_batching(self.batch_size, self.workers, self.backend)
+        if not isinstance(self.part_size, int) or self.part_size < 1:
+            raise UserError(f"EmbedConfig.part_size must be at least 1, not {self.part_size!r}")
+        out = Path(self.out)
+        if out.suffix != ".parquet":
+            raise UserError(f"--out {out}: the output is a Parquet file; name it *.parquet")
 
 
-# ---- embedding
-
-
-def _check(cfg: EmbedConfig, out: Path) -> None:
-    if cfg.ids not in ID_KINDS:
-        raise UserError(f"--ids must be one of {', '.join(ID_KINDS)}, not {cfg.ids!r}")
-    if cfg.batch_size < 1 or cfg.part_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    if out.suffix != ".parquet":
-        raise UserError(f"--out {out}: the output is a Parquet file; name it *.parquet")
+def _check_out(out: Path) -> None:
+    """Where the output goes: checked when the run starts (the folder may be made after the config)."""
     if out.is_dir():
         raise UserError(f"--out {out}: is a folder; give a file name such as vectors.parquet")
     if not out.parent.is_dir():
@@ -105,16 +83,9 @@ def item_id(item: Item, ids: str) -> str:
     return Path(item.key).stem if ids == "stem" else item.key
 
 
-def embed_files(cfg: EmbedConfig, console: Console | None = None, tagger: Tagger | None = None) -> EmbedSummary:
-    """Embed every image under `cfg.paths` (this shard's part) into `cfg.out`; progress and reports on `console`.
-
-    Returns the summary; `summary.n_failed` > 0 means some image could not be embedded (each is named on the console).
-    """
-    console = console or Console(stderr=True)
-    out = Path(cfg.out)
-    _check(cfg, out)
-    summary = EmbedSummary()
-    items = [it for it in discover(cfg.paths, cfg.recursive) if in_shard(it.key, cfg.shard)]
+def _items(cfg: EmbedConfig, summary: BatchSummary) -> list[Item]:
+    """This shard's files; two that would share an id are the user's mistake."""
+    items = [it for it in discover(cfg.paths, cfg.recursive, summary) if in_shard(it.key, cfg.shard)]
     by_id: dict[str, Item] = {}
     for it in items:
         first = by_id.setdefault(item_id(it, cfg.ids), it)
@@ -123,6 +94,19 @@ def embed_files(cfg: EmbedConfig, console: Console | None = None, tagger: Tagger
                 f"{it.path} and {first.path} would both have the id {item_id(it, cfg.ids)!r}; "
                 "give their common parent folder (ids are paths relative to the folder given)"
             )
+    return items
+
+
+def embed_files(cfg: EmbedConfig, console: Console | None = None, tagger: Tagger | None = None) -> BatchSummary:
+    """Embed every image under `cfg.paths` (this shard's part) into `cfg.out`; progress and reports on `console`.
+
+    Returns the summary; `summary.n_failed` > 0 means some image could not be embedded (each is named on the console).
+    """
+    console = console or Console(stderr=True)
+    out = Path(cfg.out)
+    _check_out(out)
+    summary = BatchSummary("embedded")
+    items = _items(cfg, summary)
     tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device)
     if not tagger.feature_dim:
         raise UserError(f"{cfg.model}: this model gives no feature vector (a WD ONNX file gives tags only)")
@@ -132,39 +116,16 @@ def embed_files(cfg: EmbedConfig, console: Console | None = None, tagger: Tagger
     todo = [it for it in items if item_id(it, cfg.ids) not in done]
     summary.files, summary.already = len(items), len(items) - len(todo)
     writer = PartWriter(out, meta, cfg.part_size)
-    workers = cfg.workers or cores()
-    image_exts = image_extensions()
-    batch: list[tuple[Item, np.ndarray]] = []
 
-    def flush() -> None:
-        if not batch:
-            return
+    def consume(batch: Batch) -> None:
         probs, feats = tagger.run(np.stack([x for _, x in batch]))
         feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
         for (item, _), p, f in zip(batch, probs, feats, strict=True):
             writer.add(item_id(item, cfg.ids), str(item.path.resolve()), f, tags_json(tagger.select(p)))
-        summary.embedded += len(batch)
-        batch.clear()
+        summary.done += len(batch)
 
+    Engine(summary, tagger.image_size, console, cfg.batch_size, cfg.workers).run(todo, consume, "embedding")
     t0 = time.perf_counter()
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="i2v-embed")
-    with pool, progress_bar(console, "embedding") as progress:
-        task = progress.add_task("embed", total=len(todo), rate=0.0)
-        work = lambda item: load(item, tagger.image_size, image_exts)  # noqa: E731
-        for item, future in _read_ahead(todo, work, pool, ahead=2 * cfg.batch_size + workers):
-            try:
-                batch.append((item, future.result()))
-            except NotImage:
-                summary.not_images += 1
-            except BadImage as e:
-                summary.failed[e.reason] += 1
-                progress.console.print(f"{item.path}: {e}", highlight=False, markup=False)
-            if len(batch) >= cfg.batch_size:
-                flush()
-                elapsed = time.perf_counter() - t0
-                progress.update(task, rate=summary.embedded / elapsed if elapsed else 0.0)
-            progress.advance(task)
-        flush()
     summary.rows = writer.close()
-    summary.seconds = time.perf_counter() - t0
+    summary.seconds += time.perf_counter() - t0
     return summary

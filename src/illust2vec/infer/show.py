@@ -17,10 +17,11 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
-from ..formats.bundle import DEFAULT_THRESHOLDS, Labels, is_bundle, open_bundle
+from ..formats.bundle import Labels, is_bundle, open_bundle
 from ..util.images import BadImage
 from .preprocess import prepare, read_image
-from .tagger import MIN_CHARACTER_MCUT, Selection, Tagger, mcut_threshold
+from .tagger import Tagger
+from .thresholds import Selection, resolve
 
 DISPLAY = 512  # longer side of the picture in the figure, in pixels (at least twice the model's input)
 # Colours of the bars: above the threshold (the tags `i2v tag` reports) and below it.
@@ -39,6 +40,23 @@ class ShowConfig:
     selection: Selection = Selection()  # thresholds, as `i2v tag` takes them
     backend: str = "auto"  # for the scores; the heat map always runs torch
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("image", "model", "out"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+        if not isinstance(self.top, int) or self.top < 1:
+            raise UserError(f"--top must be at least 1, not {self.top!r}")
+        if not isinstance(self.selection, Selection):
+            raise UserError(f"ShowConfig.selection: a Selection, not {type(self.selection).__name__}")
+        _pyplot()
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        suffix = self.out.suffix.lower().lstrip(".")
+        if suffix not in formats:
+            raise UserError(
+                f"--out {self.out}: unknown picture format {suffix!r}; use one of {', '.join(sorted(formats))}"
+            )
 
 
 @dataclass(frozen=True)
@@ -84,21 +102,12 @@ def choose_bars(
 
 def head_thresholds(tagger: Tagger, probs: np.ndarray, selection: Selection) -> dict[str, dict[str, float]]:
     """Head -> tag -> the threshold `Tagger.select` holds it to (for drawing; select decides what passes)."""
-    out: dict[str, dict[str, float]] = {}
-    for head, ix in tagger.labels.heads.items():
-        names = [tagger.labels.names[i] for i in ix]
-        p = probs[list(ix)]
-        given = selection.override(head)
-        if head == "general" and selection.mcut_general:
-            out[head] = dict.fromkeys(names, mcut_threshold(p))
-        elif head == "character" and selection.mcut_character:
-            out[head] = dict.fromkeys(names, max(MIN_CHARACTER_MCUT, mcut_threshold(p)))
-        elif given is not None:
-            out[head] = dict.fromkeys(names, float(given))
-        else:
-            base = tagger.thresholds.heads.get(head, DEFAULT_THRESHOLDS.get(head, 0.5))
-            out[head] = {n: float(tagger.thresholds.tags.get(n, base)) for n in names}
-    return out
+    labels = tagger.labels
+    resolved = resolve(labels.heads, labels.names, probs, tagger.thresholds, selection)
+    return {
+        head: {labels.names[i]: float(t) for i, t in zip(labels.heads[head], th.tags, strict=True)}
+        for head, th in resolved.items()
+    }
 
 
 def find_tag(labels: Labels, tag: str) -> TagRef:
@@ -199,15 +208,6 @@ class ShowResult:
 
 def show(cfg: ShowConfig) -> ShowResult:
     """Tag one image and draw it beside its bars (and a Grad-CAM overlay for `cfg.explain`) into `cfg.out`."""
-    _pyplot()
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    if cfg.top < 1:
-        raise UserError(f"--top must be at least 1, not {cfg.top}")
-    formats = FigureCanvasBase.get_supported_filetypes()
-    suffix = cfg.out.suffix.lower().lstrip(".")
-    if suffix not in formats:
-        raise UserError(f"--out {cfg.out}: unknown picture format {suffix!r}; use one of {', '.join(sorted(formats))}")
     tagger = Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device)
     try:
         picture = read_image(cfg.image)  # in full: draft mode would show it at twice the model's input size

@@ -13,49 +13,22 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import UserError
-from ..formats.bundle import DEFAULT_THRESHOLDS, BundleInfo, Labels, Thresholds, is_bundle, open_bundle
+from ..formats.bundle import BundleInfo, Labels, Thresholds, is_bundle, open_bundle
 from ..formats.vocab import read_vocab
 from .backends import OnnxBackend, TorchBackend, onnx_backend, onnx_input_size, torch_backend
 from .preprocess import load_batch
+from .thresholds import Selection, resolve
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx")
-MIN_CHARACTER_MCUT = 0.15  # the WD Space's floor under MCut's character threshold
-
-
-def mcut_threshold(probs: np.ndarray) -> float:
-    """Maximum Cut thresholding (Largeron et al., 2012), as the WD Space does it: the midpoint of the largest gap
-    between consecutive sorted scores."""
-    p = np.sort(np.asarray(probs, dtype=np.float64))[::-1]
-    if p.size < 2:
-        return 0.5
-    gaps = p[:-1] - p[1:]
-    t = int(gaps.argmax())
-    return float((p[t] + p[t + 1]) / 2)
-
-
-@dataclass(frozen=True)
-class Selection:
-    """How scores become tags: thresholds per head (None: the model's calibrated or default ones), MCut, exclusions."""
-
-    general: float | None = None
-    character: float | None = None
-    copyright: float | None = None
-    artist: float | None = None
-    mcut_general: bool = False
-    mcut_character: bool = False
-    exclude: frozenset[str] = field(default_factory=frozenset)
-
-    def override(self, head: str) -> float | None:
-        return getattr(self, head, None)
 
 
 @dataclass
@@ -159,12 +132,14 @@ class Tagger:
             out[head] = {self.labels.names[ix[i]]: float(p[i]) for i in order}
         return out
 
-    def select(self, probs: np.ndarray, selection: Selection = Selection()) -> dict[str, dict[str, float]]:
+    def select(self, probs: np.ndarray, selection: Selection | None = None) -> dict[str, dict[str, float]]:
         """One image's probabilities -> head -> {tag: score} strictly above its threshold, highest first.
 
         Rating keeps all its classes (scores sum to one), as the WD taggers report it. A threshold given in
         `selection` replaces the model's for its head, per-tag ones included; MCut replaces both.
         """
+        selection = selection or Selection()
+        thresholds = resolve(self.labels.heads, self.labels.names, probs, self.thresholds, selection)
         out: dict[str, dict[str, float]] = {}
         for head, ix in self.labels.heads.items():
             p = probs[list(ix)]
@@ -173,16 +148,7 @@ class Tagger:
             if head == "rating":
                 out[head] = {names[i]: float(p[i]) for i in order}
                 continue
-            given = selection.override(head)
-            if head == "general" and selection.mcut_general:
-                thr = np.full(len(ix), mcut_threshold(p))
-            elif head == "character" and selection.mcut_character:
-                thr = np.full(len(ix), max(MIN_CHARACTER_MCUT, mcut_threshold(p)))
-            elif given is not None:
-                thr = np.full(len(ix), given)
-            else:
-                base = self.thresholds.heads.get(head, DEFAULT_THRESHOLDS.get(head, 0.5))
-                thr = np.array([self.thresholds.tags.get(n, base) for n in names])
+            thr = thresholds[head].tags
             # Strictly above, as the WD Space and the original Illustration2Vec select.
             out[head] = {names[i]: float(p[i]) for i in order if p[i] > thr[i] and names[i] not in selection.exclude}
         return out

@@ -3,7 +3,6 @@
 "use strict";
 
 const HEADS = ["rating", "character", "copyright", "artist", "general"]; // display order
-const MIN_CHARACTER_MCUT = 0.15; // as the server (and the WD Space) floor MCut for characters
 // Tags whose underscores are part of the face (the WD Space's list): kept as they are in captions.
 const KAOMOJIS = new Set(["0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9",
   ">_o", "@_@", "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"]);
@@ -31,15 +30,6 @@ function el(tag, props = {}, children = []) {
 }
 
 // ---- thresholds
-
-function mcut(scores) {
-  // Maximum Cut: the midpoint of the largest gap between consecutive sorted scores.
-  const p = scores.slice().sort((a, b) => b - a);
-  if (p.length < 2) return 0.5;
-  let best = 0;
-  for (let i = 1; i < p.length - 1; i++) if (p[i] - p[i + 1] > p[best] - p[best + 1]) best = i;
-  return (p[best] + p[best + 1]) / 2;
-}
 
 function thresholdOf(head, tag) {
   const r = state.result;
@@ -83,13 +73,9 @@ function setSlider(head, value) {
 }
 
 function applyMcut() {
+  // MCut's thresholds come with the answer, as the server resolves them (the character one floored, as WD's Space).
   if (!$("mcut").checked || !state.result) return;
-  for (const head of ["general", "character"]) {
-    const scores = Object.values(state.result.scores[head] || {});
-    if (!scores.length) continue;
-    const t = mcut(scores);
-    setSlider(head, head === "character" ? Math.max(MIN_CHARACTER_MCUT, t) : t);
-  }
+  for (const [head, t] of Object.entries(state.result.mcut_thresholds || {})) setSlider(head, t);
 }
 
 // ---- drawing

@@ -1,0 +1,303 @@
+"""The batch-inference engine of `i2v tag` and `i2v embed`: find the files, decode them in threads while the model
+runs, hand the consumer whole batches in order, and count what could not be used, by one vocabulary of reasons.
+
+Images are recognised by their content, in any format Pillow reads, whatever their name. A file that cannot be
+used is named on stderr with its reason, counted and skipped; the summary says how many. Files met in a folder
+that are not images at all (captions, JSON, videos...) are counted apart, quietly (-v lists them): they are not
+failures.
+
+Pillow releases the GIL while it decodes and resizes, so a few threads keep the model fed; a bounded read-ahead
+keeps memory flat on folders of any size. Nothing here imports torch. `i2v serve` decodes its uploads with
+`decode`, the same function the engine's workers call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..errors import UserError
+from ..util.cores import cores
+from ..util.images import BadImage
+from .preprocess import DRAFT_INFO, ImageLike, prepare, read_image
+from .writers import caption_path
+
+log = logging.getLogger(__name__)
+
+# Why a file was not used: the words of the summary line (underscores shown as spaces) and of `failed`'s keys.
+# A BadImage's reason passes through, except "not_image": that is `util.images`' word for bytes Pillow cannot
+# decode, and here (a file named on the command line, or one with an image's suffix) it is "undecodable": "not an
+# image" is what a file in a folder that is no image at all is, which is passed over, not a failure.
+REASONS = ("undecodable", "empty", "too_large", "corrupt", "unreadable", "caption_clash", "unwritable")
+
+
+def reason_of(e: BadImage) -> str:
+    return "undecodable" if e.reason == "not_image" else e.reason
+
+
+@dataclass(frozen=True)
+class Item:
+    """A file: where it is, the name it is sharded by, and whether the user named it (not found in a walk)."""
+
+    path: Path
+    key: str  # its path relative to the argument it was found under: the same on every machine of a job array
+    named: bool
+
+
+@dataclass
+class BatchSummary:
+    """What a batch job (`i2v tag`, `i2v embed`) did; `line()` is the summary printed on stderr."""
+
+    verb: str  # "tagged", "embedded"
+    done: int = 0  # images the model ran on and whose output was written
+    failed: Counter = field(default_factory=Counter)  # reason (REASONS) -> count
+    not_images: int = 0  # files in folders that are not images: passed over, not failures
+    captions_kept: int = 0  # txt without --overwrite: images skipped because their caption exists
+    already: int = 0  # embed: done by an earlier run (resume)
+    files: int = 0  # in this shard
+    subfolders_skipped: int = 0  # folders not entered without --recursive
+    rows: int | None = None  # embed: rows in the output when finished
+    seconds: float = 0.0
+
+    @property
+    def n_failed(self) -> int:
+        return sum(self.failed.values())
+
+    def line(self) -> str:
+        rate = self.done / self.seconds if self.seconds > 0 else 0.0
+        parts = [f"{self.verb} {_count(self.done, 'image')} in {self.seconds:.1f} s ({rate:.1f} images/s)"]
+        if self.already:
+            parts.append(f"{self.already} done before (resumed)")
+        if self.failed:
+            reasons = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in self.failed.most_common())
+            parts.append(f"{self.n_failed} failed ({reasons})")
+        if self.not_images:
+            parts.append(f"{_count(self.not_images, 'non-image file')} passed over (-v lists them)")
+        if self.captions_kept:
+            parts.append(f"{self.captions_kept} skipped: caption exists (--overwrite replaces)")
+        if self.subfolders_skipped:
+            parts.append(f"{_count(self.subfolders_skipped, 'subfolder')} not entered (--recursive)")
+        if self.rows is not None:
+            parts.append(f"{self.rows} rows in the output")
+        return "; ".join(parts)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+# ---- discovery
+
+
+def discover(paths: Sequence[str], recursive: bool, summary: BatchSummary | None = None) -> list[Item]:
+    """Every file under the paths, in a stable order (files as given, folders sorted), each once; subfolders not
+    entered (without `recursive`) are counted in `summary`.
+
+    Hidden files and folders (a leading dot) are passed over in folders, as `ls` does. A path that does not exist
+    is the user's mistake.
+    """
+    items: list[Item] = []
+    seen: set[str] = set()
+    for arg in paths:
+        root = Path(arg)
+        if root.is_file():
+            found: Iterable[Item] = [Item(root, root.name, True)]
+        elif root.is_dir():
+            found = _walk(root, recursive, summary)
+        elif root.exists():
+            raise UserError(f"{arg}: neither a file nor a folder")
+        else:
+            raise UserError(f"{arg}: no such file or folder")
+        for item in found:
+            ident = os.path.normpath(os.path.abspath(item.path))
+            if ident not in seen:
+                seen.add(ident)
+                items.append(item)
+    return items
+
+
+def _walk(root: Path, recursive: bool, summary: BatchSummary | None) -> Iterator[Item]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        subdirs = sorted(d for d in dirnames if not d.startswith("."))
+        if not recursive:
+            if summary is not None:
+                summary.subfolders_skipped += len(subdirs)
+            subdirs = []
+        dirnames[:] = subdirs
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                path = Path(dirpath) / name
+                yield Item(path, path.relative_to(root).as_posix(), False)
+
+
+# ---- decoding
+
+
+def image_extensions() -> frozenset[str]:
+    """Every suffix Pillow reads (".jpg", ".webp", ...): a file so named that does not decode is an error."""
+    return frozenset(ext.lower() for ext in Image.registered_extensions())
+
+
+class NotImage(Exception):
+    """A file found in a folder that is not an image at all: counted, not a failure."""
+
+
+class CaptionExists(Exception):
+    """txt without --overwrite: the image has its caption already, so it is not decoded."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One image as the model takes it, and the picture's size (before a JPEG's draft decoding shrank it)."""
+
+    x: np.ndarray  # [size, size, 3] float32 BGR
+    width: int
+    height: int
+
+
+def decode(source: ImageLike, size: int) -> Decoded:
+    """A path, bytes, PIL image or array -> the model's input for it: the one decoding of tag, embed and serve.
+
+    Raises:
+        BadImage: not an image, broken, or over the pixel limit.
+    """
+    image = read_image(source, size)
+    draft = image.info.get(DRAFT_INFO)  # a big JPEG decoded at a fraction of its size knows its full size
+    width, height = tuple(draft[:2]) if draft else image.size
+    return Decoded(prepare(image, size), width, height)
+
+
+def load(item: Item, size: int, image_exts: frozenset[str], keep_captions: bool = False) -> np.ndarray:
+    """One file -> the model's input for it. Runs in a worker thread.
+
+    Raises:
+        NotImage: a file met in a folder, without an image suffix, that Pillow does not recognise.
+        CaptionExists: with `keep_captions`, an image whose caption file exists.
+        BadImage: anything else that does not decode.
+    """
+    if not item.named and item.path.suffix.lower() not in image_exts:
+        # Sniff the header before reading the whole file: a folder may hold large videos or archives.
+        try:
+            with Image.open(item.path):
+                pass
+        except (UnidentifiedImageError, ValueError) as e:
+            raise NotImage(str(e)) from None
+        except Image.DecompressionBombError:
+            pass  # an image after all; read_image names the problem
+        except OSError as e:
+            raise BadImage(f"cannot read ({e.strerror or e})", "unreadable") from None
+    if keep_captions and caption_path(item.path).exists():
+        raise CaptionExists()
+    return decode(item.path, size).x
+
+
+def read_ahead(items: Sequence[Item], work, pool: ThreadPoolExecutor, ahead: int) -> Iterator[tuple[Item, Future]]:
+    """Submit work on up to `ahead` items beyond the one being consumed; yield (item, future) in order."""
+    pending: deque[tuple[Item, Future]] = deque()
+    queue = iter(items)
+    for item in queue:
+        pending.append((item, pool.submit(work, item)))
+        if len(pending) >= ahead:
+            break
+    while pending:
+        item, future = pending.popleft()
+        nxt = next(queue, None)
+        if nxt is not None:
+            pending.append((nxt, pool.submit(work, nxt)))
+        yield item, future
+
+
+def progress_bar(console: Console, label: str) -> Progress:
+    """The bar of a batch job over images: count, images/s, time left."""
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.1f} images/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+# ---- the engine
+
+Batch = list[tuple[Item, np.ndarray]]
+
+
+@dataclass
+class Engine:
+    """Runs a consumer over every image of a list of files, in order, a batch at a time.
+
+    The consumer gets each batch of (item, model input) pairs and runs the model; it counts what it wrote in
+    `summary.done` and reports a file it could not finish with `fail`. `accept`, when given, may turn an item away
+    after it decoded (counted by the caller, e.g. as a failure).
+    """
+
+    summary: BatchSummary
+    size: int  # the model's input side
+    console: Console
+    batch_size: int = 32
+    workers: int | None = None  # decoding threads; None: one per core
+    keep_captions: bool = False  # txt without --overwrite: an image whose caption exists is skipped, not decoded
+    accept: Callable[[Item], bool] | None = None
+
+    def fail(self, item: Item, message: str, reason: str) -> None:
+        """The one bad-item policy: the file is named on stderr with the message, and counted by its reason."""
+        self.summary.failed[reason] += 1
+        self.console.print(f"{item.path}: {message}", highlight=False, markup=False, soft_wrap=True)
+
+    def run(self, items: Sequence[Item], consume: Callable[[Batch], None], label: str) -> None:
+        """Decode `items` ahead in threads and feed `consume` whole batches (the last one shorter), in order."""
+        workers = self.workers or cores()
+        exts = image_extensions()
+        work = lambda item: load(item, self.size, exts, self.keep_captions)  # noqa: E731
+        batch: Batch = []
+        t0 = time.perf_counter()
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="i2v-decode")
+        try:
+            with progress_bar(self.console, label) as progress:
+                task = progress.add_task(label, total=len(items), rate=0.0)
+                # Two batches ahead: the next one decodes while the model runs on this one; memory stays bounded.
+                for item, future in read_ahead(items, work, pool, ahead=2 * self.batch_size + workers):
+                    progress.advance(task)
+                    x = self._take(item, future)
+                    if x is None or (self.accept is not None and not self.accept(item)):
+                        continue
+                    batch.append((item, x))
+                    if len(batch) >= self.batch_size:
+                        consume(batch)
+                        batch = []
+                        progress.update(task, rate=self.summary.done / (time.perf_counter() - t0))
+                if batch:
+                    consume(batch)
+                self.summary.seconds = time.perf_counter() - t0
+                progress.update(task, rate=self.summary.done / self.summary.seconds if self.summary.seconds else 0)
+        finally:
+            # On Ctrl-C or a failed write, drop the read-ahead instead of decoding it to the end.
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _take(self, item: Item, future: Future) -> np.ndarray | None:
+        """A worker's prepared image, or None for a file passed over (counted) or failed (counted and reported)."""
+        try:
+            return future.result()
+        except NotImage as e:
+            self.summary.not_images += 1
+            log.debug("%s: not an image (%s)", item.path, e)
+        except CaptionExists:
+            self.summary.captions_kept += 1
+        except BadImage as e:
+            self.fail(item, str(e), reason_of(e))
+        return None
