@@ -9,7 +9,10 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
+from illust2vec.errors import UserError
+from illust2vec.infer.embed import EmbedConfig
 from illust2vec.infer.engine import REASONS, BatchSummary, Engine, decode, discover
+from illust2vec.infer.pipeline import TagConfig
 from illust2vec.util.images import BadImage
 
 
@@ -91,3 +94,28 @@ def test_decode_keeps_the_pictures_size_and_refuses_non_images(tmp_path):
     with pytest.raises(BadImage) as e:
         decode(b"text, not an image", 16)
     assert e.value.reason == "not_image"  # util.images' word; the engine and serve count it as "undecodable"
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: TagConfig(paths=("a",), model="m", format="xml"), "--format"),
+        (lambda: TagConfig(paths=("a",), model="m", batch_size=0), "--batch-size"),
+        (lambda: TagConfig(paths=("a",), model="m", shard="3/2"), "--shard"),
+        (lambda: TagConfig(paths=("a",), model="m", mcut=True, threshold=0.5), "--mcut"),
+        (lambda: TagConfig(paths=("a",), model="m", overwrite=True), "--overwrite"),
+        (lambda: TagConfig(paths="a", model="m"), "paths"),
+        (lambda: EmbedConfig(paths=("a",), model="m", out="v.parquet", ids="name"), "--ids"),
+        (lambda: EmbedConfig(paths=("a",), model="m", out="v.csv"), "Parquet"),
+        (lambda: EmbedConfig(paths=("a",), model="m", out="v.parquet", backend="tpu"), "--backend"),
+        (lambda: EmbedConfig(paths=("a",), model="m", out="v.parquet", workers=0), "--workers"),
+    ],
+)
+def test_a_bad_config_is_one_user_error_naming_the_option(make, match):
+    with pytest.raises(UserError, match=match):
+        make()
+
+
+def test_configs_take_the_shard_as_written_on_the_command_line():
+    assert TagConfig(paths=["a"], model="m", shard="1/4").shard == (1, 4)
+    assert EmbedConfig(paths=("a",), model="m", out="v.parquet", shard=(2, 3)).shard == (2, 3)

@@ -1,15 +1,6 @@
-"""Feature vectors (`i2v embed`): one forward pass per image gives its L2-normalised feature vector and its tags.
-
-The output is one Parquet file with a row per image:
-
-- `id` (string): stable across machines: the path relative to the folder argument it was found under (a file
-  named on the command line: its name), or with `ids="stem"` the name without its suffix (a board's post id);
-- `path` (string): the absolute path the image was read from;
-- `vector` (fixed_size_list<float32>[D]): the pooled feature vector, unit L2 norm;
-- `tags` (string): JSON `{head: {tag: score}}` of the predicted tags (the model's thresholds; rating: all classes).
-
-The schema's metadata (`illust2vec` key) names the format, the model and the vector dimension, so `i2v index build`
-refuses to mix vectors of different models.
+"""Feature vectors (`i2v embed`): one forward pass per image gives its L2-normalised feature vector and its tags,
+written as rows of the vectors Parquet (`formats/vectors.py`: id, path, vector, tags, and the model's metadata, so
+`i2v index build` refuses to mix vectors of different models).
 
 Resumable: rows are written as they come, in parts under `OUT.parts/` (each part renamed into place when whole);
 a rerun skips every id already in OUT or in a part, and the end of a run merges the parts into OUT. A job array
@@ -29,9 +20,8 @@ from rich.console import Console
 
 from ..errors import UserError
 from ..formats.vectors import PartWriter, check_same_model, done_ids, file_metadata, model_meta, tags_json
-from ..util.shard import check_shard, in_shard
-from .engine import Batch, BatchSummary, Engine, Item, discover
-from .pipeline import check_batching
+from ..util.shard import in_shard
+from .engine import Batch, BatchSummary, Engine, Item, check_job, discover
 from .tagger import Tagger
 
 log = logging.getLogger(__name__)
@@ -56,14 +46,10 @@ class EmbedConfig:
     workers: int | None = None  # decoding threads; None: one per core
 
     def __post_init__(self) -> None:
-        if isinstance(self.paths, str):
-            raise UserError("EmbedConfig.paths: a tuple of paths, not one string")
-        object.__setattr__(self, "paths", tuple(self.paths))
+        check_job(self)
         object.__setattr__(self, "out", str(self.out))
-        object.__setattr__(self, "shard", check_shard(self.shard))
         if self.ids not in ID_KINDS:
             raise UserError(f"--ids must be one of {', '.join(ID_KINDS)}, not {self.ids!r}")
-        check_batching(self.batch_size, self.workers, self.backend)
         if not isinstance(self.part_size, int) or self.part_size < 1:
             raise UserError(f"EmbedConfig.part_size must be at least 1, not {self.part_size!r}")
         out = Path(self.out)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -30,7 +31,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..errors import UserError
 from ..util.cores import cores
 from ..util.images import BadImage
+from ..util.shard import check_shard
 from .preprocess import DRAFT_INFO, ImageLike, prepare, read_image
+from .tagger import BACKENDS
 from .writers import caption_path
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,23 @@ class BatchSummary:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def check_job(cfg: Any) -> None:
+    """The options every batch job's config shares (`paths`, `shard`, `batch_size`, `workers`, `backend`): checked
+    alike, UserError naming the option; `paths` made a tuple and `shard` ("I/N" or (I, N)) a pair of ints, in place
+    (for frozen dataclasses, from their `__post_init__`)."""
+    name = type(cfg).__name__
+    if isinstance(cfg.paths, str | os.PathLike):
+        raise UserError(f"{name}.paths: a sequence of paths, not one path")
+    object.__setattr__(cfg, "paths", tuple(str(p) for p in cfg.paths))
+    object.__setattr__(cfg, "shard", check_shard(cfg.shard))
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size!r}")
+    if cfg.workers is not None and (not isinstance(cfg.workers, int) or cfg.workers < 1):
+        raise UserError(f"--workers must be at least 1, not {cfg.workers!r}")
+    if cfg.backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {cfg.backend!r}")
 
 
 # ---- discovery

@@ -16,9 +16,9 @@ import numpy as np
 from rich.console import Console
 
 from ..errors import UserError, is_disk_full
-from ..util.shard import check_shard, in_shard
-from .engine import Batch, BatchSummary, Engine, Item, discover
-from .tagger import BACKENDS, Tagger
+from ..util.shard import in_shard
+from .engine import Batch, BatchSummary, Engine, Item, check_job, discover
+from .tagger import Tagger
 from .thresholds import Selection
 from .writers import FORMATS, CaptionOptions, Writer, caption_path, make_record, open_writer
 
@@ -46,14 +46,10 @@ class TagConfig:
     workers: int | None = None  # decoding threads; None: one per core
 
     def __post_init__(self) -> None:
-        if isinstance(self.paths, str):
-            raise UserError("TagConfig.paths: a tuple of paths, not one string")
-        object.__setattr__(self, "paths", tuple(self.paths))
+        check_job(self)
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        object.__setattr__(self, "shard", check_shard(self.shard))
         if self.format not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}")
-        check_batching(self.batch_size, self.workers, self.backend)
         for name, t in (("--threshold", self.threshold), ("--character-threshold", self.character_threshold)):
             if t is not None and not 0.0 <= t <= 1.0:
                 raise UserError(f"{name} must be between 0 and 1, not {t}")
@@ -71,16 +67,6 @@ class TagConfig:
             mcut_character=self.mcut,
             exclude=frozenset(self.exclude),
         )
-
-
-def check_batching(batch_size: int, workers: int | None, backend: str) -> None:
-    """The options `i2v tag` and `i2v embed` share, checked alike (UserError naming the option)."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size!r}")
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
-        raise UserError(f"--workers must be at least 1, not {workers!r}")
-    if backend not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
 
 
 def parse_exclude(text: str | None) -> tuple[str, ...]:
