@@ -591,11 +591,11 @@ def dedup(
 ) -> None:
     """Groups of near-duplicate images (resized, re-encoded copies): each group's first image, then its copies."""
     from .search import DedupConfig
-    from .search import dedup as find_duplicates
+    from .search import dedup as find_groups
 
     if format not in ("table", "json"):
         raise UserError(f"--format must be table or json, not {format!r}")
-    summary = find_duplicates(DedupConfig(index=str(index), threshold=threshold))
+    summary = find_groups(DedupConfig(index=str(index), threshold=threshold))
     if format == "json":
         print(json.dumps(summary.as_json(), indent=1))
     else:

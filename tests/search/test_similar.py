@@ -12,10 +12,21 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from illust2vec.errors import UserError
 from illust2vec.infer.embed import EmbedConfig, embed_files
 from illust2vec.infer.preprocess import read_image
 from illust2vec.infer.tagger import Tagger
-from illust2vec.search import IndexParams, VectorIndex, build_index
+from illust2vec.search import (
+    BuildSummary,
+    DedupConfig,
+    IndexParams,
+    SimilarConfig,
+    VectorIndex,
+    build_index,
+    check_model,
+    dedup,
+    similar,
+)
 from illust2vec.search.similar import find_duplicates, parse_tag_filter, row_tags
 
 
@@ -193,3 +204,77 @@ def test_query_with_another_model_is_refused(i2v, synth_bundle, library, tmp_pat
     query = str(library["originals"][0])
     code, _, err = i2v("similar", query, "--index", str(tmp_path / "other"), "--model", str(synth_bundle))
     assert code == 2 and "not the model the index was built with" in err
+
+
+# ---- the library API without a model: search takes the query vector, its configs check themselves
+
+
+def small_index(tmp_path) -> VectorIndex:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 16)).astype(np.float32)
+    x[7] = x[3] + 0.05 * rng.standard_normal(16).astype(np.float32)  # a near-copy of row 3 (cosine ~0.9987)
+    tags = [json.dumps({"general": {"hat" if i % 2 else "smile": 0.8}}) for i in range(40)]
+    index = VectorIndex.build(
+        x,
+        [f"i{n}" for n in range(40)],
+        [f"/img/{n}.png" for n in range(40)],
+        tags,
+        IndexParams(kind="flat"),
+        {"source": "m", "feature_dim": 16, "vocab_hash": "v1", "weights": "w1"},
+    )
+    index.save(tmp_path / "idx")
+    return index
+
+
+def test_similar_takes_the_query_vector_and_puts_an_indexed_query_first(tmp_path):
+    index = small_index(tmp_path)
+    q = index.vector("i5")
+    hits = similar(SimilarConfig(index=str(tmp_path / "idx"), image="/img/5.png", k=4), query=q)
+    assert [h.id for h in hits][0] == "i5" and len(hits) == 4
+    outside = similar(SimilarConfig(index="unused", image="/elsewhere.png", k=3), index, q)
+    assert [h.id for h in outside] == [h.id for h in hits[:3]]  # the same vector: the same neighbours
+    by_id = similar(SimilarConfig(index="unused", id="i5", k=4, tags="hat"), index)
+    assert by_id[0].id == "i5" and all(int(h.id[1:]) % 2 == 1 for h in by_id)
+    with pytest.raises(UserError, match="needs its vector"):
+        similar(SimilarConfig(index="unused", image="/img/5.png"), index)
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [({}, "give an IMAGE or --id"), ({"image": "a.png", "id": "x"}, "one of them"), ({"id": "x", "k": 0}, "-k")],
+)
+def test_similar_config_checks_itself(fields, words):
+    with pytest.raises(UserError, match=words):
+        SimilarConfig(index="idx", **fields)
+
+
+def test_check_model_compares_the_model_metadata(tmp_path):
+    index = small_index(tmp_path)
+    check_model(index, {"source": "here", "feature_dim": 16, "vocab_hash": "v1", "weights": "w1"})
+    with pytest.raises(UserError, match="gives 8-d vectors, the index holds 16-d"):
+        check_model(index, {"feature_dim": 8, "vocab_hash": "v1", "weights": "w1"}, "small")
+    for key in ("vocab_hash", "weights"):
+        other = {"source": "b", "feature_dim": 16, "vocab_hash": "v1", "weights": "w1", key: "changed"}
+        with pytest.raises(UserError, match="^b: not the model the index was built with \\(m\\)"):
+            check_model(index, other)
+
+
+def test_dedup_summary_and_config(tmp_path):
+    small_index(tmp_path)
+    summary = dedup(DedupConfig(index=str(tmp_path / "idx")))
+    assert summary.threshold == 0.99 and summary.images == 40 and summary.copies == 1
+    assert [[h["id"] for h in g] for g in summary.as_json()] == [["i3", "i7"]]
+    assert summary.line() == "1 groups, 1 copies among 40 images (threshold 0.99)"
+    assert dedup(DedupConfig(index=str(tmp_path / "idx"), threshold=0.999)).groups == []
+    for bad in (1.5, -2.0):
+        with pytest.raises(UserError, match="--threshold is a cosine similarity, between -1 and 1"):
+            DedupConfig(index="idx", threshold=bad)
+    with pytest.raises(UserError, match="neighbours"):
+        DedupConfig(index="idx", neighbours=0)
+
+
+def test_build_summary_line(tmp_path):
+    index = small_index(tmp_path)
+    line = BuildSummary(index, "out/idx", 3, 1.23).line()
+    assert line == "out/idx: flat index of 40 vectors (16-d) in 1.2 s; 3 rows with an id seen before left out"
+    assert BuildSummary(index, "o", 0, 0.0).line() == "o: flat index of 40 vectors (16-d) in 0.0 s"
