@@ -37,9 +37,11 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from illust2vec.booru.crawl import SUMMARY_FILE
+from illust2vec.booru.sites import IMAGE_EXTS  # what `i2v crawl` downloads
+
 HERE = Path(__file__).resolve().parent
 I2D_VENV = HERE / ".venv-img2dataset"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "avif")  # what `i2v crawl` downloads
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ def ours(board: Board, plan: Plan, out: Path, image_size: int | None) -> Run:
     cmd += ["--image-size", str(image_size or "original")]
     board0 = board.cpu()
     wall, cpu = run_child(cmd, out.with_suffix(".log"))
-    summary = json.loads((out / "crawl.json").read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     if summary["statuses"].get("failed"):
         raise SystemExit(f"our crawl failed {summary['statuses']['failed']} posts: {summary['failures'][:3]}")
     name = f"ours (i2v crawl --concurrency {plan.concurrency}, {'original' if image_size is None else image_size})"

@@ -15,6 +15,7 @@ from illust2vec.booru.client import (
     backoff_seconds,
     retry_after_seconds,
 )
+from illust2vec.errors import UserError
 
 FAST = ClientConfig(api_rate=0, file_rate=0, attempts=5, backoff=0.001, max_backoff=0.01)
 
@@ -114,3 +115,9 @@ def test_rate_limiter_spaces_requests():
         return loop.time() - t0
 
     assert asyncio.run(go()) >= 5 / 50.0 * 0.9  # 6 requests need at least 5 intervals
+
+
+@pytest.mark.parametrize("field, value", [("api_rate", -1), ("connections", 0), ("attempts", 1.5), ("timeout", 0)])
+def test_client_config_checks_itself(field, value):
+    with pytest.raises(UserError, match=f"ClientConfig.{field} must be"):
+        ClientConfig(**{field: value})

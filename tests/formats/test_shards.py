@@ -1,8 +1,18 @@
 """Tar shards: what is written is what is read back, and a shard is either whole or absent."""
 
+import json
 import tarfile
 
-from illust2vec.formats.shards import ShardWriter, index_shard, iter_samples, read_member
+from illust2vec.formats.shards import (
+    IMAGE_SHARDS,
+    ShardWriter,
+    image_members,
+    image_sample,
+    image_shards,
+    index_shard,
+    iter_samples,
+    read_member,
+)
 
 
 def test_write_then_read_back_identical(tmp_path):
@@ -34,3 +44,24 @@ def test_a_shard_being_written_is_not_a_tar_yet_and_abort_removes_it(tmp_path):
     info = writer.close()
     with tarfile.open(tmp_path / info.name) as tar:
         assert tar.getnames() == ["b.txt"]
+
+
+def test_raw_image_shards_hold_the_file_and_its_record_by_md5(tmp_path):
+    posts = {
+        "a" * 32: ("jpg", b"\xff\xd8jpeg", {"id": 1, "tags_general": ["smile"]}),
+        "b" * 32: ("zip", b"PK", {"id": 2}),
+    }
+    writer = ShardWriter(tmp_path, IMAGE_SHARDS)
+    for md5, (ext, data, meta) in posts.items():
+        writer.add(*image_sample(md5, ext, data, meta))
+    assert writer.close().name == "images/000000.tar"
+    assert image_shards(tmp_path) == [tmp_path / "images/000000.tar"]
+    with tarfile.open(image_shards(tmp_path)[0]) as tar:
+        assert tar.getnames() == [f"{'a' * 32}.jpg", f"{'a' * 32}.json", f"{'b' * 32}.zip", f"{'b' * 32}.json"]
+    members = image_members(image_shards(tmp_path)[0])
+    assert {md5: (m.ext, read_member(m)) for md5, m in members.items()} == {
+        md5: (ext, data) for md5, (ext, data, _) in posts.items()
+    }
+    records = {key: json.loads(files["json"]) for key, files in iter_samples(image_shards(tmp_path), ["json"])}
+    assert records == {md5: meta for md5, (_, _, meta) in posts.items()}
+    assert image_members(tmp_path / "images/000001.tar") == {}  # a shard that is not there holds nothing

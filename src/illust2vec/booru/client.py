@@ -36,8 +36,8 @@ class GaveUp(Exception):
 class ClientConfig:
     """HTTP policy: one instance for the whole crawl."""
 
-    api_rate: float = 1.0  # requests per second to the API
-    file_rate: float = 4.0  # requests per second for files
+    api_rate: float = 1.0  # requests per second to the API; 0: no limit
+    file_rate: float = 4.0  # requests per second for files; 0: no limit
     connections: int = 32  # open connections at most (keep-alive pool)
     attempts: int = 6  # tries for 5xx, timeouts, resets and truncated bodies (429 does not count)
     backoff: float = 1.0  # first wait before a retry, doubled each time, with jitter
@@ -46,6 +46,18 @@ class ClientConfig:
     forbidden_attempts: int = 3  # a 403 this many times in a row is a refusal, not a hiccup
     timeout: float = 60.0
     user_agent: str = USER_AGENT
+
+    def __post_init__(self) -> None:
+        if not (type(self.timeout) in (int, float) and self.timeout > 0):
+            raise UserError(f"ClientConfig.timeout must be a number greater than 0, not {self.timeout!r}")
+        for name in ("connections", "attempts", "forbidden_attempts"):
+            value = getattr(self, name)
+            if not (type(value) is int and value >= 1):
+                raise UserError(f"ClientConfig.{name} must be a whole number at least 1, not {value!r}")
+        for name in ("api_rate", "file_rate", "backoff", "max_backoff", "max_retry_after"):
+            value = getattr(self, name)
+            if not (type(value) in (int, float) and value >= 0):
+                raise UserError(f"ClientConfig.{name} must be a number at least 0, not {value!r}")
 
 
 class RateLimiter:

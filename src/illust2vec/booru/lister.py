@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 from ..errors import UserError
-from .client import Client
+from .client import Client, GaveUp
 from .sites import (
     Auth,
     Post,
@@ -59,10 +59,15 @@ class Lister:
         self.tag_cache: dict[str, int] = {}
 
     async def api_json(self, client: Client, url: str, params: dict[str, str]):
-        """The board's JSON answer; a UserError for an HTTP error or an answer that is not JSON."""
+        """The board's JSON answer; a UserError for no answer, an HTTP error, or an answer that is not JSON."""
         params = {**params, **auth_params(self.site, self.auth)}
-        response = await client.get(url, params=params, kind="api")
         where = urlsplit(url)
+        try:
+            response = await client.get(url, params=params, kind="api")
+        except GaveUp as e:  # no answer after every retry: stop, with what is done kept, to resume later
+            raise UserError(
+                f"{where.netloc} did not answer on {where.path}: {e}; run the same command to resume"
+            ) from e
         if response.status_code >= 400:
             try:
                 body = response.json()
