@@ -71,7 +71,8 @@ def fakebooru_serve(
 ) -> None:
     """Serve the synthetic board; prints its URL as the first line on stdout once it listens."""
     from .synth.cast import SynthConfig
-    from .synth.server import Faults, serve_board
+    from .synth.faults import Faults
+    from .synth.server import serve_board
 
     if min_size > max_size:
         raise UserError(f"--min-size {min_size} is larger than --max-size {max_size}")

@@ -15,7 +15,8 @@ from illust2vec.errors import UserError
 from illust2vec.formats import shards
 from illust2vec.formats.posts import export_csv, read_posts
 from illust2vec.synth.cast import SynthConfig
-from illust2vec.synth.server import Faults, start_board
+from illust2vec.synth.faults import Faults
+from illust2vec.synth.server import start_board
 from illust2vec.util.shard import parse_shard
 
 FAST = dict(api_rate=200.0, file_rate=200.0, backoff=0.01, decoders=2, concurrency=8, flush_seconds=0.5)

@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from illust2vec.synth.cast import SynthConfig
-from illust2vec.synth.server import Faults, start_board
+from illust2vec.synth.faults import Faults
+from illust2vec.synth.server import start_board
 
 I2V = [sys.executable, "-m", "illust2vec.cli"]
 FAST = ["--api-rate", "200", "--file-rate", "200"]

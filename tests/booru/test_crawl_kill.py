@@ -10,7 +10,8 @@ import pytest
 
 from illust2vec.formats.posts import read_posts
 from illust2vec.synth.cast import SynthConfig
-from illust2vec.synth.server import Faults, start_board
+from illust2vec.synth.faults import Faults
+from illust2vec.synth.server import start_board
 
 from .test_crawl import check_exactly_once
 

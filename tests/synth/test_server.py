@@ -15,9 +15,11 @@ import httpx
 import pytest
 from PIL import Image
 
+from illust2vec.errors import UserError
 from illust2vec.synth.board import SAMPLE_WIDTH
 from illust2vec.synth.cast import SynthConfig
-from illust2vec.synth.server import CONTENT_TYPES, Faults, start_board
+from illust2vec.synth.faults import Faults
+from illust2vec.synth.server import CONTENT_TYPES, start_board
 
 # Enough deleted, banned, non-image and child posts that every kind appears on a 150-post board.
 CONFIG = SynthConfig(
@@ -456,10 +458,12 @@ def test_paths_selects_what_faults_apply_to():
 
 
 def test_faults_are_checked():
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="error_rate"):
         Faults(error_rate=1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="paths"):
         Faults(paths="images")
+    with pytest.raises(UserError, match="retry_after"):
+        Faults(retry_after=-1)
 
 
 def test_close_ends_keep_alive_connections():
@@ -489,14 +493,11 @@ def test_serve_board_prints_its_url_first_and_stops_on_ctrl_c():
         proc.wait()
 
 
-# The figure: the first page of a 2,000-post board answers within 10 s of starting the server.
+# What keeps the first page of a big board quick (bench/fakebooru.py measures it): a page renders its own posts only.
 
 
-@pytest.mark.slow
-def test_first_page_of_a_big_board_is_quick():
-    start = time.perf_counter()
-    with start_board(SynthConfig(posts=2000, seed=0)) as server:
+def test_a_page_renders_only_its_own_posts():
+    with start_board(SynthConfig(posts=2000, seed=0), warm=False) as server:
         response = httpx.get(f"{server.url}/posts.json", timeout=60)
-        elapsed = time.perf_counter() - start
         assert response.status_code == 200 and len(response.json()) == 20
-    assert elapsed < 10
+        assert sorted(server._md5s) == sorted(row["id"] for row in response.json())

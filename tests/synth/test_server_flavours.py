@@ -8,8 +8,9 @@ import httpx
 import pytest
 
 from illust2vec.booru.sites import SITES, page_request, parse_page, parse_tags, tag_requests, to_post
+from illust2vec.formats.categories import POST_CATEGORIES
 from illust2vec.synth.cast import SynthConfig
-from illust2vec.synth.server import CATEGORIES, start_board
+from illust2vec.synth.server import start_board
 
 # Every kind of post (deleted, banned, non-image, child, with and without a sample) on a small board.
 CONFIG = SynthConfig(
@@ -83,7 +84,7 @@ def check_against_board(server, post, site_name: str) -> None:
     # Moebooru has one safe rating for the board's general and sensitive; Gelbooru split them as Danbooru did.
     assert post.rating == ("g" if site_name == "moebooru" and truth.rating in "gs" else truth.rating)
     assert post.created_at == truth.created_at.replace(microsecond=0)
-    for category in CATEGORIES:
+    for category in POST_CATEGORIES:
         assert sorted(getattr(post, f"tags_{category}")) == sorted(truth.tags.get(category, ())), category
     assert post.source == truth.source
 
