@@ -17,8 +17,9 @@ from illust2vec.errors import UserError
 from illust2vec.evaluate import EvalConfig, evaluate_run
 from illust2vec.export import ExportConfig, export
 from illust2vec.formats.bundle import DEFAULT_THRESHOLDS, open_bundle
+from illust2vec.formats.run import read_config, resolve_epoch, weights_path
+from illust2vec.models import load_tagger
 from illust2vec.models.interface import WDInterface
-from illust2vec.train.checkpoints import load_run_model, resolve_epoch
 
 I2V = [sys.executable, "-m", "illust2vec.cli"]
 SIZE = 96  # synth_build's image size
@@ -30,6 +31,11 @@ def run_copy(synth_run, tmp_path) -> Path:
     out = tmp_path / "run"
     shutil.copytree(synth_run, out, ignore=shutil.ignore_patterns("tb", "curves.png"))
     return out
+
+
+def run_model(run: Path, epoch: int):
+    """The run's tagger at one epoch, as export reads it."""
+    return load_tagger(read_config(run)["model"], weights_path(run, epoch))
 
 
 def batch(n: int, seed: int = 0) -> np.ndarray:
@@ -50,7 +56,7 @@ def test_save_load_gives_identical_outputs(synth_run, synth_bundle, run_copy, tm
         "thresholds.json",
     ]
     x = batch(3)
-    model = WDInterface(load_run_model(synth_run, 2)).eval()
+    model = WDInterface(run_model(synth_run, 2)).eval()
     with torch.no_grad():
         probs, feats = (t.numpy() for t in model(torch.from_numpy(x)))
     for bundle in (out, synth_bundle):  # exported twice (once with ONNX), loaded by the torch backend
@@ -118,10 +124,10 @@ def test_thresholds_come_from_evaluate_else_the_validation_split_else_the_defaul
 
     # After `i2v evaluate` on that epoch, export takes its file as it is.
     report = evaluate_run(EvalConfig(str(run_copy), workers=0))
-    evaluated = json.loads((Path(report["out"]) / "thresholds.json").read_text())
+    evaluated = json.loads((Path(report.out) / "thresholds.json").read_text())
     assert mine["heads"] == evaluated["heads"]  # the same F1 calibration on the same images
     evaluate_run(EvalConfig(str(run_copy), per_tag=True, mode="pr_equal", workers=0))  # rewrites that file
-    evaluated = json.loads((Path(report["out"]) / "thresholds.json").read_text())
+    evaluated = json.loads((Path(report.out) / "thresholds.json").read_text())
     assert evaluated["tags"] and evaluated["heads"] != mine["heads"]
     summary = export(ExportConfig(str(run_copy), str(tmp_path / "evaluated"), workers=0))
     assert summary.thresholds.startswith("i2v evaluate")
@@ -166,7 +172,7 @@ def test_onnx_matches_torch_with_a_dynamic_batch_in_selected_tags_order(synth_ru
     assert isinstance(inp.shape[0], str) and inp.shape[1:] == [SIZE, SIZE, 3]  # dynamic batch, fixed H and W
     assert [o.name for o in session.get_outputs()] == ["output", "features"]
 
-    model = load_run_model(synth_run, 2)
+    model = run_model(synth_run, 2)
     for n in (1, 5):
         x = batch(n, seed=n)
         probs, feats = session.run(None, {"input": x})

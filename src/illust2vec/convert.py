@@ -562,9 +562,6 @@ def _seed_model(
     activations = _check_activations(keras, heads, path)
     mean, std = PREPROCESS[mode]
     head_cfgs = tuple(HeadConfig(h, sizes[h], activations[h]) for h in SEED_HEADS)
-    try:
-        model = create_tagger("i2v_vgg16", heads=head_cfgs, image_size=size, mean=mean, std=std).eval()
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    model = create_tagger("i2v_vgg16", heads=head_cfgs, image_size=size, mean=mean, std=std).eval()
     model.load_state_dict(seed_state_dict(keras, heads, model, mode == "caffe", path))
     return model

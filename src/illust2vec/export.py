@@ -8,7 +8,6 @@ prior evaluate. The same pass measures each feature's median, which `extract_bin
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -19,11 +18,14 @@ import torch
 from rich.console import Console
 
 from .errors import UserError
-from .evaluate import EvalConfig, calibrate, eval_dir, predict_split, run_dataset
+from .evaluation.calibration import calibrate
+from .evaluation.evaluator import PredictOptions, predict_split, run_dataset
 from .formats.bundle import Thresholds, check_out, read_thresholds, save_bundle
+from .formats.run import eval_dir, read_config, read_history, resolve_epoch, vocab_path, weights_path
 from .formats.vocab import Vocab, read_vocab
+from .models import load_tagger
 from .models.onnx import export_onnx
-from .train.checkpoints import load_run_model, resolve_epoch
+from .util.device import resolve_device
 
 log = logging.getLogger(__name__)
 CALIBRATION_SAMPLES = 5000  # enough validation images for stable thresholds and medians; a bounded pass
@@ -80,10 +82,10 @@ def export(cfg: ExportConfig, console: Console | None = None) -> ExportSummary:
     run, out = Path(cfg.run), Path(cfg.out)
     check_out(out, cfg.overwrite)
     epoch = resolve_epoch(run, cfg.epoch)
-    model = load_run_model(run, epoch)
-    vocab = read_vocab(run / "selected_tags.csv")
-    run_config = json.loads((run / "config.json").read_text())
-    if vocab.hash != run_config["vocab_hash"]:
+    run_config = read_config(run)
+    model = load_tagger(run_config["model"], weights_path(run, epoch))
+    vocab = read_vocab(vocab_path(run))
+    if vocab.hash != run_config.get("vocab_hash"):
         raise UserError(f"{run}: selected_tags.csv is not the vocabulary the run was trained on")
     cal = _calibration(run, epoch, model, vocab, cfg, console)
     model = model.cpu().eval()
@@ -96,7 +98,7 @@ def export(cfg: ExportConfig, console: Console | None = None) -> ExportSummary:
         onnx_seconds.append(round(time.perf_counter() - t0, 1))
         return described
 
-    metrics = next((row for row in _history(run) if row.get("epoch") == epoch), {})
+    metrics = next((row for row in read_history(run) if row.get("epoch") == epoch), {})
     val = {k: v for k, v in metrics.items() if k.startswith("val/")}
     info = save_bundle(
         out,
@@ -123,12 +125,16 @@ def _calibration(
     center = None
     try:
         ds = run_dataset(run, None)
-        ecfg = EvalConfig(str(run), str(epoch), workers=cfg.workers, device=cfg.device, max_samples=CALIBRATION_SAMPLES)
-        probs, targets, feats = predict_split(model, ds, ecfg, features=True, console=console)
-        center = np.median(feats, axis=0).astype(np.float32)
+        device = resolve_device(cfg.device)
+        autocast = "bfloat16" if device.type == "cuda" else None
+        opts = PredictOptions(workers=cfg.workers, autocast=autocast, features=True, max_samples=CALIBRATION_SAMPLES)
+        preds = predict_split(model, ds, "val", device, opts, console=console)
+        if not preds.images:
+            raise UserError(f"{ds.root}: the val split has no images")
+        center = np.median(preds.features, axis=0).astype(np.float32)
         if thresholds is None:
-            names = {h: list(vocab.head_names(h)) for h in probs}
-            got = calibrate(probs, targets, names, "f1", per_tag=False)
+            names = {h: list(vocab.head_names(h)) for h in preds.probs}
+            got = calibrate(preds, names, "f1", per_tag=False)
             thresholds = Thresholds(got.heads, got.tags, f"f1 on val of {run.name} epoch {epoch} (export)")
     except UserError as e:  # the dataset moved or has no validation split: the usual defaults
         log.warning("no calibration (%s); using the default thresholds", e)
@@ -136,13 +142,3 @@ def _calibration(
             source = f"defaults: no validation images ({e})"
             thresholds = Thresholds(method="defaults (no validation images at export)")
     return _Calibration(thresholds, source, center)
-
-
-def _history(run: Path) -> list[dict]:
-    best = run / "best.json"
-    if not best.exists():
-        return []
-    last = json.loads(best.read_text()).get("last", {})
-    # best.json keeps the last epoch; the per-epoch rows are in the latest checkpoint's state.
-    states = sorted((run / "checkpoints").glob("epoch-*/state.json"))
-    return json.loads(states[-1].read_text()).get("history", [last]) if states else [last]

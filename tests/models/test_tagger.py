@@ -7,7 +7,17 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from illust2vec.models import I2VVGG16, PRESETS, HeadConfig, TaggerConfig, TaggerNet, create_tagger, default_heads
+from illust2vec.errors import UserError
+from illust2vec.models import (
+    I2VVGG16,
+    PRESETS,
+    HeadConfig,
+    TaggerConfig,
+    TaggerNet,
+    create_tagger,
+    default_heads,
+    load_tagger,
+)
 from illust2vec.models.seed import BN_EPS, BN_MOMENTUM, load_imagenet_vgg16
 
 # Each preset's code path with a backbone small enough for a CPU test; the seed has no smaller form, so it runs whole.
@@ -165,11 +175,33 @@ def test_overrides_replace_fields():
         (lambda: HeadConfig("general", 0, "sigmoid"), "positive integer"),
         (lambda: TaggerConfig("x", "test_resnet", 64, tuple(reversed(default_heads(SIZES)))), "vocabulary's order"),
         (lambda: TaggerConfig.from_dict({"name": "x", "colour": 1}), r"unknown tagger config fields \['colour'\]"),
+        (lambda: TaggerConfig.from_dict({"name": "x", "backbone": "test_resnet"}), "incomplete tagger config"),
+        (lambda: TaggerConfig("x", "test_resnet", "64", default_heads(SIZES)), "image_size must be a number, not '64'"),
+        (lambda: TaggerConfig("x", "test_resnet", 64, ({"name": "general"},)), "heads, mean or std malformed"),
+        (lambda: TaggerConfig("x", "test_resnet", 64, default_heads(SIZES), mean=("a", 0, 0)), "malformed"),
+        (lambda: create_tagger("i2v_vgg16", head_hidden=0), "head_hidden must be > 0"),
     ],
 )
-def test_mistakes_are_value_errors(call, message):
-    with pytest.raises(ValueError, match=message):
+def test_mistakes_are_user_errors(call, message):
+    """A bad config is the user's to fix: one UserError naming the field, never a ValueError or TypeError."""
+    with pytest.raises(UserError, match=message):
         call()
+
+
+def test_load_tagger_gives_the_saved_model_back(tmp_path):
+    from safetensors.torch import save_file
+
+    model = create_tagger("test_resnet", heads=default_heads(SIZES), image_size=64).eval()
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    config = json.loads(json.dumps(model.cfg.to_dict()))  # as a run's or a bundle's config.json holds it
+    loaded = load_tagger(config, tmp_path / "model.safetensors")
+    assert loaded.cfg == model.cfg and not loaded.training
+    x = images(2, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(x).values(), loaded(x).values(), strict=True))
+    fewer = create_tagger("test_resnet", heads=default_heads({h: SIZES[h] for h in ("rating", "general")}))
+    with pytest.raises(UserError, match="weights do not fit the model"):
+        load_tagger(fewer.cfg.to_dict(), tmp_path / "model.safetensors")
 
 
 def test_default_heads():

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 SEED_BACKBONE = "i2v_vgg16"
 VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))  # widths of each conv
 SEED_WIDTH = 512
@@ -87,7 +89,7 @@ def seed_head(name: str, in_features: int, hidden: int, classes: int, drop_rate:
     Dense N.
     """
     if hidden <= 0:
-        raise ValueError(f"the seed's heads have a hidden layer: head_hidden must be > 0, not {hidden}")
+        raise UserError(f"the seed's heads have a hidden layer: head_hidden must be > 0, not {hidden}")
     fc1, fc2 = nn.Linear(in_features, hidden), nn.Linear(hidden, classes)
     act, drop = nn.ReLU(inplace=True), nn.Dropout(drop_rate)
     if name == "general":

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -14,7 +16,9 @@ import torch
 from timm.models import get_pretrained_cfg
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..formats.categories import HEAD_ORDER
+from ..formats.run import load_weights
 from .seed import I2VVGG16, SEED_BACKBONE, SEED_WIDTH, load_imagenet_vgg16, seed_head
 
 ACTIVATIONS = ("sigmoid", "softmax")
@@ -33,11 +37,11 @@ class HeadConfig:
 
     def __post_init__(self) -> None:
         if self.name not in HEAD_ORDER:
-            raise ValueError(f"unknown head {self.name!r}: heads are {', '.join(HEAD_ORDER)}")
+            raise UserError(f"unknown head {self.name!r}: heads are {', '.join(HEAD_ORDER)}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"head {self.name!r}: activation {self.activation!r} is neither sigmoid nor softmax")
+            raise UserError(f"head {self.name!r}: activation {self.activation!r} is neither sigmoid nor softmax")
         if isinstance(self.classes, bool) or not isinstance(self.classes, numbers.Integral) or self.classes < 1:
-            raise ValueError(f"head {self.name!r}: classes must be a positive integer, not {self.classes!r}")
+            raise UserError(f"head {self.name!r}: classes must be a positive integer, not {self.classes!r}")
         object.__setattr__(self, "classes", int(self.classes))  # a numpy count would not survive JSON
 
 
@@ -59,23 +63,34 @@ class TaggerConfig:
     def __post_init__(self) -> None:
         # JSON and keyword overrides bring lists and dicts; the config keeps tuples and HeadConfigs, so that it
         # compares equal to the one it was saved from.
-        heads = tuple(h if isinstance(h, HeadConfig) else HeadConfig(**h) for h in self.heads)
-        object.__setattr__(self, "heads", heads)
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        try:
+            heads = tuple(h if isinstance(h, HeadConfig) else HeadConfig(**h) for h in self.heads)
+            object.__setattr__(self, "heads", heads)
+            object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+            object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        except (TypeError, ValueError) as e:  # a head that is not one, a mean that is no number
+            raise UserError(f"{self.name}: heads, mean or std malformed ({e})") from None
+        for attr, kind in (
+            ("image_size", numbers.Integral),
+            ("drop_rate", numbers.Real),
+            ("head_hidden", numbers.Integral),
+        ):
+            value = getattr(self, attr)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise UserError(f"{self.name}: {attr} must be a number, not {value!r}")
         names = [h.name for h in heads]
         if not names:
-            raise ValueError(f"{self.name}: a tagger needs at least one head")
+            raise UserError(f"{self.name}: a tagger needs at least one head")
         if names != sorted(set(names), key=HEAD_ORDER.index):
-            raise ValueError(f"{self.name}: heads {names} must be distinct and in the vocabulary's order {HEAD_ORDER}")
+            raise UserError(f"{self.name}: heads {names} must be distinct and in the vocabulary's order {HEAD_ORDER}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"{self.name}: mean and std need three values (RGB), std positive")
+            raise UserError(f"{self.name}: mean and std need three values (RGB), std positive")
         if self.image_size < 1:
-            raise ValueError(f"{self.name}: image_size must be positive, not {self.image_size}")
+            raise UserError(f"{self.name}: image_size must be positive, not {self.image_size}")
         if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"{self.name}: drop_rate must be in [0, 1), not {self.drop_rate}")
+            raise UserError(f"{self.name}: drop_rate must be in [0, 1), not {self.drop_rate}")
         if self.head_hidden < 0:
-            raise ValueError(f"{self.name}: head_hidden must be >= 0, not {self.head_hidden}")
+            raise UserError(f"{self.name}: head_hidden must be >= 0, not {self.head_hidden}")
 
     def to_dict(self) -> dict:
         """The config as JSON-ready values (lists, not tuples)."""
@@ -87,14 +102,16 @@ class TaggerConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TaggerConfig:
         """The config that `to_dict` wrote, also after a trip through JSON."""
+        if not isinstance(d, Mapping):
+            raise UserError(f"a tagger config is a JSON object of TaggerConfig's fields, not {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown tagger config fields {unknown}; known: {sorted(known)}")
+            raise UserError(f"unknown tagger config fields {unknown}; known: {sorted(known)}")
         try:
             return cls(**d)
         except TypeError as e:  # a missing field
-            raise ValueError(f"incomplete tagger config: {e}") from None
+            raise UserError(f"incomplete tagger config: {e}") from None
 
 
 def default_heads(sizes: Mapping[str, int], softmax: Iterable[str] = ()) -> tuple[HeadConfig, ...]:
@@ -106,7 +123,7 @@ def default_heads(sizes: Mapping[str, int], softmax: Iterable[str] = ()) -> tupl
     softmax = set(softmax)
     unknown = sorted((set(sizes) | softmax) - set(HEAD_ORDER))
     if unknown:
-        raise ValueError(f"unknown heads {unknown}: heads are {', '.join(HEAD_ORDER)}")
+        raise UserError(f"unknown heads {unknown}: heads are {', '.join(HEAD_ORDER)}")
     softmax.add("rating")
     return tuple(
         HeadConfig(name, int(sizes[name]), "softmax" if name in softmax else "sigmoid")
@@ -166,8 +183,16 @@ def create_tagger(name_or_cfg: str | TaggerConfig, pretrained: bool = False, **o
     cfg = name_or_cfg if isinstance(name_or_cfg, TaggerConfig) else _named_config(name_or_cfg)
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TaggerConfig)})
     if unknown:
-        raise ValueError(f"unknown tagger config fields {unknown}")
+        raise UserError(f"unknown tagger config fields {unknown}")
     return TaggerNet(dataclasses.replace(cfg, **overrides), pretrained=pretrained)
+
+
+def load_tagger(config: Mapping[str, Any], weights: str | os.PathLike) -> TaggerNet:
+    """A saved tagger, in eval mode on the CPU: its config as `TaggerConfig.to_dict` wrote it (the "model" entry of
+    a run's or a bundle's config.json) and its weights file (safetensors, loaded strictly)."""
+    model = create_tagger(TaggerConfig.from_dict(config))
+    load_weights(Path(weights), model)
+    return model.eval()
 
 
 def _named_config(name: str) -> TaggerConfig:
@@ -179,7 +204,7 @@ def _named_config(name: str) -> TaggerConfig:
         size = pcfg.input_size[-1] if pcfg else 224
         mean, std = (pcfg.mean, pcfg.std) if pcfg else (IMAGENET_MEAN, IMAGENET_STD)
         return TaggerConfig(name=name, backbone=name, image_size=size, heads=WD_HEADS, mean=mean, std=std)
-    raise ValueError(
+    raise UserError(
         f"unknown model {name!r}: neither a preset ({', '.join(PRESETS)}) nor a timm model name (timm.list_models())"
     )
 
@@ -197,9 +222,9 @@ class TaggerNet(nn.Module):
         self.is_seed = cfg.backbone == SEED_BACKBONE
         if self.is_seed:
             if cfg.global_pool:
-                raise ValueError(f"{cfg.name}: the seed pools as DESIGN.md gives it; global_pool is for timm backbones")
+                raise UserError(f"{cfg.name}: the seed pools as DESIGN.md gives it; global_pool is for timm backbones")
             if cfg.image_size < 96:
-                raise ValueError(f"{cfg.name}: the seed's valid 3x3 conv needs images of at least 96 px")
+                raise UserError(f"{cfg.name}: the seed's valid 3x3 conv needs images of at least 96 px")
             self.backbone = I2VVGG16(cfg.drop_rate)
             if pretrained:
                 load_imagenet_vgg16(self.backbone, timm.create_model("vgg16", pretrained=True))
@@ -217,12 +242,12 @@ class TaggerNet(nn.Module):
             except (AssertionError, ValueError, TypeError) as e:  # timm asserts on a pooling a model does not have
                 if not cfg.global_pool:
                     raise
-                raise ValueError(
+                raise UserError(
                     f"{cfg.name}: {cfg.backbone} does not take global_pool={cfg.global_pool!r} ({e})"
                 ) from e
             heads = {h.name: _head(self.num_features, h.classes, cfg.head_hidden, cfg.drop_rate) for h in cfg.heads}
         else:
-            raise ValueError(
+            raise UserError(
                 f"{cfg.name}: unknown backbone {cfg.backbone!r}: neither {SEED_BACKBONE!r} nor a timm model name"
             )
         self.heads = nn.ModuleDict(heads)
@@ -306,7 +331,7 @@ class TaggerNet(nn.Module):
         names = [n for n, _ in modules]
         if not target or target not in names:
             top = ", ".join(n for n, _ in self.backbone.named_children())
-            raise ValueError(f"freeze: {self.cfg.backbone} has no module {name!r}; its top-level modules: {top}")
+            raise UserError(f"freeze: {self.cfg.backbone} has no module {name!r}; its top-level modules: {top}")
         # named_modules goes in registration order, each module before its children: the target's subtree
         # is the run of names under it that follows it.
         end = names.index(target) + 1
