@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from illust2vec.errors import UserError
 from illust2vec.synth import cast, draw
 from illust2vec.synth.board import Board, draw_post, scene_tags
 from illust2vec.synth.cast import SynthConfig
@@ -165,3 +166,27 @@ def test_scene_tags_follow_rating():
         assert ("bare_shoulders" in tags) == (p.rating in ("s", "q"))
         if p.rating == "e":
             assert not tags & {t for group, _, _ in cast.OUTFITS.values() for t in group}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"posts": -1}, "posts"),
+        ({"characters": -3}, "characters"),
+        ({"artists": 0}, "artists"),
+        ({"series": 0}, "series"),  # 40 characters need a series to belong to
+        ({"label_noise": 1.2}, "label_noise"),
+        ({"child_fraction": -0.1}, "child_fraction"),
+        ({"pixel_noise": -1.0}, "pixel_noise"),
+        ({"min_size": 0}, "min_size"),
+        ({"min_size": 500, "max_size": 400}, "min_size"),
+    ],
+)
+def test_config_checks_itself(kwargs, field):
+    with pytest.raises(UserError, match=f"SynthConfig.{field} "):
+        SynthConfig(**kwargs)
+
+
+def test_a_board_without_characters_needs_no_series():
+    board = Board(SynthConfig(posts=20, seed=1, characters=0, series=0))
+    assert all(p.tags["copyright"] == ["original"] and not p.tags["character"] for p in board.posts)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from ..errors import UserError
+
 # Trait tables: name -> RGB (all channels even, distinct across hair and eyes).
 HAIR_COLOURS: dict[str, tuple[int, int, int]] = {
     "blonde_hair": (250, 220, 100),
@@ -126,6 +128,16 @@ SYLLABLES = (
 )
 
 
+FRACTIONS = (
+    "label_noise",
+    "original_fraction",
+    "deleted_fraction",
+    "banned_fraction",
+    "non_image_fraction",
+    "child_fraction",
+)
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """Knobs of the synthetic board; tests make tiny sets, benchmarks big hard ones."""
@@ -146,6 +158,24 @@ class SynthConfig:
     banned_fraction: float = 0.01
     non_image_fraction: float = 0.01
     child_fraction: float = 0.05  # posts that are variants of an earlier post (parent_id set)
+
+    def __post_init__(self) -> None:
+        for name in ("posts", "characters", "series", "props"):
+            if getattr(self, name) < 0:
+                raise UserError(f"SynthConfig.{name} must not be negative, not {getattr(self, name)}")
+        if self.artists < 1:
+            raise UserError(f"SynthConfig.artists must be at least 1, not {self.artists}")
+        if self.characters and not self.series:
+            raise UserError(f"SynthConfig.series must be at least 1 for {self.characters} characters, not 0")
+        for name in FRACTIONS:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"SynthConfig.{name} must be between 0 and 1, not {getattr(self, name)}")
+        if self.pixel_noise < 0:
+            raise UserError(f"SynthConfig.pixel_noise must not be negative, not {self.pixel_noise}")
+        if self.min_size < 1:
+            raise UserError(f"SynthConfig.min_size must be at least 1, not {self.min_size}")
+        if self.min_size > self.max_size:
+            raise UserError(f"SynthConfig.min_size {self.min_size} is larger than max_size {self.max_size}")
 
 
 @dataclass(frozen=True)
