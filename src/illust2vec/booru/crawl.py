@@ -23,6 +23,7 @@ from rich.table import Table
 
 from ..errors import UserError, is_disk_full
 from ..util.cores import cores
+from ..util.images import Stored
 from ..util.shard import check_shard
 from .client import USER_AGENT, Client, ClientConfig
 from .fetcher import Failed, fetch, skip
@@ -257,7 +258,7 @@ class _Run:
         else:
             await self.queue.put(record)
 
-    def finish(self, record: dict, status: str, reason: str = "", stored=None) -> None:
+    def finish(self, record: dict, status: str, reason: str = "", stored: Stored | None = None) -> None:
         self.writer.add(record, status, reason, stored)
         self.display.advance("done", 1)
 

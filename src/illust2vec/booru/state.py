@@ -40,14 +40,18 @@ class State:
             state = cls(out / STATE)
         except (OSError, sqlite3.Error) as e:
             raise UserError(f"cannot use {out} for the crawl: {e}") from e
-        saved = state.get("identity")
-        if saved is None:
-            state.set("identity", identity)
-        elif saved != identity:
+        try:
+            saved = state.get("identity")
+            if saved is None:
+                state.set("identity", identity)
+            elif saved != identity:
+                raise UserError(
+                    f"{out} holds another crawl ({json.dumps(saved)}); "
+                    "resume it with the same options or use another --out"
+                )
+        except BaseException:
             state.close()
-            raise UserError(
-                f"{out} holds another crawl ({json.dumps(saved)}); resume it with the same options or use another --out"
-            )
+            raise
         return state
 
     def close(self) -> None:

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def recover(out: Path, state: State) -> int:
-    """Remove what a killed run left half-done: temporary files, and renamed files never recorded as committed."""
+    """Remove what a killed run left half-done (temporary files, and renamed files never recorded as committed) and
+    the last run's failed.parquet; returns how many half-done files were removed."""
     known = state.files()
     temporary = [p for d in (IMAGES_DIR, POSTS_DIR) for p in (out / d).glob("*" + TMP)]
     uncommitted = [p for p in [*image_shards(out), *part_files(out)] if p.relative_to(out).as_posix() not in known]
