@@ -469,3 +469,32 @@ def test_bad_tag_lists_are_one_line(tmp_path):
         path.write_text(json.dumps(obj))
         with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             tags_vocab(read_tag_lists(path))
+
+
+# ---- the config
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"preprocess": "keras"}, "--preprocess must be one of caffe, tf, torch, not 'keras'"),
+        ({"size": 0}, "--size must be a number of pixels, not 0"),
+        ({"head_order": ("general", "general", "copyright")}, "--head-order must name general, character, copyright"),
+        ({"weights": ""}, "ConvertConfig.weights must be a non-empty string"),
+    ],
+)
+def test_a_bad_config_is_one_user_error(change, needle):
+    with pytest.raises(UserError) as e:
+        ConvertConfig(**{"weights": "seed.h5", "tags": "tags.json", "out": "bundle", **change})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_overwrite_replaces_a_bundle_and_nothing_else(tmp_path):
+    """--overwrite into a folder of other files is refused before anything is read (convert once deleted it)."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("mine")
+    for overwrite, needle in ((False, "exists and is not empty"), (True, "is not a bundle")):
+        with pytest.raises(UserError, match=needle):
+            convert_keras(ConvertConfig(str(tmp_path / "seed.h5"), "tags.json", str(notes), overwrite=overwrite))
+    assert [p.name for p in notes.iterdir()] == ["mine.txt"] and (notes / "mine.txt").read_text() == "mine"

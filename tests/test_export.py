@@ -90,6 +90,20 @@ def test_a_newer_format_or_another_vocabulary_is_refused(synth_bundle, tmp_path)
         open_bundle(bundle)
 
 
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"epoch": "first"}, "--epoch takes a number, best or last, not 'first'"),
+        ({"workers": -1}, "--workers must be 0 or more, not -1"),
+        ({"run": ""}, "ExportConfig.run must be a non-empty string"),
+    ],
+)
+def test_a_bad_config_is_one_user_error(change, needle):
+    with pytest.raises(UserError) as e:
+        ExportConfig(**{"run": "run", "out": "bundle", **change})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
 def test_export_refuses_a_folder_that_holds_something(run_copy, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
