@@ -2,7 +2,10 @@
 
 import hashlib
 import io
+import time
+import zipfile
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -190,3 +193,15 @@ def test_config_checks_itself(kwargs, field):
 def test_a_board_without_characters_needs_no_series():
     board = Board(SynthConfig(posts=20, seed=1, characters=0, series=0))
     assert all(p.tags["copyright"] == ["original"] and not p.tags["character"] for p in board.posts)
+
+
+def test_files_do_not_depend_on_the_clock(monkeypatch):
+    # An evicted file is rendered again and must still match the md5 the board already handed out.
+    cfg = SynthConfig(posts=80, seed=6, non_image_fraction=0.3, min_size=64, max_size=300)
+    digests = set()
+    for now in (1.5e9, 1.6e9):
+        monkeypatch.setattr(zipfile, "time", SimpleNamespace(time=lambda now=now: now, localtime=time.gmtime))
+        board = Board(cfg)
+        ugoira = next(p for p in board.posts if p.file_ext == "zip")
+        digests.add(hashlib.md5(board.file(ugoira)).hexdigest())
+    assert len(digests) == 1

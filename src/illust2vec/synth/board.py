@@ -347,9 +347,10 @@ def encode(post: SynthPost, image: Image.Image) -> bytes:
             for i in range(3):
                 frame = io.BytesIO()
                 small.rotate(i * 2, fillcolor=(255, 255, 255)).save(frame, "JPEG", quality=80)
-                z.writestr(f"{i:06d}.jpg", frame.getvalue())
+                z.writestr(_zip_member(post, f"{i:06d}.jpg"), frame.getvalue())
             z.writestr(
-                "animation.json", json.dumps({"frames": [{"file": f"{i:06d}.jpg", "delay": 100} for i in range(3)]})
+                _zip_member(post, "animation.json"),
+                json.dumps({"frames": [{"file": f"{i:06d}.jpg", "delay": 100} for i in range(3)]}),
             )
     elif post.file_ext == "mp4":
         # An MP4 header and an opaque payload: enough for a crawler to see a non-image file.
@@ -359,6 +360,13 @@ def encode(post: SynthPost, image: Image.Image) -> bytes:
     else:
         raise ValueError(f"unknown file_ext {post.file_ext!r}")
     return buf.getvalue()
+
+
+def _zip_member(post: SynthPost, name: str) -> zipfile.ZipInfo:
+    # Dated by the post, not by the clock (as ZipFile.writestr would), so a file rendered again has the same md5.
+    info = zipfile.ZipInfo(name, date_time=post.created_at.astimezone(UTC).timetuple()[:6])
+    info.external_attr = 0o600 << 16  # what writestr gives a member it names
+    return info
 
 
 class Board:
