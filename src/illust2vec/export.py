@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +64,6 @@ class ExportSummary:
     thresholds: str  # where the thresholds came from
     onnx_max_abs_diff: float | None = None  # with --onnx: the largest difference in probability from torch
     onnx_seconds: float | None = None
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)

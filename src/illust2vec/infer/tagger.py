@@ -287,12 +287,9 @@ def _has_onnxruntime() -> bool:
 
 def bundle_model(info: BundleInfo) -> Any:
     """The bundle's weights in our tagger module (torch, CPU, eval mode)."""
-    from ..models.tagger import TaggerConfig, create_tagger
-    from ..train.checkpoints import load_weights
+    from ..models import load_tagger
 
-    model = create_tagger(TaggerConfig.from_dict(info.config["model"]))
-    load_weights(info.weights_path, model)
-    return model.eval()
+    return load_tagger(info.config["model"], info.weights_path)
 
 
 def _bundle_module(info: BundleInfo) -> Any:
