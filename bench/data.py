@@ -74,7 +74,8 @@ def loader_vs_model(argv: list[str] | None = None) -> None:
     import torch
 
     from bench.quality import prepare
-    from illust2vec.data.loader import LoaderConfig, make_loader, open_dataset
+    from illust2vec.formats.dataset import open_dataset
+    from illust2vec.formats.loader import LoaderConfig, make_loader
     from illust2vec.models import create_tagger, default_heads
 
     parser = argparse.ArgumentParser(prog="python -m bench loader")

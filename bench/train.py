@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from bench.quality import prepare
-from illust2vec.data.loader import LoaderConfig, make_loader, open_dataset
+from illust2vec.formats.dataset import open_dataset
+from illust2vec.formats.loader import LoaderConfig, make_loader
 from illust2vec.models import create_tagger
 from illust2vec.train.loop import TrainConfig, default_workers, model_heads
 from illust2vec.train.losses import LossConfig, multitask_loss

@@ -228,11 +228,11 @@ def build_shards(
         shard_size=shard_size,
         aliases=aliases,
     )
-    info = build(cfg, console=err)
-    for split, stat in info["splits"].items():
-        err.print(f"{split}: {stat['samples']} samples in {len(stat['shards'])} shards", highlight=False)
-    skipped = ", ".join(f"{n} {reason}" for reason, n in info["skipped"].items()) or "none"
-    err.print(f"skipped: {skipped}; wrote {out / 'dataset.json'} in {info['seconds']:.1f} s", highlight=False)
+    info = build(cfg, console=err).info
+    for split, stat in info.splits.items():
+        err.print(f"{split}: {stat.samples} samples in {len(stat.shards)} shards", highlight=False)
+    skipped = ", ".join(f"{n} {reason}" for reason, n in info.skipped.items()) or "none"
+    err.print(f"skipped: {skipped}; wrote {out / 'dataset.json'} in {info.seconds:.1f} s", highlight=False)
 
 
 @app.command()

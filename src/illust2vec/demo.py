@@ -144,7 +144,7 @@ def _build(cfg: DemoConfig, crawled: Path, clock: _Clock) -> None:
         workers=cfg.workers,
     )
     data = build(build_cfg, console=clock.console)
-    clock.done("build", **{s: v["samples"] for s, v in data["splits"].items()}, size=f"{cfg.train_size} px")
+    clock.done("build", **{s: v.samples for s, v in data.info.splits.items()}, size=f"{cfg.train_size} px")
 
 
 def _train(cfg: DemoConfig, clock: _Clock) -> Path:

@@ -21,7 +21,8 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from .data.loader import Dataset, LoaderConfig, make_loader, open_dataset
+from .formats.dataset import Dataset, open_dataset
+from .formats.loader import LoaderConfig, make_loader
 from .errors import UserError
 from .formats.bundle import DEFAULT_THRESHOLDS, Thresholds, write_thresholds
 from .train.checkpoints import load_run_model, resolve_epoch
@@ -67,7 +68,7 @@ def run_dataset(run: Path, data: str | None, split: str = "val") -> Dataset:
     ds = open_dataset(Path(data or config["dataset"]))
     if ds.vocab.hash != config["vocab_hash"]:
         raise UserError(f"{ds.root} has another vocabulary than the run {run} was trained on")
-    splits = ds.info.get("splits", {})
+    splits = ds.info.splits
     if split not in splits:
         raise UserError(f"{ds.root} has no {split!r} split (it has {', '.join(splits) or 'none'})")
     return ds

@@ -1,4 +1,5 @@
-"""`i2v build`: labels, splits, padding and every kind of bad file, handled or reported, never a crash."""
+"""`i2v build`: labels, splits, samples prepared as inference prepares them, every kind of bad file handled or
+reported (never a crash), and a config that checks itself."""
 
 import errno
 import io
@@ -13,12 +14,13 @@ import pytest
 from PIL import Image
 
 from illust2vec.booru.sites import Post, post_record
-from illust2vec.formats import shards
 from illust2vec.data.build import BuildConfig, build, split_of
-from illust2vec.data.vocab import Vocab, read_vocab, write_vocab
 from illust2vec.errors import UserError
+from illust2vec.formats import shards
 from illust2vec.formats.posts import read_posts, write_posts
-from illust2vec.formats.shards import ShardWriter, iter_samples
+from illust2vec.formats.shards import ShardWriter, index_shard, iter_samples, read_member
+from illust2vec.formats.vocab import Vocab, read_vocab, write_vocab
+from illust2vec.infer.preprocess import prepare, read_image
 
 
 def test_split_is_stable_grouped_by_parent_and_nested():
@@ -32,12 +34,28 @@ def test_split_is_stable_grouped_by_parent_and_nested():
         assert small == big or (small, big) == ("train", "val")
 
 
+def inference_input(data: bytes, size: int) -> np.ndarray:
+    """What inference feeds the model for these image bytes, as RGB uint8 (the model takes float BGR)."""
+    return prepare(read_image(data, size), size)[:, :, ::-1].astype(np.uint8)
+
+
+def crawled_images(crawl_dir: Path) -> dict[str, bytes]:
+    """md5 -> the image bytes the crawl stored."""
+    return {
+        m.key: read_member(m)
+        for path in sorted((crawl_dir / "images").glob("*.tar"))
+        for m in index_shard(path)
+        if m.ext != "json"
+    }
+
+
 def test_build_of_the_synthetic_crawl(synth_crawl, synth_vocab, synth_build):
     info = json.loads((synth_build / "dataset.json").read_text())
     vocab = read_vocab(synth_build / "selected_tags.csv")
     assert info["vocab_hash"] == vocab.hash == read_vocab(synth_vocab).hash
     assert info["image_size"] == 96 and info["heads"]["general"] == 60
     posts = {r["id"]: r for r in read_posts([synth_crawl]).to_pylist() if r["status"] == "ok"}
+    images = crawled_images(synth_crawl)
     seen = {}
     for split in ("train", "val", "test"):
         paths = [synth_build / n for n in info["splits"][split]["shards"]]
@@ -51,6 +69,8 @@ def test_build_of_the_synthetic_crawl(synth_crawl, synth_vocab, synth_build):
             assert meta["labels"] == vocab.encode(post["rating"], tags)
             image = Image.open(io.BytesIO(files["png"]))
             assert image.size == (96, 96) and image.mode == "RGB"
+            # The very pixels inference gives the model for the same picture (PNG keeps them exactly).
+            assert np.array_equal(np.asarray(image), inference_input(images[key], 96))
             seen[meta["id"]] = (image, post)
             n += 1
         assert n == info["splits"][split]["samples"] > 0
@@ -179,7 +199,7 @@ def awkward(tmp_path) -> tuple[Path, Path, dict[str, int]]:
 def test_awkward_files_are_handled_and_broken_ones_counted(awkward, tmp_path):
     crawl_dir, vocab_path, ids = awkward
     out = tmp_path / "ds"
-    info = build(
+    summary = build(
         BuildConfig(
             dirs=(crawl_dir,),
             vocab=vocab_path,
@@ -191,6 +211,9 @@ def test_awkward_files_are_handled_and_broken_ones_counted(awkward, tmp_path):
             format="png",
         )
     )
+    info = summary.as_dict()
+    assert info == json.loads(summary.path.read_text()) and summary.path == out / "dataset.json"
+    assert summary.info.splits["train"].samples == 7 and summary.info.splits["val"].shards == []
     assert info["skipped"] == {
         "corrupt": 1,
         "empty": 1,
@@ -206,6 +229,9 @@ def test_awkward_files_are_handled_and_broken_ones_counted(awkward, tmp_path):
     }
     names = {v: k for k, v in ids.items()}
     assert {names[i] for i in built} == {"good", "cmyk", "sixteen", "palette", "gif", "webp", "exif"}
+    files = _awkward_files()
+    for i, pixels in built.items():
+        assert np.array_equal(pixels, inference_input(files[names[i]][1], 64)), names[i]
 
     def near(pixel, rgb, tol=24):
         return all(abs(int(a) - b) <= tol for a, b in zip(pixel, rgb, strict=True))
@@ -228,6 +254,34 @@ def test_missing_inputs_are_clear_errors(awkward, tmp_path):
         build(BuildConfig(dirs=(crawl_dir,), vocab=vocab_path, out=tmp_path / "o", format="bmp"))
     with pytest.raises(UserError):
         build(BuildConfig(dirs=(crawl_dir,), vocab=tmp_path / "no.csv", out=tmp_path / "o"))
+
+
+@pytest.mark.parametrize(
+    "fields, needle",
+    [
+        ({"format": "bmp"}, "--format must be one of jpg, webp, png, not 'bmp'"),
+        ({"val_fraction": 0.6, "test_fraction": 0.4}, "--val-fraction and --test-fraction"),
+        ({"val_fraction": -0.1}, "--val-fraction and --test-fraction"),
+        ({"size": 8}, "--size must be at least 16 pixels"),
+        ({"quality": 0}, "--quality must be from 1 to 100"),
+        ({"workers": 0}, "--workers must be at least 1"),
+        ({"shard_size": 0}, "--shard-size must be at least 1"),
+        ({"dirs": ()}, "at least one crawl directory"),
+    ],
+)
+def test_config_refuses_mistakes_in_one_line(fields, needle):
+    with pytest.raises(UserError) as e:
+        BuildConfig(**{"dirs": ("crawl",), "vocab": "v.csv", "out": "ds", **fields})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_takes_strings_and_saves_as_json():
+    cfg = BuildConfig(dirs=["a", Path("b")], vocab="v.csv", out="ds", aliases="al.csv")
+    assert cfg.dirs == (Path("a"), Path("b")) and cfg.vocab == Path("v.csv") and cfg.aliases == Path("al.csv")
+    saved = cfg.as_json()
+    assert json.loads(json.dumps(saved)) == saved
+    assert saved["dirs"] == ["a", "b"] and saved["aliases"] == "al.csv" and saved["size"] == 256
+    assert BuildConfig(**{**saved, "dirs": tuple(saved["dirs"])}) == cfg
 
 
 def test_full_disk_stops_the_build_cleanly(awkward, tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from illust2vec.data.loader import LoaderConfig, make_loader, make_pipeline, make_targets, open_dataset
 from illust2vec.errors import UserError
+from illust2vec.formats.dataset import open_dataset
+from illust2vec.formats.loader import LoaderConfig, make_loader, make_pipeline, make_targets
 from illust2vec.formats.shards import iter_samples
 
 
@@ -39,7 +40,7 @@ def test_evaluation_reads_what_was_written_in_a_fixed_order(synth_build):
             assert images.dtype == torch.uint8 and images.shape[1:] == (3, 96, 96)
             for i in range(images.shape[0]):
                 meta = by_pixels[_key(images[i])]  # the exact pixels that were written
-                expected = make_targets(meta, heads)
+                expected = make_targets(meta["labels"], heads)
                 for head, value in expected.items():
                     assert torch.equal(targets[head][i], value)
                 seen.append(meta["id"])

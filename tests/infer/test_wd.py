@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from illust2vec.errors import UserError
-from illust2vec.infer.preprocess import DRAFT_INFO, read_image
+from illust2vec.infer.preprocess import read_image
 from illust2vec.infer.tagger import Tagger
 from illust2vec.infer.thresholds import Selection, mcut_threshold
+from illust2vec.util.images import DRAFT_INFO
 
 REAL = Path("/work/shared/fixtures/real/images")
 WD_TAGS = Path("/work/shared/fixtures/real/tagger-meta/wd-v3_selected_tags.reconstructed.csv")

@@ -1,13 +1,12 @@
-"""`i2v build`: crawled posts and images -> padded, resized training shards with labels, split train/val/test."""
+"""`i2v build`: crawled posts and images -> square training shards with labels, split train/val/test."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
-import json
 import logging
 import multiprocessing
-import os
 import random
 import shutil
 import signal
@@ -23,23 +22,35 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import UserError, is_disk_full
+from ..formats.dataset import (
+    IMAGE_FORMATS,
+    SPLITS,
+    VOCAB,
+    DatasetInfo,
+    Sample,
+    SplitInfo,
+    built_files,
+    shard_pattern,
+    write_info,
+)
 from ..formats.posts import read_posts
-from ..formats.shards import Member, ShardWriter, index_shard, read_member, sample_json
+from ..formats.shards import Member, ShardWriter, index_shard, read_member
+from ..formats.vocab import Vocab, read_aliases, read_vocab
 from ..util.cores import cores
-from ..util.images import BadImage, load_rgb, pad_square
-from .vocab import Vocab, apply_aliases, read_aliases, read_vocab
+from ..util.images import BadImage, load_for_input, pad_resize
+from .vocab import apply_aliases
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
-FORMAT_VERSION = 1
 CHUNK = 32  # images per task sent to a worker process
+COLUMNS = ["id", "md5", "rating", "status", "shard", "parent_id"] + [
+    f"tags_{c}" for c in ("general", "character", "copyright", "artist")
+]
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """How to turn crawls into training shards; saved in dataset.json."""
+    """How to turn crawls into training shards; saved in dataset.json. It checks itself (UserError)."""
 
     dirs: tuple[Path, ...]
     vocab: Path
@@ -53,6 +64,48 @@ class BuildConfig:
     shard_size: int = 1000  # samples per shard
     seed: int = 0  # order of the training samples in the shards
     aliases: Path | None = None  # old tag name -> new, as `i2v vocab --aliases` applied before counting
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dirs", tuple(Path(d) for d in self.dirs))
+        object.__setattr__(self, "vocab", Path(self.vocab))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "aliases", Path(self.aliases) if self.aliases else None)
+        if not self.dirs:
+            raise UserError("give at least one crawl directory to build from")
+        if self.format not in IMAGE_FORMATS:
+            raise UserError(f"--format must be one of {', '.join(IMAGE_FORMATS)}, not {self.format!r}")
+        if not (self.val_fraction >= 0 and self.test_fraction >= 0 and self.val_fraction + self.test_fraction < 1):
+            raise UserError("--val-fraction and --test-fraction must be >= 0 and add up to less than 1")
+        if self.size < 16:
+            raise UserError("--size must be at least 16 pixels")
+        if not 1 <= self.quality <= 100:
+            raise UserError(f"--quality must be from 1 to 100, not {self.quality}")
+        if self.workers is not None and self.workers < 1:
+            raise UserError(f"--workers must be at least 1, not {self.workers}")
+        if self.shard_size < 1:
+            raise UserError(f"--shard-size must be at least 1, not {self.shard_size}")
+
+    def as_json(self) -> dict:
+        """The configuration as dataset.json saves it, paths as strings."""
+        return {
+            **asdict(self),
+            "dirs": [str(d) for d in self.dirs],
+            "vocab": str(self.vocab),
+            "out": str(self.out),
+            "aliases": str(self.aliases) if self.aliases else None,
+        }
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    """What `build` wrote: dataset.json (`path`) and its content (`info`)."""
+
+    path: Path
+    info: DatasetInfo
+
+    def as_dict(self) -> dict:
+        """dataset.json's content."""
+        return self.info.as_dict()
 
 
 def split_of(post_id: int, parent_id: int | None, val_fraction: float, test_fraction: float) -> str:
@@ -70,9 +123,11 @@ def split_of(post_id: int, parent_id: int | None, val_fraction: float, test_frac
 
 @dataclass(frozen=True)
 class Task:
+    """One sample to make: where its image lies in a crawl shard, and its labels."""
+
     key: str
     member: Member
-    meta: dict  # id, md5, rating, labels, split
+    sample: Sample
 
 
 def _die_with_parent() -> None:
@@ -86,11 +141,12 @@ def _die_with_parent() -> None:
 def process_chunk(
     chunk: list[tuple[str, Member]], size: int, fmt: str, quality: int
 ) -> list[tuple[str, bytes | None, str]]:
-    """Decode, composite, pad and resize each image; returns (key, encoded bytes or None, skip reason)."""
+    """Decode each image, pad it to a white square and resize it (as inference does), encode it; returns (key,
+    encoded bytes or None, skip reason)."""
     out = []
     for key, member in chunk:
         try:
-            image = pad_square(load_rgb(read_member(member), shrink_to=size), size)
+            image = pad_resize(load_for_input(read_member(member), size), size)
         except BadImage as e:
             out.append((key, None, e.reason))
             continue
@@ -98,7 +154,7 @@ def process_chunk(
             out.append((key, None, f"unreadable ({e.strerror or e})"))
             continue
         buf = io.BytesIO()
-        image.save(buf, FORMATS[fmt], quality=quality)
+        image.save(buf, IMAGE_FORMATS[fmt], quality=quality)
         out.append((key, buf.getvalue(), ""))
     return out
 
@@ -115,27 +171,16 @@ def ordered_map(pool: ProcessPoolExecutor, fn: Callable, items: Iterable, window
 
 
 def plan(cfg: BuildConfig, vocab: Vocab) -> tuple[list[Task], Counter]:
-    """Which posts go where: labels, split and the crawl shard member holding each image; skips counted."""
+    """Which posts go where, in the order they are written: labels, split and the crawl shard member holding each
+    image; the posts left out counted by reason. Training samples are shuffled (from the seed), val and test go by
+    post id, so that evaluation reads them in a fixed order."""
     skipped: Counter = Counter()
     aliases = read_aliases(cfg.aliases) if cfg.aliases else {}
     members: dict[Path, dict[str, Member]] = {}
-    tasks: list[Task] = []
+    by_split: dict[str, list[Task]] = {s: [] for s in SPLITS}
     seen: set[int] = set()
-    columns = [
-        "id",
-        "md5",
-        "rating",
-        "status",
-        "shard",
-        "parent_id",
-        "tags_general",
-        "tags_character",
-        "tags_copyright",
-        "tags_artist",
-    ]
     for crawl_dir in cfg.dirs:
-        rows = read_posts([crawl_dir], columns).to_pylist()
-        for row in rows:
+        for row in read_posts([crawl_dir], COLUMNS).to_pylist():
             if row["status"] != "ok":
                 continue
             if row["id"] in seen:  # the same post in two overlapping crawls
@@ -158,9 +203,12 @@ def plan(cfg: BuildConfig, vocab: Vocab) -> tuple[list[Task], Counter]:
                 log.warning("post %s: image %s not found in %s", row["id"], row["md5"], shard)
                 continue
             split = split_of(row["id"], row["parent_id"], cfg.val_fraction, cfg.test_fraction)
-            meta = {"id": row["id"], "md5": row["md5"], "rating": row["rating"] or "", "labels": labels, "split": split}
-            tasks.append(Task(row["md5"], member, meta))
-    return tasks, skipped
+            sample = Sample(row["id"], row["md5"], row["rating"] or "", labels, split)
+            by_split[split].append(Task(row["md5"], member, sample))
+    random.Random(cfg.seed).shuffle(by_split["train"])  # posts arrive in id order; shards should not
+    for s in ("val", "test"):
+        by_split[s].sort(key=lambda t: t.sample.id)  # deterministic evaluation order
+    return [t for s in SPLITS for t in by_split[s]], skipped
 
 
 def _index(shard: Path) -> dict[str, Member]:
@@ -169,101 +217,100 @@ def _index(shard: Path) -> dict[str, Member]:
     return {m.key: m for m in index_shard(shard) if m.ext != "json"}
 
 
-def build(cfg: BuildConfig, console: Console | None = None) -> dict:
-    """Build the shards and dataset.json into cfg.out; returns dataset.json's content."""
-    console = console or Console(stderr=True)
-    if cfg.format not in FORMATS:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {cfg.format!r}")
-    if not (cfg.val_fraction >= 0 and cfg.test_fraction >= 0 and cfg.val_fraction + cfg.test_fraction < 1):
-        raise UserError("--val-fraction and --test-fraction must be >= 0 and add up to less than 1")
-    if cfg.size < 16:
-        raise UserError("--size must be at least 16 pixels")
-    vocab = read_vocab(cfg.vocab)
-    t0 = time.perf_counter()
-    tasks, skipped = plan(cfg, vocab)
-    by_split = {s: [t for t in tasks if t.meta["split"] == s] for s in SPLITS}
-    random.Random(cfg.seed).shuffle(by_split["train"])  # posts arrive in id order; shards should not
-    for s in ("val", "test"):
-        by_split[s].sort(key=lambda t: t.meta["id"])  # deterministic evaluation order
-
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    for old in [*cfg.out.glob("*-[0-9]*.tar"), *cfg.out.glob("*.tmp"), cfg.out / "dataset.json"]:
-        old.unlink(missing_ok=True)  # a rebuild replaces the previous build wholly
-    shutil.copyfile(cfg.vocab, cfg.out / "selected_tags.csv")
-
-    writers = {s: ShardWriter(cfg.out, f"{s}-{{index:06d}}.tar") for s in SPLITS}
-    stats = {
-        s: {"samples": 0, "shards": [], "tag_counts": {h: [0] * len(ix) for h, ix in vocab.heads.items()}}
-        for s in SPLITS
-    }
-    examples: dict[str, list[str]] = {}
-    ordered = [t for s in SPLITS for t in by_split[s]]
-    chunks = [ordered[i : i + CHUNK] for i in range(0, len(ordered), CHUNK)]
+def encode(cfg: BuildConfig, tasks: list[Task]) -> Iterator[list[tuple[Task, bytes | None, str]]]:
+    """The tasks in chunks, each image made into a sample by a pool of processes: (task, bytes or None, skip
+    reason), in the tasks' order."""
+    chunks = [tasks[i : i + CHUNK] for i in range(0, len(tasks), CHUNK)]
     workers = cfg.workers or cores()
     context = multiprocessing.get_context("forkserver")
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-    ]
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent) as pool:
+        jobs = (([(t.key, t.member) for t in chunk], cfg.size, cfg.format, cfg.quality) for chunk in chunks)
+        for chunk, results in zip(chunks, ordered_map(pool, process_chunk, jobs, 4 * workers), strict=True):
+            yield [(task, data, reason) for task, (_, data, reason) in zip(chunk, results, strict=True)]
+
+
+def write(
+    cfg: BuildConfig,
+    vocab: Vocab,
+    encoded: Iterable[list[tuple[Task, bytes | None, str]]],
+    skipped: Counter,
+    advance: Callable[[int], None],
+) -> tuple[dict[str, SplitInfo], dict[str, list[str]]]:
+    """Write the encoded samples into each split's shards: the splits' samples, shards and tag counts, and examples
+    of the posts skipped by reason (counted into `skipped`). A full disk is a UserError; no half shard is left."""
+    writers = {s: ShardWriter(cfg.out, shard_pattern(s)) for s in SPLITS}
+    samples: Counter = Counter()
+    shards: dict[str, list[str]] = {s: [] for s in SPLITS}
+    counts = {s: {h: [0] * len(ix) for h, ix in vocab.heads.items()} for s in SPLITS}
+    examples: dict[str, list[str]] = {}
     try:
-        with (
-            ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent) as pool,
-            Progress(*columns, console=console) as progress,
-        ):
-            bar = progress.add_task("building shards", total=len(ordered), info="")
-            jobs = (([(t.key, t.member) for t in chunk], cfg.size, cfg.format, cfg.quality) for chunk in chunks)
-            for chunk, results in zip(chunks, ordered_map(pool, process_chunk, jobs, 4 * workers), strict=True):
-                for task, (key, data, reason) in zip(chunk, results, strict=True):
-                    if data is None:
-                        skipped[reason] += 1
-                        examples.setdefault(reason, []).append(f"post {task.meta['id']} ({task.member.shard.name})")
-                        continue
-                    split = task.meta["split"]
-                    writer = writers[split]
-                    writer.add(key, {cfg.format: data, "json": sample_json(task.meta)})
-                    stat = stats[split]
-                    stat["samples"] += 1
-                    for head, positions in task.meta["labels"].items():
-                        for p in positions:
-                            stat["tag_counts"][head][p] += 1
-                    if writer.count >= cfg.shard_size:
-                        stat["shards"].append(writer.close().name)
-                progress.update(bar, advance=len(chunk), info=f"{sum(skipped.values())} skipped")
+        for chunk in encoded:
+            for task, data, reason in chunk:
+                if data is None:
+                    skipped[reason] += 1
+                    examples.setdefault(reason, []).append(f"post {task.sample.id} ({task.member.shard.name})")
+                    continue
+                split = task.sample.split
+                writers[split].add(task.key, task.sample.members(data, cfg.format))
+                samples[split] += 1
+                for head, positions in task.sample.labels.items():
+                    for p in positions:
+                        counts[split][head][p] += 1
+                if writers[split].count >= cfg.shard_size:
+                    shards[split].append(writers[split].close().name)
+            advance(len(chunk))
         for s, writer in writers.items():
-            info = writer.close()
-            if info is not None:
-                stats[s]["shards"].append(info.name)
+            if (closed := writer.close()) is not None:
+                shards[s].append(closed.name)
     except OSError as e:
         for writer in writers.values():
             writer.abort()
         if is_disk_full(e):
             raise UserError(f"the disk under {cfg.out} is full ({e}); free some space and build again") from e
         raise
+    return {s: SplitInfo(samples[s], shards[s], counts[s]) for s in SPLITS}, examples
 
-    dataset = {
-        "format_version": FORMAT_VERSION,
-        "image_size": cfg.size,
-        "image_format": cfg.format,
-        "vocab": "selected_tags.csv",
-        "vocab_hash": vocab.hash,
-        "heads": {h: len(ix) for h, ix in vocab.heads.items()},
-        "splits": stats,
-        "skipped": dict(sorted(skipped.items())),
-        "skipped_examples": {k: v[:10] for k, v in sorted(examples.items())},
-        "sources": [str(d) for d in cfg.dirs],
-        "config": {
-            **asdict(cfg),
-            "dirs": [str(d) for d in cfg.dirs],
-            "vocab": str(cfg.vocab),
-            "out": str(cfg.out),
-            "aliases": str(cfg.aliases) if cfg.aliases else None,
-        },
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    tmp = cfg.out / "dataset.json.tmp"
-    tmp.write_text(json.dumps(dataset, indent=1))
-    os.replace(tmp, cfg.out / "dataset.json")
-    return dataset
+
+def summarise(
+    cfg: BuildConfig, vocab: Vocab, splits: dict[str, SplitInfo], skipped: Counter, examples: dict, seconds: float
+) -> DatasetInfo:
+    """dataset.json's content for this build."""
+    return DatasetInfo(
+        image_size=cfg.size,
+        image_format=cfg.format,
+        vocab_hash=vocab.hash,
+        heads={h: len(ix) for h, ix in vocab.heads.items()},
+        splits=splits,
+        skipped=dict(sorted(skipped.items())),
+        skipped_examples={k: v[:10] for k, v in sorted(examples.items())},
+        sources=[str(d) for d in cfg.dirs],
+        config=cfg.as_json(),
+        seconds=round(seconds, 2),
+    )
+
+
+def build(cfg: BuildConfig, console: Console | None = None) -> BuildSummary:
+    """Build the shards, selected_tags.csv and dataset.json into cfg.out (replacing an earlier build there)."""
+    console = console or Console(stderr=True)
+    vocab = read_vocab(cfg.vocab)
+    t0 = time.perf_counter()
+    tasks, skipped = plan(cfg, vocab)
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    for old in built_files(cfg.out):
+        old.unlink(missing_ok=True)  # a rebuild replaces the previous build wholly
+    shutil.copyfile(cfg.vocab, cfg.out / VOCAB)
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}")]
+    with (
+        contextlib.closing(encode(cfg, tasks)) as encoded,
+        Progress(*columns, TimeElapsedColumn(), console=console) as progress,
+    ):
+        bar = progress.add_task("building shards", total=len(tasks), info="")
+
+        def advance(n: int) -> None:
+            progress.update(bar, advance=n, info=f"{sum(skipped.values())} skipped")
+
+        splits, examples = write(cfg, vocab, encoded, skipped, advance)
+    info = summarise(cfg, vocab, splits, skipped, examples, time.perf_counter() - t0)
+    return BuildSummary(write_info(cfg.out, info), info)

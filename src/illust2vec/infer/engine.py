@@ -30,9 +30,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..errors import UserError
 from ..util.cores import cores
-from ..util.images import BadImage
+from ..util.images import DRAFT_INFO, BadImage
 from ..util.shard import check_shard
-from .preprocess import DRAFT_INFO, ImageLike, prepare, read_image
+from .preprocess import ImageLike, prepare, read_image
 from .tagger import BACKENDS
 from .writers import caption_path
 

@@ -5,7 +5,6 @@ numpy and Pillow only: the ONNX path never imports torch.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -13,16 +12,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..util.images import BadImage, load_rgb, open_image, to_rgb
+from ..util.images import BadImage, load_for_input, load_rgb, pad_resize, to_rgb
 
 ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
-
-# Where `read_image` notes that a JPEG was decoded at 1/k scale: (full width, full height, k, decoded size).
-DRAFT_INFO = "illust2vec.draft"
-EXIF_ORIENTATION = 0x0112
-# Draft decoding stops at this multiple of the model's input size. At 2x, 8 of 77 real pictures moved a probability
-# by more than 1e-2 against a full decode (up to 0.025, with a 96 px model); at 3x none did (largest 0.009).
-DRAFT_MARGIN = 3
 
 
 def read_image(source: ImageLike, size: int | None = None) -> Image.Image:
@@ -51,19 +43,7 @@ def read_image(source: ImageLike, size: int | None = None) -> Image.Image:
         data = bytes(source)
     else:
         raise TypeError(f"an image is a path, bytes, a PIL image or a numpy array, not {type(source).__name__}")
-    if not size:
-        return load_rgb(data)
-    header = open_image(data)  # the header only: the full size, the format and the EXIF orientation
-    full = header.size
-    # A rotated or mirrored JPEG is decoded in full: the partial DCT block would move to another edge.
-    if header.format != "JPEG" or header.getexif().get(EXIF_ORIENTATION, 1) != 1:
-        return load_rgb(data)
-    image = load_rgb(data, shrink_to=DRAFT_MARGIN * size)
-    if image.size != full:
-        scale = math.ceil(full[0] / image.width)
-        if (math.ceil(full[0] / scale), math.ceil(full[1] / scale)) == image.size:
-            image.info[DRAFT_INFO] = (full[0], full[1], scale, image.width, image.height)
-    return image
+    return load_for_input(data, size) if size else load_rgb(data)
 
 
 def _from_array(a: np.ndarray) -> Image.Image:
@@ -85,39 +65,9 @@ def _from_array(a: np.ndarray) -> Image.Image:
 def prepare(image: Image.Image, size: int) -> np.ndarray:
     """An RGB image -> [size, size, 3] float32 BGR in 0..255, as the WD taggers' published code does it: paste
     centred onto a white square as big as the longer side, then one bicubic resize to `size` (none when the square
-    is already that size)."""
-    draft = image.info.get(DRAFT_INFO)
-    if draft is not None and tuple(draft[3:]) == image.size:
-        square = _drafted_square(image, size, *draft[:3])
-    else:
-        w, h = image.size
-        side = max(w, h)
-        square = image
-        if (w, h) != (side, side):
-            square = Image.new("RGB", (side, side), (255, 255, 255))
-            square.paste(image, ((side - w) // 2, (side - h) // 2))
-        if side != size:
-            square = square.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(square, dtype=np.float32)[:, :, ::-1]
-
-
-def _drafted_square(image: Image.Image, size: int, width: int, height: int, scale: int) -> Image.Image:
-    """The WD square of a JPEG decoded at 1/scale: the same region of the picture as a full decode's.
-
-    A decoded pixel i covers full pixels [scale*i, scale*(i+1)), and the last one may be a partial DCT block, so
-    padding and resizing the small picture as if it were the whole one would shift its far edge by up to a pixel.
-    Instead the full decode's square (offsets as WD computes them, in full pixels) is located in the small
-    picture's coordinates, fractions included, and resized from there with Pillow's `box`.
-    """
-    side = max(width, height)
-    left, top = (side - width) // 2, (side - height) // 2
-    ox, oy = math.ceil(left / scale), math.ceil(top / scale)  # where the picture goes on a white canvas
-    x0, y0, s = ox - left / scale, oy - top / scale, side / scale  # the square on that canvas
-    canvas = Image.new(
-        "RGB", (max(math.ceil(x0 + s), ox + image.width), max(math.ceil(y0 + s), oy + image.height)), (255, 255, 255)
-    )
-    canvas.paste(image, (ox, oy))
-    return canvas.resize((size, size), Image.Resampling.BICUBIC, box=(x0, y0, x0 + s, y0 + s))
+    is already that size). The square is `util.images.pad_resize`, the one that `i2v build` makes training samples
+    with."""
+    return np.asarray(pad_resize(image, size), dtype=np.float32)[:, :, ::-1]
 
 
 def load_batch(images: Any, size: int) -> np.ndarray:

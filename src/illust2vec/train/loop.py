@@ -20,7 +20,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..data.loader import Dataset, LoaderConfig, make_loader, open_dataset
+from ..formats.dataset import Dataset, open_dataset
+from ..formats.loader import LoaderConfig, make_loader
 from ..errors import UserError
 from ..formats.shards import iter_samples
 from ..models import create_tagger, default_heads
@@ -168,7 +169,7 @@ def loss_extras(cfg: TrainConfig, ds: Dataset, activations: dict[str, str]) -> t
     """Per-tag frequency weights (when the loss asks for them) and the exclusive pairs of general tags."""
     weights, pairs = {}, {}
     if cfg.loss.frequency_weighting:
-        counts = ds.info["splits"]["train"]["tag_counts"]
+        counts = ds.tag_counts("train")
         for head, act in activations.items():
             if head != "rating" and act == "sigmoid":
                 weights[head] = tag_weights(counts[head], cfg.loss.frequency_alpha)
@@ -458,7 +459,7 @@ def _fit(cfg: TrainConfig, resume: bool, console: Console, d: distributed.Dist) 
     except ValueError as e:  # an unknown preset or timm name, a bad --freeze or --global-pool: the user's to fix
         raise UserError(str(e)) from e
     if cfg.prior_init and not done:
-        init_head_priors(model, ds.info["splits"]["train"]["tag_counts"], ds.samples("train"))
+        init_head_priors(model, ds.tag_counts("train"), ds.samples("train"))
     cuda = d.device.type == "cuda"
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
     if channels_last:
@@ -508,7 +509,7 @@ def _fit(cfg: TrainConfig, resume: bool, console: Console, d: distributed.Dist) 
             console.print(f"resuming {run} after epoch {state.epoch}")
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ds.root / ds.info["vocab"], run / "selected_tags.csv")
+        shutil.copyfile(ds.root / ds.info.vocab, run / "selected_tags.csv")
         config = {
             "train": cfg.to_json(),
             "model": model.cfg.to_dict(),

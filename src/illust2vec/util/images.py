@@ -1,4 +1,4 @@
-"""Image decoding shared by every stage: one pixel limit against decompression bombs, fast shrinking."""
+"""Images for every stage: decoding under one pixel limit, fast shrinking, and the one pad-then-resize recipe."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ from PIL import Image, ImageOps
 # One limit for crawl, build, tag and serve: about 16k x 16k. Bigger files are refused, not decoded.
 MAX_PIXELS = 268_435_456
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+# Draft decoding stops at this multiple of the model's input size. At 2x, 8 of 77 real pictures moved a probability
+# by more than 1e-2 against a full decode (up to 0.025, with a 96 px model); at 3x none did (largest 0.009).
+DRAFT_MARGIN = 3
+# Where `load_for_input` notes that a JPEG was decoded at 1/k scale: (full width, full height, k, decoded size).
+DRAFT_INFO = "illust2vec.draft"
+EXIF_ORIENTATION = 0x0112
 
 EXT_BY_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "AVIF": "avif"}
 
@@ -133,18 +140,62 @@ def load_rgb(data: bytes, shrink_to: int | None = None) -> Image.Image:
         raise BadImage(f"corrupt ({type(e).__name__}: {e})") from e
 
 
-def pad_square(image: Image.Image, size: int) -> Image.Image:
-    """Resize so the longer side is `size`, then pad to a centred white square (as the WD taggers do).
+def load_for_input(data: bytes, size: int) -> Image.Image:
+    """Decode for a model input of `size` pixels (as `load_rgb`), cheaply when the picture is much bigger than that.
 
-    White, not black: black bars teach a tagger a false "letterboxed" feature, and boards' art is mostly on white.
+    A JPEG whose longer side is at least 2 * DRAFT_MARGIN * `size` is decoded with DCT scaling (draft mode) at 1/2,
+    1/4 or 1/8, never below DRAFT_MARGIN * `size`. The scale is noted in `image.info[DRAFT_INFO]`, so that
+    `pad_resize` maps the picture onto the same square, to the sub-pixel, as a full decode does. A rotated or
+    mirrored JPEG is decoded in full: the partial DCT block would move to another edge.
     """
+    header = open_image(data)  # the header only: the full size, the format and the EXIF orientation
+    full = header.size
+    if header.format != "JPEG" or header.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        return load_rgb(data)
+    image = load_rgb(data, shrink_to=DRAFT_MARGIN * size)
+    if image.size != full:
+        scale = math.ceil(full[0] / image.width)
+        if (math.ceil(full[0] / scale), math.ceil(full[1] / scale)) == image.size:
+            image.info[DRAFT_INFO] = (full[0], full[1], scale, image.width, image.height)
+    return image
+
+
+def pad_resize(image: Image.Image, size: int) -> Image.Image:
+    """An RGB picture -> the `size` x `size` model input, as the WD taggers' published code makes it: pasted centred
+    onto a white square as big as its longer side, then one bicubic resize to `size` (none when already that size).
+
+    The one definition for training (`i2v build`) and inference, so that a model sees its pictures prepared alike.
+    White, not black: black bars teach a tagger a false "letterboxed" feature, and boards' art is mostly on white.
+    A picture that `load_for_input` decoded at a DCT scale gives the square a full decode would, within rounding.
+    """
+    draft = image.info.get(DRAFT_INFO)
+    if draft is not None and tuple(draft[3:]) == image.size:
+        return _drafted_square(image, size, *draft[:3])
     w, h = image.size
-    scale = size / max(w, h)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if new != (w, h):
-        image = image.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 1 else None)
-    if new == (size, size):
-        return image
-    canvas = Image.new("RGB", (size, size), (255, 255, 255))
-    canvas.paste(image, ((size - new[0]) // 2, (size - new[1]) // 2))
-    return canvas
+    side = max(w, h)
+    square = image
+    if (w, h) != (side, side):
+        square = Image.new("RGB", (side, side), (255, 255, 255))
+        square.paste(image, ((side - w) // 2, (side - h) // 2))
+    if side != size:
+        square = square.resize((size, size), Image.Resampling.BICUBIC)
+    return square
+
+
+def _drafted_square(image: Image.Image, size: int, width: int, height: int, scale: int) -> Image.Image:
+    """The WD square of a JPEG decoded at 1/scale: the same region of the picture as a full decode's.
+
+    A decoded pixel i covers full pixels [scale*i, scale*(i+1)), and the last one may be a partial DCT block, so
+    padding and resizing the small picture as if it were the whole one would shift its far edge by up to a pixel.
+    Instead the full decode's square (offsets as WD computes them, in full pixels) is located in the small
+    picture's coordinates, fractions included, and resized from there with Pillow's `box`.
+    """
+    side = max(width, height)
+    left, top = (side - width) // 2, (side - height) // 2
+    ox, oy = math.ceil(left / scale), math.ceil(top / scale)  # where the picture goes on a white canvas
+    x0, y0, s = ox - left / scale, oy - top / scale, side / scale  # the square on that canvas
+    canvas = Image.new(
+        "RGB", (max(math.ceil(x0 + s), ox + image.width), max(math.ceil(y0 + s), oy + image.height)), (255, 255, 255)
+    )
+    canvas.paste(image, (ox, oy))
+    return canvas.resize((size, size), Image.Resampling.BICUBIC, box=(x0, y0, x0 + s, y0 + s))

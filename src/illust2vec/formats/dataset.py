@@ -1,0 +1,169 @@
+"""A built dataset directory: training shards per split (`{split}-NNNNNN.tar`), `dataset.json`, `selected_tags.csv`.
+
+`i2v build` writes it; the loader, `i2v train` and `i2v evaluate` read it. Each shard sample is a square RGB image
+(`{md5}.jpg`, `.webp` or `.png`) and its labels (`{md5}.json`: id, md5, rating, labels, split), where `labels` maps a
+head to the sorted positions of the post's tags within that head of the vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from .shards import iter_samples, sample_json
+from .vocab import Vocab, read_vocab
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+IMAGE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}  # a shard image's extension -> Pillow's format name
+INFO = "dataset.json"
+VOCAB = "selected_tags.csv"
+
+
+def shard_pattern(split: str) -> str:
+    """The file names of a split's shards, for `ShardWriter`: train-000000.tar, train-000001.tar, ..."""
+    return f"{split}-{{index:06d}}.tar"
+
+
+def built_files(root: Path) -> list[Path]:
+    """What a build leaves in `root` (its shards, their temporaries, dataset.json): a rebuild replaces them all."""
+    root = Path(root)
+    return [*root.glob("*-[0-9]*.tar"), *root.glob("*.tmp"), root / INFO]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The labels of one training sample, as its `.json` member holds them."""
+
+    id: int
+    md5: str  # the sample's key in the shard
+    rating: str  # the post's rating code (g, s, q, e) or ""
+    labels: dict[str, list[int]]  # head -> sorted positions within that head
+    split: str
+
+    def members(self, image: bytes, image_format: str) -> dict[str, bytes]:
+        """The sample's shard members, extension -> bytes: the encoded square image and the labels."""
+        return {image_format: image, "json": sample_json(asdict(self))}
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Sample:
+        meta = json.loads(data)
+        return cls(meta["id"], meta["md5"], meta["rating"], meta["labels"], meta["split"])
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split in dataset.json: how many samples, in which shards, and how often each tag occurs."""
+
+    samples: int = 0
+    shards: list[str] = field(default_factory=list)
+    tag_counts: dict[str, list[int]] = field(default_factory=dict)  # head -> count per position
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """dataset.json: what was built, from what, and how."""
+
+    image_size: int
+    image_format: str  # a key of IMAGE_FORMATS
+    vocab_hash: str  # `Vocab.hash` of the selected_tags.csv beside it
+    heads: dict[str, int]  # head -> number of tags
+    splits: dict[str, SplitInfo]
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> posts left out
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> a few of those posts
+    sources: list[str] = field(default_factory=list)  # the crawl directories
+    config: dict = field(default_factory=dict)  # the build's configuration, as JSON
+    seconds: float = 0.0
+    vocab: str = VOCAB
+    format_version: int = FORMAT_VERSION
+
+    def as_dict(self) -> dict:
+        """dataset.json's content, keys in the file's order."""
+        return {
+            "format_version": self.format_version,
+            "image_size": self.image_size,
+            "image_format": self.image_format,
+            "vocab": self.vocab,
+            "vocab_hash": self.vocab_hash,
+            "heads": self.heads,
+            "splits": {s: asdict(info) for s, info in self.splits.items()},
+            "skipped": self.skipped,
+            "skipped_examples": self.skipped_examples,
+            "sources": self.sources,
+            "config": self.config,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> DatasetInfo:
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        fields["splits"] = {s: SplitInfo(**info) for s, info in d["splits"].items()}
+        return cls(**fields)
+
+
+def write_info(root: Path, info: DatasetInfo) -> Path:
+    """Write dataset.json into `root` atomically (temp, then rename): its presence means the build finished."""
+    path = Path(root) / INFO
+    tmp = path.with_name(INFO + ".tmp")
+    tmp.write_text(json.dumps(info.as_dict(), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_info(root: Path) -> DatasetInfo:
+    """Read and check dataset.json; a UserError names the directory or file and what is wrong with it."""
+    path = Path(root) / INFO
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{root}: no {INFO}; is it a directory that `i2v build` wrote?") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
+        version = d.get("format_version") if isinstance(d, dict) else None
+        raise UserError(f"{path}: format version {version}, this illust2vec reads {FORMAT_VERSION}")
+    try:
+        return DatasetInfo.from_dict(d)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not a dataset.json this illust2vec reads ({type(e).__name__}: {e})") from None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A built dataset directory: its dataset.json, vocabulary and shards per split."""
+
+    root: Path
+    info: DatasetInfo
+    vocab: Vocab
+
+    @property
+    def image_size(self) -> int:
+        return self.info.image_size
+
+    def shards(self, split: str) -> list[str]:
+        return [str(self.root / name) for name in self.info.splits[split].shards]
+
+    def samples(self, split: str) -> int:
+        return self.info.splits[split].samples
+
+    def tag_counts(self, split: str) -> dict[str, list[int]]:
+        """Head -> how many of the split's samples carry each of its tags."""
+        return self.info.splits[split].tag_counts
+
+    def labels(self, split: str) -> Iterator[Sample]:
+        """The split's samples in shard order, labels only (the images are not read)."""
+        for _, files in iter_samples([Path(p) for p in self.shards(split)], exts=("json",)):
+            yield Sample.from_json(files["json"])
+
+
+def open_dataset(root: Path) -> Dataset:
+    """Read dataset.json and the vocabulary beside it, checking that they belong together."""
+    info = read_info(root)
+    vocab = read_vocab(Path(root) / info.vocab)
+    if vocab.hash != info.vocab_hash:
+        raise UserError(f"{root}: selected_tags.csv does not match the vocabulary the shards were built with")
+    return Dataset(Path(root), info, vocab)

@@ -1,0 +1,151 @@
+"""The training data loader: a WebDataset pipeline over a built dataset's shards, feeding a torch DataLoader.
+
+Stages over sample dicts, each testable alone: shards -> this reader's part -> tar samples -> (shuffle) -> decode the
+image and the labels -> (augment) -> targets.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from ..errors import UserError
+from .dataset import SPLITS, Dataset, Sample
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How batches are made; the augmentation is for training only."""
+
+    batch_size: int = 64
+    workers: int = 2
+    shuffle_buffer: int = 2000  # samples mixed across shards before batching (training)
+    seed: int = 0
+    crop_scale: tuple[float, float] = (0.8, 1.0)  # light random crop, resized back to the image size
+    jitter: float = 0.1  # brightness, contrast and saturation; never hue: colours are labels (aqua_hair vs blue_hair)
+    flip: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "crop_scale", tuple(self.crop_scale))
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, not {self.batch_size}")
+        if self.workers < 0:
+            raise UserError(f"workers must be 0 (read in the main process) or more, not {self.workers}")
+        if self.shuffle_buffer < 1:
+            raise UserError(f"shuffle_buffer must be at least 1, not {self.shuffle_buffer}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise UserError(f"crop_scale must be two fractions 0 < low <= high <= 1, not {self.crop_scale}")
+        if not 0 <= self.jitter < 1:
+            raise UserError(f"jitter must be in [0, 1), not {self.jitter}")
+        if not 0 <= self.flip <= 1:
+            raise UserError(f"flip must be a probability in [0, 1], not {self.flip}")
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """A shard's image bytes -> uint8 [3, S, S]."""
+    # Pillow, not torchvision.io: the latter's decoders are deprecated from torchvision 0.29 on.
+    array = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def make_targets(labels: Mapping[str, Sequence[int]], heads: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """One multi-hot float vector per head, and the rating as a class index (-1 when unknown)."""
+    targets = {}
+    for head, n in heads.items():
+        positions = list(labels.get(head, []))
+        if head == "rating":
+            targets[head] = torch.tensor(positions[0] if positions else -1, dtype=torch.long)
+        else:
+            vec = torch.zeros(n, dtype=torch.float32)
+            vec[positions] = 1.0
+            targets[head] = vec
+    return targets
+
+
+def augmentation(size: int, cfg: LoaderConfig) -> v2.Transform:
+    """Flip, a light random crop and scale, a small colour jitter: on uint8 CHW tensors."""
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(cfg.flip),
+            v2.RandomResizedCrop(size, scale=cfg.crop_scale, ratio=(0.9, 1.1), antialias=True),
+            v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter),
+        ]
+    )
+
+
+def _reader() -> tuple[int, int]:
+    """This reader's index among all readers (DDP ranks x loader workers), and how many there are."""
+    rank, world, worker, workers = wds.utils.pytorch_worker_info()
+    workers = max(1, workers)
+    return rank * workers + worker, world * workers
+
+
+def _splitters(n_shards: int):
+    """Pipeline stages that give each reader its own part of the split: whole shards when there are at least as many
+    shards as readers (the usual case: no reader reads another's data), else every reader reads every shard and
+    keeps every n-th sample, so that a small dataset of one shard still feeds 8 workers on 2 GPUs, not one."""
+
+    def shards(src):
+        index, readers = _reader()
+        yield from itertools.islice(src, index, None, readers) if n_shards >= readers else src
+
+    def samples(src):
+        index, readers = _reader()
+        yield from src if n_shards >= readers else itertools.islice(src, index, None, readers)
+
+    return shards, samples
+
+
+def make_pipeline(ds: Dataset, split: str, cfg: LoaderConfig, train: bool, epoch: int = 0) -> wds.DataPipeline:
+    """Shards -> samples -> (image uint8 [3,S,S], targets). Each DDP rank and each worker reads other shards.
+
+    Training shuffles the shard order (a new order each epoch, from the seed) and samples in a buffer; evaluation
+    reads in order, so its results are the same every time.
+    """
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    urls = ds.shards(split)
+    if not urls:
+        raise UserError(f"{ds.root}: the {split} split is empty")
+    if train:
+        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(urls)
+    heads = {h: len(ix) for h, ix in ds.vocab.heads.items()}
+    ext = ds.info.image_format
+    augment = augmentation(ds.image_size, cfg) if train else None
+
+    def to_example(sample: dict):
+        image = decode_image(sample[ext])
+        if augment is not None:
+            image = augment(image)
+        return image, make_targets(Sample.from_json(sample["json"]).labels, heads)
+
+    shards, samples = _splitters(len(urls))
+    stages = [wds.SimpleShardList(urls), shards, wds.tarfile_to_samples(), samples]
+    if train:
+        stages.append(wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 200), seed=cfg.seed + epoch))
+    stages.append(wds.map(to_example))
+    return wds.DataPipeline(*stages)
+
+
+def make_loader(ds: Dataset, split: str, cfg: LoaderConfig, train: bool, epoch: int = 0) -> DataLoader:
+    """A torch DataLoader of (images, targets) batches; pinned memory when a GPU is there."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # worker seeds: exact resume
+    return DataLoader(
+        make_pipeline(ds, split, cfg, train, epoch),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+        generator=generator,
+        drop_last=False,
+    )
