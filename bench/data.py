@@ -1,8 +1,10 @@
-"""Dataset benchmarks: build throughput per core on large JPEGs against a naive PIL baseline run beside it.
+"""Dataset benchmarks: build throughput per core on large JPEGs against a naive PIL baseline run beside it, and the
+skew between a built sample and inference's input for the same picture (`python -m bench.data skew`).
 
-Ours is exactly what `i2v build` does to each image (`process_chunk`: JPEG decoded at a DCT scale, EXIF
-orientation, transparency on white, resize, pad, encode). The baseline is the obvious code: open, convert to RGB
-at full size, resize, pad, encode. Both run on one core, on the same bytes, in this process.
+Ours is exactly what `i2v build` does to each image (`process_chunk`: a big JPEG decoded at a DCT scale as inference
+decodes it, EXIF orientation, transparency on white, pad to a white square, resize, encode). The baseline is the
+obvious code: open, convert to RGB at full size, resize, pad, encode. Both run on one core, on the same bytes, in
+this process.
 """
 
 import argparse
