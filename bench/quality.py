@@ -5,8 +5,6 @@ README's training section come from here, e.g. `python -m bench quality --posts 
 """
 
 import argparse
-import csv
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -14,10 +12,12 @@ from pathlib import Path
 from illust2vec.booru.crawl import CrawlConfig, crawl
 from illust2vec.data.build import BuildConfig, build
 from illust2vec.data.vocab import build_vocab
+from illust2vec.formats.run import read_metrics
 from illust2vec.formats.vocab import write_vocab
 from illust2vec.synth.cast import SynthConfig
 from illust2vec.synth.server import start_board
-from illust2vec.train.loop import TrainConfig, fit
+from illust2vec.train.config import TrainConfig
+from illust2vec.train.loop import fit
 from illust2vec.train.losses import LossConfig
 
 
@@ -63,13 +63,12 @@ def main(argv: list[str] | None = None) -> None:
             epochs=args.epochs,
             loss=LossConfig(kind=args.loss, exclusivity=args.exclusivity),
             prior_init=not args.no_prior_init,
-            global_pool=args.global_pool,
+            model={"global_pool": args.global_pool} if args.global_pool else {},
             **{k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None},
         )
         summary = fit(cfg)
         seconds = time.perf_counter() - t0
-        with open(run / "metrics.csv") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_metrics(run)
     print(
         f"quality: {args.arch}, {args.posts} posts at {args.size} px, {args.epochs} epochs, loss {args.loss}, "
         f"exclusivity {args.exclusivity:g}: trained in {seconds:.0f} s"
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     print("epoch  " + "  ".join(k[4:] for k in keys))
     for r in rows:
         print(f"{r['epoch']:>5}  " + "  ".join(f"{float(r[k]):>{len(k) - 4}.3f}" for k in keys))
-    print(f"best epoch {summary['best_epoch']} by {summary['select_by']}")
+    print(f"best epoch {summary.best_epoch} by {summary.select_by}")
 
 
 def measure_runs(runs: list[Path]) -> None:
@@ -86,21 +85,27 @@ def measure_runs(runs: list[Path]) -> None:
     (single-character images with two mutually exclusive general tags predicted: two hair colours, two eye colours)
     at 0.5 and at the general head's F1-calibrated threshold. Runs on the same data compare like for like."""
     import numpy as np
+    import torch
 
-    from illust2vec.evaluate import EvalConfig, calibrate, predict_split, run_dataset
-    from illust2vec.train.checkpoints import load_run_model, resolve_epoch
-    from illust2vec.train.loop import contradiction_rate, general_exclusive_pairs
-    from illust2vec.train.metrics import mean_average_precision, topk_accuracy
+    from illust2vec.evaluation.calibration import calibrate
+    from illust2vec.evaluation.evaluator import PredictOptions, predict_split, run_dataset
+    from illust2vec.evaluation.metrics import contradiction_rate, mean_average_precision, topk_accuracy
+    from illust2vec.formats.run import read_config, resolve_epoch, weights_path
+    from illust2vec.models import load_tagger
+    from illust2vec.train.setup import general_exclusive_pairs
 
     for run in runs:
         epoch = resolve_epoch(run, "last")
         ds = run_dataset(run, None)
-        cfg = json.loads((run / "config.json").read_text())["train"]
-        probs, targets, _ = predict_split(load_run_model(run, epoch), ds, EvalConfig(str(run), str(epoch), workers=2))
+        config = read_config(run)
+        cfg = config["train"]
+        model = load_tagger(config["model"], weights_path(run, epoch))
+        preds = predict_split(model, ds, "val", torch.device("cpu"), PredictOptions(workers=2))
+        probs, targets = preds.probs, preds.targets
         pairs = general_exclusive_pairs(ds).numpy()
         single = targets["character"].sum(axis=1) == 1
         names = {h: list(ds.vocab.head_names(h)) for h in probs}
-        f1_thr = calibrate(probs, targets, names, "f1", per_tag=False).heads["general"]
+        f1_thr = calibrate(preds, names, "f1", per_tag=False).heads["general"]
         truth = contradiction_rate(targets["general"], single, pairs, 0.5)
         print(
             f"{run.name} epoch {epoch} (loss {cfg['loss']['kind']}, exclusivity {cfg['loss']['exclusivity']:g}): "

@@ -16,8 +16,9 @@ from bench.quality import prepare
 from illust2vec.formats.dataset import open_dataset
 from illust2vec.formats.loader import LoaderConfig, make_loader
 from illust2vec.models import create_tagger
-from illust2vec.train.loop import TrainConfig, default_workers, model_heads
+from illust2vec.train.config import TrainConfig, default_workers
 from illust2vec.train.losses import LossConfig, multitask_loss
+from illust2vec.train.setup import model_heads
 
 
 def steps_per_second(model, batches, device, bf16: bool, channels_last: bool) -> float:

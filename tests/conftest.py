@@ -66,7 +66,8 @@ def synth_build(synth_crawl, synth_vocab, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_run(synth_build, tmp_path_factory) -> Path:
     """A run of a tiny timm backbone trained for two epochs on synth_build: for evaluate, export and tag tests."""
-    from illust2vec.train.loop import TrainConfig, fit
+    from illust2vec.train.config import TrainConfig
+    from illust2vec.train.loop import fit
 
     run = tmp_path_factory.mktemp("run") / "run"
     fit(

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from illust2vec.errors import UserError
-from illust2vec.evaluate import EvalConfig, eval_dir, evaluate_run, predict_split, run_dataset
-from illust2vec.train.checkpoints import load_run_model, resolve_epoch
+from illust2vec.evaluate import EvalConfig, evaluate_run
+from illust2vec.evaluation.evaluator import PredictOptions, predict_split, run_dataset
+from illust2vec.formats.run import eval_dir, read_config, resolve_epoch, weights_path
+from illust2vec.models import load_tagger
 
 I2V = [sys.executable, "-m", "illust2vec.cli"]
 
@@ -34,9 +37,9 @@ def direct(p: np.ndarray, t: np.ndarray, threshold: float) -> dict:
         2 * (pred[:, j] & pos[:, j]).sum() / (pred[:, j].sum() + pos[:, j].sum()) for j in np.flatnonzero(labelled)
     ]
     return {
-        "micro_precision": tp / (tp + fp),
-        "micro_recall": tp / (tp + fn),
-        "micro_f1": 2 * tp / (2 * tp + fp + fn),
+        "precision": tp / (tp + fp),
+        "recall": tp / (tp + fn),
+        "f1": 2 * tp / (2 * tp + fp + fn),
         "macro_f1": float(np.mean(per_tag_f1)),
     }
 
@@ -48,17 +51,20 @@ def direct_ap(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def test_evaluate_writes_its_files_and_its_figures_are_right(run_copy):
     report = evaluate_run(EvalConfig(str(run_copy), workers=0))
-    out = Path(report["out"])
-    assert out == eval_dir(run_copy, 2) and report["epoch"] == 2  # "best" of this run
+    out = Path(report.out)
+    assert out == eval_dir(run_copy, 2) and report.epoch == 2  # "best" of this run
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "per_tag.csv", "thresholds.json"]
     metrics = json.loads((out / "metrics.json").read_text())
     thresholds = json.loads((out / "thresholds.json").read_text())
-    assert metrics["heads"] == report["heads"] and metrics["config"]["epoch"] == "best"
+    assert metrics["heads"] == report.heads and metrics["config"]["epoch"] == "best"
+    assert metrics["loss"] == pytest.approx(sum(h["loss"] for h in report.heads.values()))
     assert set(metrics["heads"]) == {"rating", "general", "character", "copyright"}
 
     # The same predictions, counted by hand.
     ds = run_dataset(run_copy, None)
-    probs, targets, _ = predict_split(load_run_model(run_copy, 2), ds, EvalConfig(str(run_copy), workers=0))
+    model = load_tagger(read_config(run_copy)["model"], weights_path(run_copy, 2))
+    preds = predict_split(model, ds, "val", torch.device("cpu"), PredictOptions(workers=0))
+    probs, targets = preds.probs, preds.targets
     assert len(targets["general"]) == ds.samples("val") == metrics["heads"]["general"]["images"]
     for head in ("general", "character"):
         got, p, t = metrics["heads"][head], probs[head], targets[head]
@@ -70,12 +76,18 @@ def test_evaluate_writes_its_files_and_its_figures_are_right(run_copy):
         assert got["positives"] == int(t.sum())
         # The threshold where precision equals recall: as many predicted as labelled, give or take ties.
         at = direct(p, t, got["threshold_p_eq_r"])
-        assert got["precision_at_p_eq_r"] == pytest.approx(at["micro_precision"])
-        assert got["recall_at_p_eq_r"] == pytest.approx(at["micro_recall"])
-        assert abs(at["micro_precision"] - at["micro_recall"]) < 0.05
+        assert got["precision_at_p_eq_r"] == pytest.approx(at["precision"])
+        assert got["recall_at_p_eq_r"] == pytest.approx(at["recall"])
+        assert abs(at["precision"] - at["recall"]) < 0.05
         # The calibrated threshold maximises micro F1 over every threshold a score offers (to the 1e-4 grid).
-        best = max(direct(p, t, v)["micro_f1"] for v in np.unique(p[t > 0.5]))
-        assert got["micro_f1"] >= best - 0.01
+        best = max(direct(p, t, v)["f1"] for v in np.unique(p[t > 0.5]))
+        assert got["f1"] >= best - 0.01
+        # The figures training writes into metrics.csv, by the same names.
+        assert got["accuracy"] == pytest.approx(((p >= got["threshold"]) == (t > 0.5)).mean())
+        eps = 1e-7
+        q = np.clip(p.astype(np.float64), eps, 1 - eps)
+        if head == "general":
+            assert got["loss"] == pytest.approx(-(t * np.log(q) + (1 - t) * np.log(1 - q)).mean())
     rating = metrics["heads"]["rating"]
     known = targets["rating"] >= 0
     assert rating["accuracy"] == pytest.approx((probs["rating"][known].argmax(1) == targets["rating"][known]).mean())
@@ -102,8 +114,8 @@ def test_evaluate_writes_its_files_and_its_figures_are_right(run_copy):
 
 def test_per_tag_thresholds(run_copy):
     report = evaluate_run(EvalConfig(str(run_copy), epoch="last", per_tag=True, workers=0))
-    thresholds = json.loads((Path(report["out"]) / "thresholds.json").read_text())
-    with open(Path(report["out"]) / "per_tag.csv", newline="") as f:
+    thresholds = json.loads((Path(report.out) / "thresholds.json").read_text())
+    with open(Path(report.out) / "per_tag.csv", newline="") as f:
         rows = {(r["head"], r["tag"]): r for r in csv.DictReader(f)}
     labelled = {tag for (head, tag), r in rows.items() if head != "rating" and int(r["support"]) > 0}
     assert set(thresholds["tags"]) == labelled  # one per tag with a positive; the rest keep their head's
@@ -121,7 +133,7 @@ def test_epochs_best_last_and_numbers(run_copy):
     best = json.loads((run_copy / "best.json").read_text())
     (run_copy / "best.json").write_text(json.dumps({**best, "best_epoch": 1}))
     assert resolve_epoch(run_copy, "best") == 1 and resolve_epoch(run_copy, "last") == 2
-    assert evaluate_run(EvalConfig(str(run_copy), workers=0))["epoch"] == 1
+    assert evaluate_run(EvalConfig(str(run_copy), workers=0)).epoch == 1
     assert (eval_dir(run_copy, 1) / "metrics.json").exists()
     with pytest.raises(UserError, match="no checkpoint for epoch 7; there are 1, 2"):
         resolve_epoch(run_copy, "7")
@@ -168,7 +180,7 @@ def test_the_evaluate_command(run_copy, tmp_path):
     assert header == ["head", "P", "R", "F1", "macroF1", "mAP", "thr", "P=R@", "top1", "acc"]
     rows = {line.split()[0]: line.split()[1:] for line in lines if line.split()[:1] in (["general"], ["character"])}
     figures = report["heads"]["general"]
-    assert rows["general"][:3] == [f"{figures[k]:.3f}" for k in ("micro_precision", "micro_recall", "micro_f1")]
-    assert len(rows["character"]) == 8  # every figure but the rating's accuracy, none cut short
+    assert rows["general"][:3] == [f"{figures[k]:.3f}" for k in ("precision", "recall", "f1")]
+    assert len(rows["character"]) == 9  # every figure, none cut short
     r = subprocess.run([*I2V, "evaluate", str(run_copy), "--epoch", "9"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == f"error: {run_copy}: no checkpoint for epoch 9; there are 1, 2"

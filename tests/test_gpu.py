@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from illust2vec.train.checkpoints import load_run_model, resolve_epoch
+from illust2vec.formats.run import read_config, resolve_epoch, weights_path
+from illust2vec.models import load_tagger
 
 pytestmark = pytest.mark.gpu
 
@@ -51,7 +52,7 @@ def test_training_on_cuda_uses_bf16_and_channels_last_and_learns(cuda_run):
 
 
 def test_a_cuda_run_loads_on_the_cpu_and_agrees_with_the_gpu(cuda_run, synth_build):
-    model = load_run_model(cuda_run, resolve_epoch(cuda_run, "last")).eval()
+    model = load_tagger(read_config(cuda_run)["model"], weights_path(cuda_run, resolve_epoch(cuda_run, "last")))
     x = torch.randint(0, 256, (4, 3, model.cfg.image_size, model.cfg.image_size), dtype=torch.uint8)
     with torch.no_grad():
         cpu = {k: v.float() for k, v in model(x).items()}

@@ -264,13 +264,11 @@ def train(
     prior_init: bool = typer.Option(True, help="Start each head's bias at its tags' training frequency."),
 ) -> None:
     """Train a tagger on built shards; checkpoints and curves every epoch. Under torchrun, with DDP."""
-    from .train.loop import TrainConfig, fit
+    from .train.config import TrainConfig
+    from .train.loop import fit
     from .train.losses import LossConfig
 
-    if loss not in ("bce", "asl"):
-        raise UserError(f"--loss must be bce or asl, not {loss!r}")
-    if amp not in ("auto", "bf16", "fp16", "off"):
-        raise UserError(f"--amp must be auto, bf16, fp16 or off, not {amp!r}")
+    model = {k: v for k, v in (("freeze", freeze), ("global_pool", global_pool)) if v is not None}
     cfg = TrainConfig(
         data=str(data),
         out=str(out),
@@ -286,15 +284,14 @@ def train(
         amp=amp,
         device=device,
         pretrained=pretrained,
-        freeze=freeze,
-        global_pool=global_pool,
+        model=model,
         rating_head=rating_head,
         softmax=tuple(s.strip() for s in softmax.split(",") if s.strip()) if softmax is not None else None,
         loss=LossConfig(kind=loss, frequency_weighting=frequency_weighting, exclusivity=exclusivity),
         prior_init=prior_init,
     )
     summary = fit(cfg, resume=resume, console=err)
-    err.print(f"best epoch {summary['best_epoch']} by {summary['select_by']} = {summary['best']:.4f}", highlight=False)
+    err.print(f"best epoch {summary.best_epoch} by {summary.select_by} = {summary.best:.4f}", highlight=False)
 
 
 @app.command()
@@ -314,17 +311,17 @@ def evaluate(
     from .evaluate import EvalConfig, evaluate_run
 
     cfg = EvalConfig(
-        str(run),
-        epoch,
-        str(data) if data else None,
-        split,
-        per_tag,
-        mode,
+        run=str(run),
+        epoch=epoch,
+        data=str(data) if data else None,
+        split=split,
+        per_tag=per_tag,
+        mode=mode,
         batch_size=batch_size,
         workers=workers,
         device=device,
     )
-    report = evaluate_run(cfg, console=err)
+    report = evaluate_run(cfg, console=err).as_dict()
     if json_out:
         print(json.dumps(report, indent=1))
     _print_report(report)
@@ -343,7 +340,7 @@ def _print_report(report: dict) -> None:
     table.add_column("head", no_wrap=True)
     for c in columns:
         table.add_column(c, justify="right", no_wrap=True)
-    keys = {"P": "micro_precision", "R": "micro_recall", "F1": "micro_f1", "macroF1": "macro_f1", "thr": "threshold"}
+    keys = {"P": "precision", "R": "recall", "F1": "f1", "macroF1": "macro_f1", "thr": "threshold"}
     keys |= {"P=R@": "threshold_p_eq_r", "acc": "accuracy"}
     for head, r in report["heads"].items():
         cells = [r.get(keys.get(c, c)) for c in columns]

@@ -29,7 +29,8 @@ from .search.similar import build_index, search_hits
 from .synth.board import Board
 from .synth.cast import SynthConfig
 from .synth.server import start_board
-from .train.loop import TrainConfig, fit
+from .train.config import TrainConfig
+from .train.loop import fit
 
 log = logging.getLogger(__name__)
 
@@ -152,17 +153,17 @@ def _train(cfg: DemoConfig, clock: _Clock) -> Path:
     clock.console.print(f"[bold]train[/] i2v_small for {cfg.epochs} epochs on the CPU")
     run = cfg.out / "run"
     trained = fit(TrainConfig(data=str(cfg.out / "dataset"), out=str(run), epochs=cfg.epochs), console=clock.console)
-    clock.done("train", epochs=cfg.epochs, **{"best epoch": trained["best_epoch"], "by": trained["select_by"]})
+    clock.done("train", epochs=cfg.epochs, **{"best epoch": trained.best_epoch, "by": trained.select_by})
     return run
 
 
 def _evaluate(cfg: DemoConfig, run: Path, clock: _Clock) -> dict:
     """5: evaluate the best epoch; returns the metrics per head."""
     report = evaluate_run(EvalConfig(str(run), "best", workers=cfg.workers), console=clock.console)
-    heads = report["heads"]
+    heads = report.heads
     clock.done(
         "evaluate",
-        epoch=report["epoch"],
+        epoch=report.epoch,
         **{f"{h} mAP": round(r["mAP"], 3) for h, r in heads.items() if r.get("mAP") is not None},
         **{"character top-1": round(heads.get("character", {}).get("top1") or 0.0, 3)},
     )

@@ -83,9 +83,9 @@ def _fmt(v: float | None) -> str:
 
 METRIC_COLUMNS = (
     ("mAP", "mAP"),
-    ("micro_f1", "F1"),
-    ("micro_precision", "precision"),
-    ("micro_recall", "recall"),
+    ("f1", "F1"),
+    ("precision", "precision"),
+    ("recall", "recall"),
     ("threshold", "threshold"),
     ("threshold_p_eq_r", "P = R at"),
     ("top1", "top-1"),

@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 
-from illust2vec.train.metrics import (
+from illust2vec.evaluation.metrics import (
     accuracy,
     average_precision,
     calibrate_thresholds,
+    contradiction_rate,
+    has_top_k,
     head_metrics,
     mean_average_precision,
     per_tag_ap,
@@ -156,16 +158,61 @@ def test_grid_thresholds_are_exact_at_grid_scores(k):
 
 def test_head_metrics_names():
     sigmoid = dict(head_metrics("general", SCORES, TARGETS, "sigmoid"))
-    assert list(sigmoid) == [f"general/{k}" for k in ("accuracy", "precision", "recall", "f1", "macro_f1", "mAP")]
-    assert sigmoid["general/f1"] == pytest.approx(8 / 11)
+    names = ["loss", "accuracy", "precision", "recall", "f1", "macro_precision", "macro_recall", "macro_f1", "mAP"]
+    names += ["threshold", "threshold_p_eq_r", "precision_at_p_eq_r", "recall_at_p_eq_r", "images", "positives"]
+    assert list(sigmoid) == [f"general/{k}" for k in names]  # no top-k: a sigmoid head of many tags per image
+    assert sigmoid["general/precision"] == pytest.approx(4 / 6) and sigmoid["general/recall"] == pytest.approx(4 / 5)
+    assert sigmoid["general/f1"] == pytest.approx(8 / 11) and sigmoid["general/macro_f1"] == pytest.approx(13 / 18)
+    assert sigmoid["general/accuracy"] == pytest.approx(9 / 12) and sigmoid["general/threshold"] == 0.5
+    assert sigmoid["general/images"] == 4 and sigmoid["general/positives"] == 5
+    # BCE over the 12 entries, by hand.
+    p = np.clip(SCORES, 1e-7, 1 - 1e-7)
+    bce = -(TARGETS * np.log(p) + (1 - TARGETS) * np.log(1 - p)).mean()
+    assert sigmoid["general/loss"] == pytest.approx(bce)
     softmax = dict(head_metrics("character", SOFT, SOFT_TARGETS, "softmax"))
     assert softmax["character/top1"] == pytest.approx(1 / 3) and softmax["character/top5"] == pytest.approx(2 / 3)
     assert "character/mAP" in softmax
 
 
+def test_top_k_is_decided_once_by_activation_or_head():
+    assert has_top_k("general", "softmax") and has_top_k("character", "sigmoid") and has_top_k("artist", "sigmoid")
+    assert not has_top_k("general", "sigmoid")
+    # A sigmoid character head quotes top-1 too; at 0.5 the same scores give the thresholded figures as well.
+    named = dict(head_metrics("character", SOFT, SOFT_TARGETS, "sigmoid"))
+    assert named["character/top1"] == pytest.approx(1 / 3) and named["character/top5"] == pytest.approx(2 / 3)
+
+
+def test_precision_equals_recall_figures():
+    named = dict(head_metrics("general", COLUMN[:, None], COLUMN_TARGETS[:, None], "sigmoid", threshold=0.35))
+    assert named["general/threshold_p_eq_r"] == pytest.approx(0.65, abs=1e-4)
+    assert named["general/precision_at_p_eq_r"] == pytest.approx(0.75) == named["general/recall_at_p_eq_r"]
+    assert named["general/f1"] == pytest.approx(0.8) and named["general/threshold"] == 0.35
+    empty = dict(head_metrics("general", COLUMN[:, None], np.zeros((10, 1)), "sigmoid"))
+    assert np.isnan(empty["general/threshold_p_eq_r"]) and np.isnan(empty["general/precision_at_p_eq_r"])
+
+
 def test_head_metrics_rating_from_indices():
     scores = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.2, 0.6, 0.1], [0.9, 0.05, 0.03, 0.02], [0.4, 0.5, 0.05, 0.05]])
     # Right, right, unknown, wrong.
-    assert list(head_metrics("rating", scores, np.array([0, 2, -1, 0]), "softmax")) == [
-        ("rating/accuracy", pytest.approx(2 / 3))
-    ]
+    named = dict(head_metrics("rating", scores, np.array([0, 2, -1, 0]), "softmax"))
+    assert list(named) == ["rating/loss", "rating/accuracy", "rating/images"]
+    assert named["rating/accuracy"] == pytest.approx(2 / 3) and named["rating/images"] == 3
+    assert named["rating/loss"] == pytest.approx(-(np.log(0.7) + np.log(0.6) + np.log(0.4)) / 3)
+
+
+def test_contradiction_rate_counts_single_character_images_with_an_exclusive_pair_predicted():
+    # Tags 0 and 1 exclude each other (two hair colours); tag 2 goes with anything.
+    pairs = np.zeros((3, 3), bool)
+    pairs[0, 1] = pairs[1, 0] = True
+    probs = np.array(
+        [
+            [0.9, 0.8, 0.1],  # both hair colours: a contradiction
+            [0.9, 0.2, 0.9],  # one hair colour and an unrelated tag: fine
+            [0.9, 0.6, 0.0],  # both, on a two-character image: not counted
+            [0.4, 0.6, 0.9],  # one (the other under the threshold): fine
+        ]
+    )
+    single = np.array([True, True, False, True])
+    assert contradiction_rate(probs, single, pairs, 0.5) == pytest.approx(1 / 3)
+    assert contradiction_rate(probs, single, pairs, 0.85) == 0.0
+    assert np.isnan(contradiction_rate(probs, np.zeros(4, bool), pairs, 0.5))

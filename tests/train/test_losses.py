@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from illust2vec.errors import UserError
 from illust2vec.train.losses import (
     LossConfig,
     asl_loss,
@@ -223,8 +224,10 @@ def test_multitask_gradients_reach_every_head():
 
 
 def test_config_and_inputs_are_checked():
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(UserError, match="loss must be one of bce, asl, not 'focal'"):
         LossConfig(kind="focal")
+    with pytest.raises(UserError, match="loss exclusivity must not be negative"):
+        LossConfig(exclusivity=-1)
     logits, targets, activations = _batch()
     with pytest.raises(ValueError, match="weights"):
         multitask_loss(logits, targets, activations, LossConfig(frequency_weighting=True))

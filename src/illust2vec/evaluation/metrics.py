@@ -1,4 +1,9 @@
-"""Tagging metrics on numpy arrays (precision, recall, F1, AP, top-k, thresholds) and a per-head evaluator."""
+"""Tagging metrics on numpy arrays (precision, recall, F1, AP, top-k, thresholds, loss, contradictions), and the
+one naming of them: `head_metrics` yields ("general/mAP", 0.61), ("character/top1", 0.8), ...
+
+Training's validation (metrics.csv, prefixed "val/") and `i2v evaluate` (metrics.json, grouped by head) both name
+their figures here.
+"""
 
 from __future__ import annotations
 
@@ -255,12 +260,55 @@ def threshold_at_precision_equals_recall(scores, targets) -> float:
     return calibrate_thresholds(scores, targets, mode="pr_equal")
 
 
+# Heads whose top-1 is quoted even when they are sigmoid: an image has one character, copyright or artist in the
+# common case, and "is the best guess right" is the figure people ask for.
+TOP_K_HEADS = ("character", "copyright", "artist")
+
+
+def has_top_k(head: str, activation: str) -> bool:
+    """The one top-1 rule: softmax heads and the character, copyright and artist heads get top1 and top5."""
+    return activation == "softmax" or head in TOP_K_HEADS
+
+
+def head_loss(scores, targets, activation: str) -> float:
+    """A head's loss from probabilities: cross-entropy for softmax heads and class indices (rating: -1 unknown is
+    left out), binary cross-entropy for sigmoid heads; NaN with nothing to count."""
+    eps = 1e-7
+    p = np.asarray(scores, dtype=np.float64)
+    t = np.asarray(targets)
+    if t.ndim == 1:
+        keep = t >= 0
+        return float(-np.log(np.clip(p[keep, t[keep]], eps, 1)).mean()) if keep.any() else float("nan")
+    if activation == "softmax":
+        rows = t.sum(1) > 0
+        if not rows.any():
+            return float("nan")
+        q = t[rows] / t[rows].sum(1, keepdims=True)
+        return float(-(q * np.log(np.clip(p[rows], eps, 1))).sum(1).mean())
+    if not p.size:
+        return float("nan")
+    p = np.clip(p, eps, 1 - eps)
+    return float(-(t * np.log(p) + (1 - t) * np.log(1 - p)).mean())
+
+
+def contradiction_rate(probs: np.ndarray, single: np.ndarray, pairs: np.ndarray, threshold: float) -> float:
+    """Fraction of single-character images on which two mutually exclusive general tags (two hair colours, two eye
+    colours: pairs never seen together in training) are both predicted at `threshold`; NaN without such images."""
+    pred = (probs[single] >= threshold).astype(np.float32)
+    if not len(pred):
+        return float("nan")
+    both = (pred @ pairs.astype(np.float32)) * pred  # > 0 where a predicted tag has a predicted exclusive partner
+    return float((both.sum(axis=1) > 0).mean())
+
+
 def head_metrics(head: str, scores, targets, activation: str, threshold: float = 0.5) -> Iterator[tuple[str, float]]:
     """Named metrics of one head, big_vision style: ``("general/mAP", 0.61)``, ``("character/top1", 0.8)``.
 
-    Multi-label heads yield accuracy, micro precision, recall and F1, macro F1 and mAP at `threshold`; softmax
-    heads also top1 and top5. A head whose targets are class indices ([rows] integers, -1 unknown, like rating)
-    yields only ``accuracy``: top-1 over the rows with a known class. Losses come from the training loop.
+    Multi-label targets ([rows, tags] 0/1) yield, in this order: loss; accuracy (of every row-tag entry), precision,
+    recall and F1 (micro), macro precision, recall and F1, at `threshold`; mAP; the threshold; the threshold where
+    micro precision equals recall and the precision and recall there; top1 and top5 where `has_top_k`; the number
+    of images and of positives. Class-index targets ([rows] integers, -1 unknown, like rating) yield loss, accuracy
+    (top-1 over the rows with a known class) and images.
 
     Args:
         head: the head's name, the metrics' prefix.
@@ -273,19 +321,31 @@ def head_metrics(head: str, scores, targets, activation: str, threshold: float =
         raise ValueError(f"activation must be one of {ACTIVATIONS}, not {activation!r}")
     s = np.asarray(scores)
     t = np.asarray(targets)
+    yield f"{head}/loss", head_loss(s, t, activation)
     if t.ndim == 1:
         one_hot = np.zeros(s.shape, dtype=bool)
         known = t >= 0
         one_hot[np.flatnonzero(known), t[known].astype(np.int64)] = True
         yield f"{head}/accuracy", topk_accuracy(s, one_hot, 1)
+        yield f"{head}/images", int(known.sum())
         return
     prf = precision_recall_f1(s, t, threshold)
     yield f"{head}/accuracy", accuracy(s, t, threshold)
     yield f"{head}/precision", prf["micro_precision"]
     yield f"{head}/recall", prf["micro_recall"]
     yield f"{head}/f1", prf["micro_f1"]
+    yield f"{head}/macro_precision", prf["macro_precision"]
+    yield f"{head}/macro_recall", prf["macro_recall"]
     yield f"{head}/macro_f1", prf["macro_f1"]
     yield f"{head}/mAP", mean_average_precision(s, t)
-    if activation == "softmax":
+    yield f"{head}/threshold", float(threshold)
+    pr = threshold_at_precision_equals_recall(s, t)
+    at = precision_recall_f1(s, t, pr) if np.isfinite(pr) else {}
+    yield f"{head}/threshold_p_eq_r", pr
+    yield f"{head}/precision_at_p_eq_r", at.get("micro_precision", np.nan)
+    yield f"{head}/recall_at_p_eq_r", at.get("micro_recall", np.nan)
+    if has_top_k(head, activation):
         yield f"{head}/top1", topk_accuracy(s, t, 1)
         yield f"{head}/top5", topk_accuracy(s, t, 5)
+    yield f"{head}/images", int(len(t))
+    yield f"{head}/positives", int((t > 0.5).sum())

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UserError
+
 KINDS = ("bce", "asl")
 ACTIVATIONS = ("sigmoid", "softmax")
 
@@ -27,12 +29,15 @@ class LossConfig:
     head_weights: tuple[tuple[str, float], ...] = ()  # per-head loss weights; a head not named weighs 1
 
     def __post_init__(self):
+        # JSON brings head_weights back as lists; the config keeps tuples, so that it compares equal to the saved one.
+        object.__setattr__(self, "head_weights", tuple((str(h), float(w)) for h, w in self.head_weights))
         if self.kind not in KINDS:
-            raise ValueError(f"loss kind must be one of {KINDS}, not {self.kind!r}")
+            raise UserError(f"loss must be one of {', '.join(KINDS)}, not {self.kind!r}")
         if not 0.0 <= self.asl_clip < 1.0:
-            raise ValueError(f"asl_clip must be in [0, 1), not {self.asl_clip}")
-        if min(self.asl_gamma_neg, self.asl_gamma_pos, self.frequency_alpha, self.exclusivity) < 0:
-            raise ValueError("ASL gammas, frequency_alpha and exclusivity must not be negative")
+            raise UserError(f"loss asl_clip must be in [0, 1), not {self.asl_clip}")
+        for name in ("asl_gamma_neg", "asl_gamma_pos", "frequency_alpha", "exclusivity"):
+            if getattr(self, name) < 0:
+                raise UserError(f"loss {name} must not be negative, not {getattr(self, name)}")
 
 
 def bce_loss(logits: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:

@@ -1,0 +1,135 @@
+"""`TrainConfig`: everything that decides a training run, checked when it is made, saved as the run's config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import UserError
+from ..formats.categories import HEAD_ORDER
+from ..models.tagger import TaggerConfig
+from ..util.cores import cores
+from .losses import LossConfig
+
+AMP = ("auto", "bf16", "fp16", "off")
+SWITCH = ("auto", "on", "off")
+DEVICES = ("auto", "cuda", "cpu")
+# TaggerConfig fields a run does not override: the preset or timm name gives the backbone, the dataset the image
+# size, and the vocabulary (with `softmax` and `rating_head`) the heads.
+NOT_OVERRIDDEN = ("name", "backbone", "heads", "image_size")
+# Fields that config.json's "train" held before TaggerConfig overrides moved into `model`.
+_OLD_MODEL_FIELDS = ("freeze", "global_pool")
+
+
+def default_workers() -> int:
+    """Loader processes: every core but one, which the training step needs for itself (at most 8). On 2 cores,
+    one worker keeps the model fed at 0.95 of in-memory speed where two gave 0.85 (`python -m bench train`)."""
+    return max(1, min(8, cores() - 1))
+
+
+def model_override_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TaggerConfig) if f.name not in NOT_OVERRIDDEN)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; saved as the run's config.json."""
+
+    data: str
+    out: str
+    arch: str = "i2v_small"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.2  # epochs of linear warm-up before the cosine decay
+    min_lr_ratio: float = 0.02  # the cosine ends at lr * min_lr_ratio
+    clip_grad: float = 1.0  # max gradient norm; 0 turns clipping off
+    workers: int = field(default_factory=lambda: default_workers())  # loader processes: one core is the model's
+    seed: int = 0
+    select_by: str = "general/mAP"  # the validation metric that picks the best epoch (higher is better; loss: lower)
+    threshold: float = 0.5  # for precision, recall and F1 during training; `i2v evaluate` calibrates its own
+    amp: str = "auto"  # auto: bf16 on a GPU, off on the CPU; or bf16, fp16, off
+    channels_last: str = "auto"  # auto: on a GPU
+    pretrained: bool = False
+    # TaggerConfig fields that replace the preset's: freeze (the seed freezes through block4_conv1), global_pool
+    # (timm's pooling: "avg", "max", "catavgmax", ...), drop_rate, head_hidden, mean, std. {}: the preset's own.
+    model: Mapping[str, Any] = field(default_factory=dict)
+    softmax: tuple[str, ...] | None = None  # heads with softmax; None keeps the preset's
+    rating_head: bool | None = None  # None keeps the preset's (all but the seed's have one)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sync_bn: bool = True  # SyncBatchNorm across processes under DDP
+    device: str = "auto"
+    max_steps_per_epoch: int | None = None  # cut epochs short (tests, benchmarks)
+    prior_init: bool = True  # start each head's output bias at its tags' frequency in the training split
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", dict(self.model))
+        if self.softmax is not None:
+            object.__setattr__(self, "softmax", tuple(self.softmax))
+        if isinstance(self.loss, Mapping):  # from JSON
+            try:
+                object.__setattr__(self, "loss", LossConfig(**self.loss))
+            except TypeError as e:
+                raise UserError(f"loss: {e}") from None
+        _check(self)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """The config `to_json` wrote, also the shape runs wrote before `model` held the TaggerConfig overrides
+        (freeze and global_pool beside the other fields)."""
+        d = dict(d)
+        model = dict(d.pop("model", {}))
+        for name in _OLD_MODEL_FIELDS:
+            if name in d:
+                value = d.pop(name)
+                if value is not None:
+                    model[name] = value
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UserError(f"config.json: unknown training settings {', '.join(unknown)}")
+        return cls(**d, model=model)
+
+    @property
+    def select_key(self) -> str:
+        return self.select_by if self.select_by.startswith("val/") else f"val/{self.select_by}"
+
+
+def _check(cfg: TrainConfig) -> None:
+    """One line naming the field, for the first setting that cannot work."""
+    for name in ("data", "out", "arch", "select_by"):
+        if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
+            raise UserError(f"{name} must be a non-empty string, not {getattr(cfg, name)!r}")
+    for name, allowed in (("amp", AMP), ("channels_last", SWITCH), ("device", DEVICES)):
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
+    for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("seed", 0)):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"{name} must be an integer of at least {low}, not {value!r}")
+    if cfg.max_steps_per_epoch is not None and (
+        not isinstance(cfg.max_steps_per_epoch, int) or cfg.max_steps_per_epoch < 1
+    ):
+        raise UserError(f"max_steps_per_epoch must be at least 1 (or None), not {cfg.max_steps_per_epoch!r}")
+    for name in ("lr", "weight_decay", "warmup", "clip_grad"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise UserError(f"{name} must be a number of at least 0, not {value!r}")
+    for name in ("min_lr_ratio", "threshold"):
+        if not isinstance(getattr(cfg, name), int | float) or not 0 <= getattr(cfg, name) <= 1:
+            raise UserError(f"{name} must be in [0, 1], not {getattr(cfg, name)!r}")
+    allowed = model_override_fields()
+    unknown = sorted(set(cfg.model) - set(allowed))
+    if unknown:
+        raise UserError(f"model overrides {', '.join(unknown)} are not among {', '.join(allowed)}")
+    wrong = sorted(set(cfg.softmax or ()) - set(HEAD_ORDER))
+    if wrong:
+        raise UserError(f"softmax: unknown heads {', '.join(wrong)}; heads are {', '.join(HEAD_ORDER)}")
+    if not isinstance(cfg.loss, LossConfig):
+        raise UserError(f"loss must be a LossConfig, not {type(cfg.loss).__name__}")
