@@ -18,12 +18,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from ..errors import UserError, is_disk_full
 from ..util.cores import cores
 from ..util.images import Stored
+from ..util.progress import progress_bar
 from ..util.shard import check_shard
 from .client import USER_AGENT, Client, ClientConfig
 from .fetcher import Failed, fetch, skip
@@ -379,14 +380,7 @@ def crawl(cfg: CrawlConfig, auth: Auth | None = None, console: Console | None = 
     try:
         (cfg.out / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=1))
         recover(cfg.out, state)
-        columns = [
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-        ]
-        with Progress(*columns, console=console, transient=False) as progress:
+        with progress_bar(console) as progress:
             run = _Run(cfg, state, auth, progress)
             try:
                 asyncio.run(run.run())

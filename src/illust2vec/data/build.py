@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import UserError, is_disk_full
 from ..formats.dataset import (
@@ -38,6 +37,7 @@ from ..formats.shards import Member, ShardWriter, index_shard, read_member
 from ..formats.vocab import Vocab, read_aliases, read_vocab
 from ..util.cores import cores
 from ..util.images import BadImage, load_for_input, pad_resize
+from ..util.progress import progress_bar
 from .vocab import apply_aliases
 
 log = logging.getLogger(__name__)
@@ -301,11 +301,7 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildSummary:
         old.unlink(missing_ok=True)  # a rebuild replaces the previous build wholly
     shutil.copyfile(cfg.vocab, cfg.out / VOCAB)
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}")]
-    with (
-        contextlib.closing(encode(cfg, tasks)) as encoded,
-        Progress(*columns, TimeElapsedColumn(), console=console) as progress,
-    ):
+    with contextlib.closing(encode(cfg, tasks)) as encoded, progress_bar(console) as progress:
         bar = progress.add_task("building shards", total=len(tasks), info="")
 
         def advance(n: int) -> None:

@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from ..errors import UserError
 from ..util.cores import cores
 from ..util.images import DRAFT_INFO, BadImage
+from ..util.progress import progress_bar as util_progress_bar
 from ..util.shard import check_shard
 from .preprocess import ImageLike, prepare, read_image
 from .tagger import BACKENDS
@@ -240,16 +241,7 @@ def read_ahead(items: Sequence[Item], work, pool: ThreadPoolExecutor, ahead: int
 
 def progress_bar(console: Console, label: str) -> Progress:
     """The bar of a batch job over images: count, images/s, time left."""
-    return Progress(
-        TextColumn(label),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.1f} images/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
+    return util_progress_bar(console, label, "{task.fields[rate]:.1f} images/s", eta=True)
 
 
 # ---- the engine
