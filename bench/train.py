@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         held = list(real())
         results = []
         for arch in ["i2v_small", "i2v_vgg16", *(["i2v_convnext_base"] if args.gpu else [])]:
-            heads = model_heads(TrainConfig(data="", out="", arch=arch), sizes)
+            heads = model_heads(TrainConfig(data=str(ds.root), out=str(Path(tmp) / "run"), arch=arch), sizes)
             size = 448 if arch == "i2v_convnext_base" else 256 if arch == "i2v_vgg16" else args.size
             model = create_tagger(arch, heads=heads, image_size=size).to(device)
             cl = args.gpu
