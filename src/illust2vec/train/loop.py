@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from ..errors import UserError
 from ..evaluation.evaluator import Predictions, PredictOptions, compute_metrics, predict_split
 from ..formats import run as run_dir
 from ..formats.loader import LoaderConfig, make_loader
+from ..util.progress import progress_bar
 from . import distributed
 from .config import TrainConfig
 from .logbook import Logbook
@@ -67,7 +68,7 @@ def train_epochs(state: TrainState, ctx: Context) -> TrainSummary:
     cfg, main = ctx.cfg, ctx.dist.main
     book = Logbook(ctx.run, ctx.console, enabled=main, title=f"{cfg.arch} on {ctx.ds.root.name}")
     book.start(run_config(ctx, state.model), ctx.ds.root / ctx.ds.info.vocab)
-    with Progress(*_columns(), console=ctx.console, disable=not main) as progress:
+    with progress_bar(ctx.console, disable=not main) as progress:
         while state.epoch < cfg.epochs:
             t0 = time.perf_counter()
             # Each epoch's randomness comes from the seed and the epoch alone: a resumed run repeats it exactly.
@@ -89,16 +90,6 @@ def train_epochs(state: TrainState, ctx: Context) -> TrainSummary:
     summary = TrainSummary(str(ctx.run), state.best_epoch, cfg.select_key, state.best, state.epoch, last)
     book.finish(summary.as_dict())
     return summary
-
-
-def _columns() -> tuple:
-    return (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-    )
 
 
 def _better(cfg: TrainConfig, value: float, best: float | None) -> bool:
