@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -32,6 +33,25 @@ fakebooru = typer.Typer(
 )
 app.add_typer(fakebooru, name="fakebooru")
 err = Console(stderr=True)
+
+
+# ---- options several commands share: one definition each (typer reads a fresh OptionInfo per parameter)
+
+
+def device_option(note: str = "") -> Any:
+    return typer.Option("auto", help=f"auto (cuda when present), cpu or cuda[:N]{note}.")
+
+
+def backend_option(note: str = "") -> Any:
+    return typer.Option("auto", help=f"auto (ONNX on the CPU when the bundle has it), torch or onnx{note}.")
+
+
+def shard_option(what: str) -> Any:
+    return typer.Option("0/1", help=f"Take part I of N of the {what} (0 <= I < N), for job arrays.")
+
+
+def workers_option(help: str, default: int | None = None, minimum: int = 1) -> Any:
+    return typer.Option(default, min=minimum, help=help)
 
 
 @app.callback()
@@ -74,8 +94,6 @@ def fakebooru_serve(
     from .synth.faults import Faults
     from .synth.server import serve_board
 
-    if min_size > max_size:
-        raise UserError(f"--min-size {min_size} is larger than --max-size {max_size}")
     cfg = SynthConfig(
         posts=posts,
         seed=seed,
@@ -103,7 +121,7 @@ def crawl(
     site: str = typer.Option("danbooru", help="danbooru, moebooru (yande.re, konachan) or gelbooru."),
     tags: str = typer.Option("", help="Search query that every post must match (the board's syntax)."),
     ids: str = typer.Option(None, help="Only posts with ids A..B (both ends included)."),
-    shard: str = typer.Option("0/1", help="Take part I of N of the id range (0 <= I < N), for job arrays."),
+    shard: str = shard_option("id range"),
     limit: int = typer.Option(None, min=1, help="List at most this many posts (newest first)."),
     concurrency: int = typer.Option(16, min=1, help="Downloads in flight."),
     api_rate: float = typer.Option(None, min=0.01, help="API requests per second (default: the site's)."),
@@ -208,7 +226,7 @@ def build_shards(
     test_fraction: float = typer.Option(0.05, min=0.0, max=0.9, help="Share of posts held out for the final test."),
     format: str = typer.Option("jpg", help="Image format in the shards: jpg, webp or png."),
     quality: int = typer.Option(95, min=1, max=100, help="JPEG/WebP quality."),
-    workers: int = typer.Option(None, min=1, help="Decoding processes (default: one per core)."),
+    workers: int = workers_option("Decoding processes (default: one per core)."),
     shard_size: int = typer.Option(1000, min=1, help="Samples per shard."),
     aliases: Path = typer.Option(None, help="Old tag name -> new CSV, as given to `i2v vocab`."),
 ) -> None:
@@ -245,7 +263,7 @@ def train(
     lr: float = typer.Option(3e-3, min=0.0),
     weight_decay: float = typer.Option(0.05, min=0.0),
     warmup: float = typer.Option(0.2, min=0.0, help="Epochs of linear warm-up."),
-    workers: int = typer.Option(None, min=0, help="Data loader processes (default: cores - 1, at most 8)."),
+    workers: int = workers_option("Data loader processes (default: cores - 1, at most 8).", minimum=0),
     seed: int = typer.Option(0),
     select_by: str = typer.Option("general/mAP", help="Validation metric that picks the best epoch."),
     loss: str = typer.Option("bce", help="bce or asl, for the sigmoid heads."),
@@ -259,7 +277,7 @@ def train(
     ),
     pretrained: bool = typer.Option(False, help="Start from ImageNet weights (downloads them through timm)."),
     amp: str = typer.Option("auto", help="auto (bf16 on a GPU), bf16, fp16 or off."),
-    device: str = typer.Option("auto", help="auto, cuda or cpu."),
+    device: str = device_option(),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     prior_init: bool = typer.Option(True, help="Start each head's bias at its tags' training frequency."),
 ) -> None:
@@ -303,8 +321,8 @@ def evaluate(
     per_tag: bool = typer.Option(False, help="Also calibrate one threshold per tag."),
     mode: str = typer.Option("f1", help="Thresholds that maximise F1 (f1) or make precision equal recall (pr_equal)."),
     batch_size: int = typer.Option(64, min=1),
-    workers: int = typer.Option(2, min=0),
-    device: str = typer.Option("auto", help="auto, cuda or cpu."),
+    workers: int = workers_option("Data loader processes.", 2, minimum=0),
+    device: str = device_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Per-category metrics of one epoch on held-out images; writes metrics.json, per_tag.csv, thresholds.json."""
@@ -356,8 +374,8 @@ def export_bundle(
     epoch: str = typer.Option("best", help="An epoch number, best or last."),
     onnx: bool = typer.Option(False, "--onnx", help="Also write model.onnx in the WD taggers' convention."),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle in --out."),
-    workers: int = typer.Option(2, min=0),
-    device: str = typer.Option("auto", help="auto, cuda or cpu (for the calibration pass)."),
+    workers: int = workers_option("Data loader processes.", 2, minimum=0),
+    device: str = device_option(", for the calibration pass"),
 ) -> None:
     """Write a model bundle (weights, config, labels, thresholds; optionally ONNX) from one epoch of a run."""
     from .export import ExportConfig, export
@@ -405,10 +423,10 @@ def tag(
     escape_brackets: bool = typer.Option(False, "--escape-brackets", help="( ) -> \\( \\), for prompts."),
     rating_first: bool = typer.Option(False, "--rating-first", help="txt: start each caption with its rating tag."),
     overwrite: bool = typer.Option(False, "--overwrite", help="txt: replace captions that exist (else: skip)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    backend: str = typer.Option("auto", help="auto (ONNX on the CPU when the bundle has it), torch or onnx."),
-    shard: str = typer.Option("0/1", help="Tag part I of N of the files (0 <= I < N), for job arrays."),
-    workers: int = typer.Option(None, min=1, help="Decoding threads (default: one per core)."),
+    device: str = device_option(),
+    backend: str = backend_option(),
+    shard: str = shard_option("files"),
+    workers: int = workers_option("Decoding threads (default: one per core)."),
 ) -> None:
     """Tag images: records on stdout (or captions beside them), a report of bad files on stderr; exit 1 if any."""
     import os
@@ -453,8 +471,8 @@ def show(
     threshold: float = typer.Option(None, min=0.0, max=1.0, help="General threshold (default: the model's)."),
     character_threshold: float = typer.Option(None, min=0.0, max=1.0, help="Character threshold."),
     mcut: bool = typer.Option(False, help="MCut thresholds for general and character tags, as the WD Space."),
-    backend: str = typer.Option("auto", help="auto, torch or onnx, for the scores (the heat map runs torch)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    backend: str = backend_option(", for the scores (the heat map runs torch)"),
+    device: str = device_option(),
 ) -> None:
     """Draw an image beside bars of its top tags per category; --explain shows where one tag's evidence lies."""
     from .infer.show import ShowConfig
@@ -481,10 +499,10 @@ def embed(
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Enter subfolders too."),
     ids: str = typer.Option("path", help="Row ids: path (relative to the folder given) or stem (e.g. post ids)."),
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
-    shard: str = typer.Option("0/1", help="Embed part I of N of the files (0 <= I < N), for job arrays."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    backend: str = typer.Option("auto", help="auto (ONNX on the CPU when the bundle has it), torch or onnx."),
-    workers: int = typer.Option(None, min=1, help="Decoding threads (default: one per core)."),
+    shard: str = shard_option("files"),
+    device: str = device_option(),
+    backend: str = backend_option(),
+    workers: int = workers_option("Decoding threads (default: one per core)."),
 ) -> None:
     """Feature vectors and predicted tags of images, from one forward pass each, into Parquet; exit 1 if any failed."""
     from .infer.embed import EmbedConfig, embed_files
@@ -547,8 +565,8 @@ def similar(
     k: int = typer.Option(10, "-k", "--k", min=1, help="How many results."),
     tags: str = typer.Option(None, help='Only images with these predicted tags, not the "-" ones: "blue_hair -hat".'),
     format: str = typer.Option("table", help="table or json (a list of {path, id, score} on stdout)."),
-    backend: str = typer.Option("auto", help="auto, torch or onnx."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    backend: str = backend_option(),
+    device: str = device_option(),
 ) -> None:
     """The images most like a query image, best first (the query itself first when it is in the index)."""
     from .formats.vectors import model_meta
@@ -611,15 +629,13 @@ def serve(
     max_upload_mb: float = typer.Option(32.0, min=0.001, help="Largest upload accepted, in MB (413 beyond)."),
     max_batch: int = typer.Option(32, min=1, help="Most images in one forward pass (1: no batching)."),
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="How long a request waits for others to join its batch."),
-    backend: str = typer.Option("auto", help="auto, torch or onnx."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    backend: str = backend_option(),
+    device: str = device_option(),
 ) -> None:
     """Serve a web page and an HTTP API for tagging images and finding similar ones (OpenAPI docs at /docs)."""
     from .serve import ServeConfig
     from .serve import serve as run_server
 
-    if index is not None and not index.exists():
-        raise UserError(f"{index}: no such index (build one with i2v index build)")
     cfg = ServeConfig(
         model=str(model),
         index=str(index) if index else None,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, HTTPException, Request
@@ -60,6 +61,8 @@ class ServeConfig:
         object.__setattr__(self, "model", str(self.model))
         if self.index is not None:
             object.__setattr__(self, "index", str(self.index))
+            if not Path(self.index).exists():
+                raise UserError(f"{self.index}: no such index (build one with i2v index build)")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise UserError(f"--port must be between 0 and 65535, not {self.port!r}")
         if not self.max_upload_mb > 0:
