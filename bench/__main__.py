@@ -10,6 +10,7 @@ BENCHMARKS = {
     "crawl": crawl.main,
     "data": data.main,
     "loader": data.loader_vs_model,
+    "skew": data.skew,
     "quality": quality.main,
     "search": search.main,
     "serve": serve.main,

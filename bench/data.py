@@ -1,5 +1,5 @@
 """Dataset benchmarks: build throughput per core on large JPEGs against a naive PIL baseline run beside it, and the
-skew between a built sample and inference's input for the same picture (`python -m bench.data skew`).
+skew between a built sample and inference's input for the same picture (`python -m bench skew`).
 
 Ours is exactly what `i2v build` does to each image (`process_chunk`: a big JPEG decoded at a DCT scale as inference
 decodes it, EXIF orientation, transparency on white, pad to a white square, resize, encode). The baseline is the
@@ -129,7 +129,7 @@ def skew(argv: list[str] | None = None) -> None:
 
     from illust2vec.infer.preprocess import load_batch
 
-    parser = argparse.ArgumentParser(prog="python -m bench.data skew")
+    parser = argparse.ArgumentParser(prog="python -m bench skew")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--posts", type=int, default=200, help="synthetic board posts")
     parser.add_argument("--real", type=Path, default=None, help="a folder of real pictures, read in place")
