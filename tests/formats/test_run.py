@@ -133,3 +133,11 @@ def test_eval_files_round_trip(tmp_path):
         "f1": "",
     }
     assert json.loads((out / "metrics.json").read_text())["epoch"] == 7
+
+
+def test_weights_of_the_wrong_shape_are_one_line_not_a_traceback(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(3, 4), "bias": torch.zeros(3)}, tmp_path / "model.safetensors")
+    with pytest.raises(UserError, match=r"model.safetensors: weights do not fit the model \(.*size mismatch"):
+        run_dir.load_weights(tmp_path / "model.safetensors", torch.nn.Linear(5, 3))

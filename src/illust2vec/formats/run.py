@@ -140,7 +140,11 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
         weights = load_file(path)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read weights ({e})") from e
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # torch's message for tensors of the wrong shape, one line per tensor
+        first = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"{path}: weights do not fit the model ({first})") from None
     if missing or unexpected:
         raise UserError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
