@@ -410,13 +410,14 @@ def demo(
 
 @app.command()
 def tag(
-    paths: list[str] = typer.Argument(..., help="Images and folders of images (any format Pillow reads)."),
+    paths: list[str] = typer.Argument(..., help="Images, folders of images, and WebDataset tar shards (*.tar)."),
     model: str = typer.Option(..., help="A bundle (i2v export), a WD tagger v3 snapshot or a WD ONNX directory."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Enter subfolders too."),
     threshold: float = typer.Option(None, help="General tags' threshold (default: the model's calibrated, or 0.35)."),
     character_threshold: float = typer.Option(None, help="Character tags' threshold (default: calibrated, or 0.85)."),
     mcut: bool = typer.Option(False, "--mcut", help="Thresholds per image by MCut, as the WD Space does."),
     format: str = typer.Option("table", help="table, json, jsonl, csv (on stdout) or txt (captions beside images)."),
+    out: Path = typer.Option(None, help="Write the json/jsonl/csv records to this file instead of stdout."),
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     exclude: str = typer.Option(None, help="Comma-separated tags never to output."),
     replace_underscores: bool = typer.Option(False, "--replace-underscores", help="long_hair -> long hair (not ^_^)."),
@@ -450,13 +451,14 @@ def tag(
         backend=backend,
         shard=shard,
         workers=workers,
+        out=None if out is None else str(out),
     )
     try:
         summary = tag_files(cfg, out=sys.stdout, console=err)
     except BrokenPipeError:  # stdout closed early (`i2v tag ... | head`): stop quietly, as other Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(1) from None
-    err.print(summary.line(), highlight=False, soft_wrap=True)
+    err.print(f"{out}: {summary.line()}" if out else summary.line(), highlight=False, soft_wrap=True)
     if summary.n_failed:
         raise typer.Exit(1)
 
@@ -493,7 +495,7 @@ app.add_typer(index_app, name="index")
 
 @app.command()
 def embed(
-    paths: list[str] = typer.Argument(..., help="Images and folders of images (any format Pillow reads)."),
+    paths: list[str] = typer.Argument(..., help="Images, folders of images, and WebDataset tar shards (*.tar)."),
     model: str = typer.Option(..., help="A bundle (i2v export) or a WD tagger v3 snapshot (with feature vectors)."),
     out: Path = typer.Option(..., help="Vectors file to write (Parquet); a rerun resumes it."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Enter subfolders too."),

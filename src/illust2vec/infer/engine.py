@@ -1,6 +1,11 @@
 """The batch-inference engine of `i2v tag` and `i2v embed`: find the files, decode them in threads while the model
 runs, hand the consumer whole batches in order, and count what could not be used, by one vocabulary of reasons.
 
+WebDataset tar shards (`*.tar`, named or found in a folder: a crawl's `images/*.tar`, img2dataset's output) are read
+in place: each of their members is an item named `SHARD/MEMBER`, read by its offset (`formats.shards`) in the same
+read-ahead, never unpacked to disk. A member cut short or undecodable is a bad item; a shard that cannot be listed at
+all is one bad item, named.
+
 Images are recognised by their content, in any format Pillow reads, whatever their name. A file that cannot be
 used is named on stderr with its reason, counted and skipped; the summary says how many. Files met in a folder
 that are not images at all (captions, JSON, videos...) are counted apart, quietly (-v lists them): they are not
@@ -13,8 +18,10 @@ keeps memory flat on folders of any size. Nothing here imports torch. `i2v serve
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import tarfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,6 +36,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from ..errors import UserError
+from ..formats.shards import Member, index_shard, read_member
 from ..util.cores import cores
 from ..util.images import DRAFT_INFO, BadImage
 from ..util.progress import progress_bar as util_progress_bar
@@ -50,13 +58,26 @@ def reason_of(e: BadImage) -> str:
     return "undecodable" if e.reason == "not_image" else e.reason
 
 
+SHARD_SUFFIX = ".tar"  # a file so named, given or found in a folder, is a WebDataset shard: its members are items
+
+
 @dataclass(frozen=True)
 class Item:
-    """A file: where it is, the name it is sharded by, and whether the user named it (not found in a walk)."""
+    """A file, or a member of a tar shard: where it is, the name it is sharded by, and whether the user named it
+    (not found in a walk)."""
 
-    path: Path
+    path: Path  # a member's is SHARD/MEMBER: the shard's path as found, then its name inside the shard
     key: str  # its path relative to the argument it was found under: the same on every machine of a job array
     named: bool
+    member: Member | None = None  # where a shard member's bytes lie
+    error: tuple[str, str] | None = None  # (message, reason): a shard that could not be listed, failed in turn
+
+    @property
+    def shard(self) -> Path | None:
+        """The tar shard this item lies in (or is, when it could not be listed); None for a plain file."""
+        if self.member is not None:
+            return self.member.shard
+        return self.path if self.error is not None else None
 
 
 @dataclass
@@ -140,7 +161,7 @@ def discover(paths: Sequence[str], recursive: bool, summary: BatchSummary | None
             raise UserError(f"{arg}: neither a file nor a folder")
         else:
             raise UserError(f"{arg}: no such file or folder")
-        for item in found:
+        for item in _expand_shards(found):
             ident = os.path.normpath(os.path.abspath(item.path))
             if ident not in seen:
                 seen.add(ident)
@@ -160,6 +181,31 @@ def _walk(root: Path, recursive: bool, summary: BatchSummary | None) -> Iterator
             if not name.startswith("."):
                 path = Path(dirpath) / name
                 yield Item(path, path.relative_to(root).as_posix(), False)
+
+
+def _expand_shards(found: Iterable[Item]) -> Iterator[Item]:
+    """Files as they are; a tar shard -> its members (json, txt... among them, passed over later as non-images)."""
+    for item in found:
+        if item.path.suffix.lower() == SHARD_SUFFIX:
+            yield from shard_items(item)
+        else:
+            yield item
+
+
+def shard_items(shard: Item) -> list[Item]:
+    """The members of a tar shard as items (`SHARD/MEMBER`, keyed `KEY/MEMBER`), in the shard's order; a shard that
+    cannot be listed (not a tar, cut short in its headers, unreadable) is one item that fails, named."""
+    try:
+        members = index_shard(shard.path)
+    except (tarfile.TarError, EOFError) as e:
+        return [Item(shard.path, shard.key, True, error=(f"not a readable tar shard ({e})", "corrupt"))]
+    except OSError as e:
+        return [Item(shard.path, shard.key, True, error=(f"cannot read ({e.strerror or e})", "unreadable"))]
+    items = []
+    for m in members:
+        name = f"{m.key}.{m.ext}" if m.ext else m.key
+        items.append(Item(shard.path / name, f"{shard.key}/{name}", False, member=m))
+    return items
 
 
 # ---- decoding
@@ -207,6 +253,8 @@ def load(item: Item, size: int, image_exts: frozenset[str], keep_captions: bool 
         CaptionExists: with `keep_captions`, an image whose caption file exists.
         BadImage: anything else that does not decode.
     """
+    if item.member is not None or item.error is not None:
+        return _load_member(item, size, image_exts)
     if not item.named and item.path.suffix.lower() not in image_exts:
         # Sniff the header before reading the whole file: a folder may hold large videos or archives.
         try:
@@ -221,6 +269,29 @@ def load(item: Item, size: int, image_exts: frozenset[str], keep_captions: bool 
     if keep_captions and caption_path(item.path).exists():
         raise CaptionExists()
     return decode(item.path, size).x
+
+
+def _load_member(item: Item, size: int, image_exts: frozenset[str]) -> np.ndarray:
+    """A tar shard's member -> the model's input for it, read by its offset (the shard is never unpacked). A member
+    without an image suffix that Pillow does not recognise (a sample's .json, .txt) is passed over as NotImage."""
+    if item.error is not None:
+        raise BadImage(*item.error)
+    member = item.member
+    try:
+        data = read_member(member)
+    except OSError as e:
+        raise BadImage(f"cannot read ({e.strerror or e})", "unreadable") from None
+    if len(data) < member.size:  # the shard ends inside this member: a half-copied file, a broken stream
+        raise BadImage(f"cut short: {len(data)} of {member.size} bytes in the shard", "corrupt")
+    if item.path.suffix.lower() not in image_exts:
+        try:
+            with Image.open(io.BytesIO(data)):
+                pass
+        except (UnidentifiedImageError, ValueError) as e:
+            raise NotImage(str(e)) from None
+        except (Image.DecompressionBombError, OSError):
+            pass  # an image after all; decode names the problem
+    return decode(data, size).x
 
 
 def read_ahead(items: Sequence[Item], work, pool: ThreadPoolExecutor, ahead: int) -> Iterator[tuple[Item, Future]]:

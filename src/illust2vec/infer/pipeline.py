@@ -1,4 +1,5 @@
-"""Batch tagging (`i2v tag`): the engine (`engine.py`) finds and decodes the images; this writes their records.
+"""Batch tagging (`i2v tag`): the engine (`engine.py`) finds and decodes the images (files, and the members of tar
+shards); this writes their records, on stdout or, with `out`, into a file renamed into place when the run ends.
 
 A file that cannot be tagged is named on stderr with its reason, counted and skipped; the summary says how many.
 With an ONNX bundle on the CPU, the whole command runs on onnxruntime, numpy and Pillow: nothing here imports torch.
@@ -20,7 +21,17 @@ from ..util.shard import in_shard
 from .engine import Batch, BatchSummary, Engine, Item, check_job, discover
 from .tagger import Tagger
 from .thresholds import Selection
-from .writers import FORMATS, CaptionOptions, Writer, caption_path, make_record, open_writer
+from .writers import (
+    FORMATS,
+    RECORD_FORMATS,
+    CaptionOptions,
+    Writer,
+    caption_path,
+    check_output,
+    make_record,
+    open_writer,
+    output,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +55,17 @@ class TagConfig:
     backend: str = "auto"
     shard: tuple[int, int] = (0, 1)  # part I of N of the files, for job arrays ("I/N" is taken too)
     workers: int | None = None  # decoding threads; None: one per core
+    out: str | None = None  # json/jsonl/csv records into this file (written whole, then renamed); None: stdout
 
     def __post_init__(self) -> None:
         check_job(self)
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.format not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}")
+        if self.out is not None:
+            object.__setattr__(self, "out", str(self.out))
+            if self.format not in RECORD_FORMATS:
+                raise UserError(f"--out writes records: give --format {', '.join(RECORD_FORMATS)}, not {self.format}")
         for name, t in (("--threshold", self.threshold), ("--character-threshold", self.character_threshold)):
             if t is not None and not 0.0 <= t <= 1.0:
                 raise UserError(f"{name} must be between 0 and 1, not {t}")
@@ -88,25 +104,49 @@ def _own_caption(engine: Engine, item: Item, captions: dict[Path, Path]) -> bool
     return True
 
 
+def _items(cfg: TagConfig, summary: BatchSummary) -> list[Item]:
+    """This part's items; txt captions go beside image files only, so a tar shard among the inputs is refused."""
+    found = discover(cfg.paths, cfg.recursive, summary)
+    if cfg.format == "txt":
+        shard = next((it.shard for it in found if it.shard is not None), None)
+        if shard is not None:
+            raise UserError(
+                f"{shard}: a tar shard; --format txt writes captions beside image files only "
+                "(give --format jsonl --out FILE for its members)"
+            )
+    return [it for it in found if in_shard(it.key, cfg.shard)]
+
+
 def tag_files(
     cfg: TagConfig, out: TextIO | None = None, console: Console | None = None, tagger: Tagger | None = None
 ) -> BatchSummary:
-    """Tag every image under `cfg.paths`; records go to `out` (stdout), reports and progress to `console` (stderr).
+    """Tag every image under `cfg.paths`; records go to `cfg.out` if set, else to `out` (stdout); reports and
+    progress to `console` (stderr).
 
     Returns the summary; `summary.n_failed` > 0 means some image could not be tagged.
     """
     out = out or sys.stdout
     console = console or Console(stderr=True)
     logging.getLogger("PIL").setLevel(logging.INFO)  # its DEBUG lines (PNG chunks) would bury -v's list of non-images
-    selection = cfg.selection
     summary = BatchSummary("tagged")
-    items = [it for it in discover(cfg.paths, cfg.recursive, summary) if in_shard(it.key, cfg.shard)]
+    if cfg.out is not None:
+        check_output(cfg.out)
+    items = _items(cfg, summary)
     tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device)
     unknown = sorted(set(cfg.exclude) - set(tagger.labels.names))
     if unknown:
         log.warning("--exclude: not in the model's vocabulary: %s", ", ".join(unknown))
     summary.files = len(items)
-    writer = open_writer(cfg.format, out, tagger.labels.heads, cfg.caption)
+    with output(cfg.out, out) as stream:
+        _tag(cfg, items, tagger, open_writer(cfg.format, stream, tagger.labels.heads, cfg.caption), summary, console)
+    return summary
+
+
+def _tag(
+    cfg: TagConfig, items: list[Item], tagger: Tagger, writer: Writer, summary: BatchSummary, console: Console
+) -> None:
+    """Run the engine over the items, one record per image through `writer`, which is closed at the end."""
+    selection = cfg.selection
     captions: dict[Path, Path] = {}  # txt: caption file -> the image it is written for, so two never share one
     engine = Engine(summary, tagger.image_size, console, cfg.batch_size, cfg.workers)
     engine.keep_captions = cfg.format == "txt" and not cfg.overwrite
@@ -122,7 +162,6 @@ def tag_files(
 
     engine.run(items, consume, "tagging")
     writer.close()
-    return summary
 
 
 def _write(writer: Writer, record: dict, item: Item, engine: Engine, format: str) -> bool:

@@ -7,15 +7,19 @@ A record is one image's tags per head with their scores, highest first:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TextIO
 
+from ..errors import UserError
+
 FORMATS = ("table", "json", "jsonl", "csv", "txt")
+RECORD_FORMATS = ("json", "jsonl", "csv")  # what --out FILE takes: machine-readable records
 RECORD_HEADS = ("rating", "general", "character", "copyright")  # always in a record, empty when the model lacks one
 CSV_COLUMNS = ("path", "rating", "rating_score", "general", "character", "copyright")
 CAPTION_EXT = ".txt"  # what sd-scripts and kohya_ss read beside each image (their tagger's default)
@@ -166,6 +170,36 @@ class TableWriter:
         if self.rows:
             console.print(table)
         self.out.flush()
+
+
+def check_output(path: str) -> None:
+    """Where `--out` records go: a file in a folder that exists (checked when the run starts), UserError if not."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a file name such as tags.jsonl")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: no such folder {out.parent}")
+
+
+@contextlib.contextmanager
+def output(path: str | None, default: TextIO) -> Iterator[TextIO]:
+    """Where records go: `default` (stdout) without a path; else the file, written whole as `PATH.tmp` and renamed
+    to PATH once the run has finished, so a crash or Ctrl-C never leaves a file that looks complete (a stopped
+    run removes its .tmp; only kill -9 leaves one, under that name)."""
+    if path is None:
+        yield default
+        return
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
 
 
 def open_writer(fmt: str, out: TextIO, heads: Iterable[str], options: CaptionOptions) -> Writer:
