@@ -82,9 +82,16 @@ def fakebooru_serve(
     label_noise: float = typer.Option(0.03, min=0.0, max=1.0, help="Chance that a true general tag is missing."),
     error_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Fault: fraction of answers that are a 5xx."),
     truncate_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Fault: fraction of bodies cut short."),
+    html_rate: float = typer.Option(
+        0.0, min=0.0, max=1.0, help="Fault: fraction of API answers that are an HTML challenge page, status 200."
+    ),
+    cut_json_rate: float = typer.Option(
+        0.0, min=0.0, max=1.0, help="Fault: fraction of API answers whose JSON is cut short (a clean end)."
+    ),
     bad_md5_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Fault: fraction of files not matching md5."),
     rate_limit: int = typer.Option(0, min=0, help="Fault: requests per second before 429 (0: no limit)."),
     latency: float = typer.Option(0.0, min=0.0, help="Fault: seconds added to every answer."),
+    fault_seed: int = typer.Option(0, help="Seed of the faults: which requests they fire on."),
     min_size: int = typer.Option(300, min=16, help="Shorter side of a picture at least, in pixels."),
     max_size: int = typer.Option(2000, min=16, help="Longer side of a picture at most, in pixels."),
     warm: bool = typer.Option(False, help="Render every file before printing the URL (for benchmarks)."),
@@ -106,10 +113,13 @@ def fakebooru_serve(
     faults = Faults(
         error_rate=error_rate,
         truncate_rate=truncate_rate,
+        html_rate=html_rate,
+        cut_json_rate=cut_json_rate,
         bad_md5_rate=bad_md5_rate,
         rate_limit=rate_limit,
         slow_rate=1.0 if latency > 0 else 0.0,
         slow_seconds=latency,
+        seed=fault_seed,
     )
     serve_board(cfg, host=host, port=port, faults=faults, warm=warm)
 

@@ -10,9 +10,11 @@ from illust2vec.booru.client import (
     Client,
     ClientConfig,
     GaveUp,
+    NotJson,
     RateLimiter,
     Refused,
     backoff_seconds,
+    describe_not_json,
     retry_after_seconds,
 )
 from illust2vec.errors import UserError
@@ -86,6 +88,76 @@ def test_connection_errors_and_timeouts_are_retried():
 
     response, stats = asyncio.run(_get(httpx.MockTransport(handler)))
     assert response.status_code == 200 and stats["retries"] == 3
+
+
+CHALLENGE = b"<!DOCTYPE html><html><head><title>Just a moment...</title></head><body>Checking</body></html>"
+PAGE = b'[{"id":3,"tag_string":"a b"},{"id":2,"tag_string":"c"}]'
+
+
+def answering(bodies: list[tuple[bytes, str]]):
+    """A transport answering 200 with the given (body, Content-Type) in order, then the JSON page; counts calls."""
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        body, kind = bodies[len(calls) - 1] if len(calls) <= len(bodies) else (PAGE, "application/json")
+        return httpx.Response(200, content=body, headers={"Content-Type": kind})
+
+    return httpx.MockTransport(handler), calls
+
+
+async def _get_json(transport, cfg=FAST, **kw):
+    async with Client(cfg, transport=transport) as client:
+        response, payload = await client.get_json("http://board.test/posts.json", **kw)
+        return payload, client.stats
+
+
+def test_answers_that_are_not_json_are_retried_like_a_5xx():
+    html = (CHALLENGE, "text/html; charset=utf-8")
+    cut = (PAGE[: len(PAGE) // 2], "application/json; charset=utf-8")
+    transport, calls = answering([html, cut, html])
+    payload, stats = asyncio.run(_get_json(transport))
+    assert payload == [{"id": 3, "tag_string": "a b"}, {"id": 2, "tag_string": "c"}] and len(calls) == 4
+    assert stats["retries"] == 3 and stats["not_json"] == 3
+    # A plain GET leaves the body to its caller, as before.
+    transport, calls = answering([html])
+    response, _ = asyncio.run(_get(transport))
+    assert response.content == CHALLENGE and len(calls) == 1
+
+
+def test_persistent_answers_that_are_not_json_give_up_saying_what_was_sent():
+    transport, calls = answering([(CHALLENGE, "text/html")] * 10)
+    with pytest.raises(GaveUp) as e:
+        asyncio.run(_get_json(transport))
+    assert len(calls) == FAST.attempts and e.value.not_json and e.value.attempts == FAST.attempts
+    assert e.value.reason == "an HTML page titled 'Just a moment...' (a challenge or maintenance page?)"
+    transport, calls = scripted([503] * 10)  # a fault of another kind is not called one
+    with pytest.raises(GaveUp) as e:
+        asyncio.run(_get_json(transport))
+    assert not e.value.not_json and e.value.reason == "HTTP 503"
+
+
+def test_not_json_is_raised_at_once_when_asked():
+    transport, calls = answering([(CHALLENGE, "text/html")])
+    with pytest.raises(NotJson, match="an HTML page titled 'Just a moment...'"):
+        asyncio.run(_get_json(transport, retry_not_json=False))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "said"),
+    [
+        (CHALLENGE, "text/html", "an HTML page titled 'Just a moment...' (a challenge or maintenance page?)"),
+        (b"  <html><body>Down for maintenance</body></html>", "text/plain", "an HTML page (a challenge"),
+        (PAGE[:20], "application/json", "JSON cut short (20 bytes)"),
+        (b'{"message": "a \\" [ brace', "application/json", "JSON cut short (25 bytes)"),
+        (b'[{"id": 1}]]', "application/json", "malformed JSON (12 bytes)"),
+        (b"", "application/json", "an empty answer"),
+        (b"Service ok", "text/plain", "an answer that is not JSON (text/plain, 10 bytes)"),
+    ],
+)
+def test_what_an_answer_that_is_not_json_holds(body, kind, said):
+    assert describe_not_json(httpx.Response(200, content=body, headers={"Content-Type": kind})).startswith(said)
 
 
 def test_persistent_403_is_a_refusal_and_404_is_returned():

@@ -1,5 +1,6 @@
 """`i2v crawl` against the synthetic board: every post once, every image once and intact, through faults."""
 
+import dataclasses
 import errno
 import hashlib
 import io
@@ -11,6 +12,7 @@ from PIL import Image
 
 from illust2vec.booru.crawl import CrawlConfig, DiskFull, crawl, parse_ids
 from illust2vec.booru.lister import shard_ranges
+from illust2vec.booru.sites import SITES
 from illust2vec.errors import UserError
 from illust2vec.formats import shards
 from illust2vec.formats.posts import export_csv, read_posts
@@ -217,3 +219,43 @@ def test_non_images_are_kept_when_asked(board_server, tmp_path):
     for post in others:
         md5 = board_server.board.md5(post)
         assert got["samples"][md5][post.file_ext] == board_server.board.file(post)
+
+
+def seeded(faults: Faults, clean: range, fired: dict[str, range]) -> Faults:
+    """`faults` with the first seed under which API requests `clean` get no html or cut_json fault and each fault
+    of `fired` is the one given on one of its requests at least (requests are numbered as the lister sends them,
+    one by one; html is checked before cut_json)."""
+
+    def given(f: Faults, k: str, n: int) -> bool:
+        return f.fires(k, n) and not (k == "cut_json" and f.fires("html", n))
+
+    for seed in range(10_000):
+        f = dataclasses.replace(faults, seed=seed)
+        if not any(f.fires(k, n) for k in ("html", "cut_json") for n in clean) and all(
+            any(given(f, k, n) for n in ns) for k, ns in fired.items()
+        ):
+            return f
+    raise AssertionError("no seed fits")
+
+
+@pytest.fixture
+def small_pages(monkeypatch):
+    """Danbooru's pages cut to 10 posts, so that a small board takes many API requests."""
+    monkeypatch.setitem(SITES, "danbooru", dataclasses.replace(SITES["danbooru"], page_limit=10))
+
+
+def test_html_pages_and_json_cut_short_are_retried_and_every_post_listed_once(small_pages, tmp_path):
+    # The board's front end answers now and then with a challenge page and status 200, or with JSON cut short
+    # that ends cleanly: the crawl retries them like a 5xx and finishes in one run.
+    faults = Faults(html_rate=0.2, cut_json_rate=0.2, paths="api")
+    faults = seeded(faults, clean=range(1, 2), fired={"html": range(2, 9), "cut_json": range(2, 9)})
+    with start_board(SynthConfig(posts=80, seed=23), faults=faults) as server:
+        server.wait_warm(60)
+        summary = crawl(fast_config(server.url, tmp_path))
+        stats = server.stats
+        board = server.board
+    assert stats["html"] > 0 and stats["cut_json"] > 0 and stats["api"] > 9
+    assert summary.retries >= stats["html"] + stats["cut_json"]
+    got = check_exactly_once(tmp_path, board)
+    assert got["ids"] == {p.id for p in board.posts}
+    assert summary.failed == 0

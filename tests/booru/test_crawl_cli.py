@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from illust2vec.formats.posts import read_posts
 from illust2vec.synth.cast import SynthConfig
 from illust2vec.synth.faults import Faults
 from illust2vec.synth.server import start_board
@@ -93,3 +94,60 @@ def test_dry_run_counts_and_writes_nothing(server, tmp_path):
     counts = json.loads(r.stdout)
     assert counts["posts"] == 25 and counts["image"] + counts.get("no_file", 0) + counts.get("not_image", 0) == 25
     assert not (tmp_path / "c").exists()
+
+
+def html_faults(clean: list[int], html: list[int]) -> Faults:
+    """API faults whose first seed answers API requests `html` with a challenge page and `clean` for real."""
+    for seed in range(100_000):
+        f = Faults(html_rate=0.7, paths="api", seed=seed)
+        if all(f.fires("html", n) for n in html) and not any(f.fires("html", n) for n in clean):
+            return f
+    raise AssertionError("no seed fits")
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_persistent_html_pages_stop_in_one_line_and_the_same_command_resumes(i2v, monkeypatch, tmp_path):
+    import illust2vec.booru.client as client_module
+
+    monkeypatch.setattr(client_module, "backoff_seconds", lambda *args, **kw: 0.0)
+    # The first request (the newest id) is answered; the first page then gets a challenge page all 6 times. The
+    # next run's requests are answered again.
+    faults = html_faults(clean=[1, 8, 9], html=list(range(2, 8)))
+    out = tmp_path / "c"
+    with start_board(SynthConfig(posts=40, seed=32), faults=faults) as board:
+        board.wait_warm(60)
+        code, _, err = i2v("crawl", "--url", board.url, "--out", str(out), *FAST)
+        assert code == 2 and "Traceback" not in err, err
+        assert error_lines(err) == [
+            f"error: 127.0.0.1:{board.port} still answered /posts.json with an HTML page titled 'Just a moment...' "
+            "(a challenge or maintenance page?) after 6 attempts; run the same command to resume"
+        ]
+        assert board.stats["html"] == 6
+        code, _, err = i2v("crawl", "--url", board.url, "--out", str(out), *FAST)
+        assert code == 0, err
+        posts = board.board.posts
+    rows = read_posts([out]).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(p.id for p in posts)
+
+
+@pytest.mark.parametrize(
+    ("faults", "sent"),
+    [
+        (Faults(html_rate=1.0, paths="api"), "It sent an HTML page titled 'Just a moment...'"),
+        (Faults(cut_json_rate=1.0, paths="api"), "It sent JSON cut short ("),
+    ],
+)
+def test_a_first_answer_that_is_not_json_blames_the_site_or_url_at_once(i2v, tmp_path, faults, sent):
+    with start_board(SynthConfig(posts=10, seed=33), faults=faults, warm=False) as board:
+        code, _, err = i2v("crawl", "--url", board.url, "--out", str(tmp_path / "c"), *FAST)
+        api = board.stats["api"]
+    assert code == 2 and "Traceback" not in err and api == 1  # at once: no retries
+    (line,) = error_lines(err)
+    assert line.startswith(
+        f"error: 127.0.0.1:{board.port}/posts.json did not answer JSON; is --site danbooru right, and --url the "
+        "board's address?"
+    )
+    assert sent in line

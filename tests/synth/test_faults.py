@@ -75,11 +75,32 @@ def test_bad_md5_is_chosen_by_post_and_changes_one_byte():
     assert corrupt(b"") == b""
 
 
+def test_html_and_cut_json_fire_on_api_requests_only_after_the_others():
+    faults = Faults(error_rate=0.2, html_rate=0.25, truncate_rate=0.15, cut_json_rate=0.25, seed=6)
+    kinds = ["api", "files", "api"] * 80
+    got = verdicts(Injector(faults), kinds)
+    for n, (kind, verdict) in enumerate(zip(kinds, got, strict=True), 1):
+        api = kind == "api"
+        if faults.fires("error", n):
+            assert verdict == Verdict(error=faults.error_status(n))
+        elif api and faults.fires("html", n):
+            assert verdict == Verdict(html=True)
+        elif faults.fires("truncate", n):
+            assert verdict == Verdict(truncate=True)  # the wire-level cut wins over the clean one
+        else:
+            assert verdict == Verdict(cut_json=api and faults.fires("cut_json", n))
+    files = [v for kind, v in zip(kinds, got, strict=True) if kind == "files"]
+    assert not any(v.html or v.cut_json for v in files)
+    assert sum(v.html for v in got) > 0 and sum(v.cut_json for v in got) > 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
         ({"error_rate": 1.5}, "error_rate"),
         ({"bad_md5_rate": -0.1}, "bad_md5_rate"),
+        ({"html_rate": 1.5}, "html_rate"),
+        ({"cut_json_rate": -0.5}, "cut_json_rate"),
         ({"rate_limit": -1}, "rate_limit"),
         ({"slow_seconds": -2.0}, "slow_seconds"),
         ({"paths": "images"}, "paths"),

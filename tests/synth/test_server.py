@@ -364,7 +364,8 @@ def fault_server(faults: Faults, posts: int = 20):
 def test_faults_are_off_by_default(server):
     stats = server.stats
     assert stats["requests"] > 0
-    assert all(stats[k] == 0 for k in ("rate_limited", "throttled", "errors", "slow", "truncated", "bad_md5"))
+    faults = ("rate_limited", "throttled", "errors", "slow", "truncated", "bad_md5", "html", "cut_json")
+    assert all(stats[k] == 0 for k in faults)
 
 
 def test_throttle_answers_429_with_retry_after():
@@ -433,6 +434,49 @@ def test_truncated_bodies_end_early():
         length = int(re.search(rb"Content-Length: (\d+)", head)[1])
         assert length == row["file_size"] and 0 < len(body) < length
         assert server.stats["truncated"] == 2
+
+
+def test_html_rate_answers_the_api_with_a_challenge_page_and_200():
+    with fault_server(Faults(html_rate=1.0)) as server, httpx.Client(base_url=server.url) as client:
+        page = client.get("/posts.json", params={"limit": 5})
+        assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+        assert "<title>Just a moment...</title>" in page.text
+        with pytest.raises(ValueError):
+            page.json()
+        assert server.stats["html"] == 1
+    # Files are never answered with it: a file's bytes are checked against its md5 anyway.
+    with fault_server(Faults(html_rate=1.0, paths="files")) as server, httpx.Client(base_url=server.url) as client:
+        rows = client.get("/posts.json", params={"limit": 5}).json()
+        row = next(row for row in rows if "file_url" in row)
+        assert client.get(row["file_url"]).headers["Content-Type"] in CONTENT_TYPES.values()
+        assert server.stats["html"] == 0
+
+
+def test_cut_json_rate_sends_half_the_json_with_a_clean_end():
+    with fault_server(Faults()) as server, httpx.Client(base_url=server.url) as client:
+        whole, where = client.get("/posts.json", params={"limit": 5}).content, server.url
+    with fault_server(Faults(cut_json_rate=1.0)) as server, httpx.Client(base_url=server.url) as client:
+        cut = client.get("/posts.json", params={"limit": 5})  # no RemoteProtocolError: the answer ends cleanly
+        assert cut.status_code == 200 and int(cut.headers["Content-Length"]) == len(cut.content)
+        whole = whole.replace(where.encode(), server.url.encode())  # the file URLs name the server's port
+        assert cut.content == whole[: len(whole) // 2]
+        with pytest.raises(ValueError):
+            cut.json()
+        missing = client.get("/posts/999999.json")  # only 200 answers are cut
+        assert missing.status_code == 404 and missing.json()["success"] is False
+        assert server.stats["cut_json"] == 1 and server.stats["truncated"] == 0
+
+
+def test_fakebooru_serve_takes_the_fault_options(i2v, monkeypatch):
+    import illust2vec.synth.server as server_module
+
+    seen = []
+    monkeypatch.setattr(server_module, "serve_board", lambda cfg, **kw: seen.append(kw["faults"]))
+    code, _, _ = i2v("fakebooru", "serve", "--html-rate", "0.2", "--cut-json-rate", "0.1", "--fault-seed", "7")
+    assert code in (0, None) and [(f.html_rate, f.cut_json_rate, f.seed) for f in seen] == [(0.2, 0.1, 7)]
+    code, out, err = i2v("fakebooru", "serve", "--html-rate", "2")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "--html-rate" in lines[0], err
 
 
 def test_bad_md5_files_are_stable():

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import html
 import logging
 import random
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -29,7 +32,61 @@ class Refused(UserError):
 
 
 class GaveUp(Exception):
-    """A request still failed after every attempt; the reason says why (status, timeout, reset...)."""
+    """A request still failed after every attempt; `reason` says why the last one did (status, timeout, reset, or
+    what a 2xx answer that is not JSON held), `attempts` how many were made, `not_json` whether it was that."""
+
+    def __init__(self, reason: str, attempts: int, not_json: bool = False):
+        super().__init__(f"{reason} after {attempts} attempts")
+        self.reason, self.attempts, self.not_json = reason, attempts, not_json
+
+
+class NotJson(Exception):
+    """A 2xx answer whose body is not JSON, where the caller asked not to retry it; the message says what it was."""
+
+
+_TITLE_RE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+
+
+def _unclosed(text: str) -> bool:
+    """Whether JSON text ends inside a string or with brackets still open: a body cut short."""
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+    return in_string or depth > 0
+
+
+def describe_not_json(response: httpx.Response) -> str:
+    """What a 2xx answer that is not JSON holds, in a few words: an HTML page (with its title), JSON cut short
+    (N bytes), malformed JSON, an empty answer, or something else, named by its Content-Type."""
+    body = response.content
+    size = len(body)
+    head = body[:1024].lstrip().lower()
+    content_type = response.headers.get("Content-Type", "").split(";")[0].strip() or "no Content-Type"
+    if not body.strip():
+        return "an empty answer"
+    if "html" in content_type or head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        m = _TITLE_RE.search(body[:65536])
+        title = " ".join(html.unescape(m[1].decode("utf-8", "replace")).split())[:80] if m else ""
+        named = f" titled {title!r}" if title else ""
+        return f"an HTML page{named} (a challenge or maintenance page?)"
+    if head.startswith((b"{", b"[")):
+        text = body.decode("utf-8", "replace")
+        if _unclosed(text):
+            return f"JSON cut short ({size} bytes)"
+        return f"malformed JSON ({size} bytes)"
+    return f"an answer that is not JSON ({content_type}, {size} bytes)"
 
 
 @dataclass(frozen=True)
@@ -39,7 +96,7 @@ class ClientConfig:
     api_rate: float = 1.0  # requests per second to the API; 0: no limit
     file_rate: float = 4.0  # requests per second for files; 0: no limit
     connections: int = 32  # open connections at most (keep-alive pool)
-    attempts: int = 6  # tries for 5xx, timeouts, resets and truncated bodies (429 does not count)
+    attempts: int = 6  # tries for 5xx, timeouts, resets, truncated bodies, JSON asked but not sent (not 429)
     backoff: float = 1.0  # first wait before a retry, doubled each time, with jitter
     max_backoff: float = 60.0
     max_retry_after: float = 900.0  # longest single wait a 429 may ask for
@@ -140,35 +197,67 @@ class Client:
 
         Answers other than 2xx that retrying cannot fix (404, 410, 422, ...) are returned for the caller to judge.
         """
+        response, _ = await self._get(url, params, kind, want_json=False, retry_not_json=False)
+        return response
+
+    async def get_json(
+        self, url: str, params: dict[str, str] | None = None, kind: str = "api", retry_not_json: bool = True
+    ) -> tuple[httpx.Response, Any]:
+        """GET a JSON answer with the same policy: (response, payload); payload is None for an answer of 400 or
+        more that retrying cannot fix, returned for the caller to judge.
+
+        A 2xx whose body is not JSON (a challenge or maintenance page sent with status 200, JSON cut short) is a
+        transient fault: it is retried like a 5xx, and when it persists GaveUp says what the board sent
+        (`not_json`). With `retry_not_json=False` it raises NotJson at once instead: a caller's first answer that
+        is not JSON says more about the address asked than about the board's health.
+        """
+        return await self._get(url, params, kind, want_json=True, retry_not_json=retry_not_json)
+
+    async def _send(self, url: str, params: dict[str, str] | None) -> tuple[httpx.Response | None, str | None]:
+        """One request on the next pool: (response, None), or (None, why there was no answer)."""
+        self.stats["requests"] += 1
+        http = self._pools[self._next_pool]
+        self._next_pool = (self._next_pool + 1) % len(self._pools)
+        try:
+            response = await http.get(url, params=params)
+        except httpx.TimeoutException:
+            return None, "timeout"
+        except httpx.RemoteProtocolError:
+            return None, "connection closed early (truncated body)"
+        except httpx.TransportError as e:
+            return None, f"connection error ({type(e).__name__})"
+        self.stats["bytes"] += len(response.content)
+        return response, None
+
+    async def _get(
+        self, url: str, params: dict[str, str] | None, kind: str, want_json: bool, retry_not_json: bool
+    ) -> tuple[httpx.Response, Any]:
         where = httpx.URL(url).copy_with(query=None)  # never log query strings: they may hold credentials
         attempt, forbidden = 0, 0
         limiter = self.limiters[kind]
         while True:
             await limiter.wait()
-            self.stats["requests"] += 1
-            try:
-                http = self._pools[self._next_pool]
-                self._next_pool = (self._next_pool + 1) % len(self._pools)
-                response = await http.get(url, params=params)
-                reason = None
-            except httpx.TimeoutException:
-                reason = "timeout"
-            except httpx.RemoteProtocolError:
-                reason = "connection closed early (truncated body)"
-            except httpx.TransportError as e:
-                reason = f"connection error ({type(e).__name__})"
-            if reason is None:
+            response, reason = await self._send(url, params)
+            not_json = False
+            if response is not None:
                 status = response.status_code
-                self.stats["bytes"] += len(response.content)
                 if status < 400:
-                    return response
-                if status == 429:
+                    if not want_json:
+                        return response, None
+                    try:
+                        return response, response.json()
+                    except ValueError:
+                        reason, not_json = describe_not_json(response), True
+                    if not retry_not_json:
+                        raise NotJson(reason)
+                    self.stats["not_json"] += 1
+                elif status == 429:
                     wait = min(self.cfg.max_retry_after, retry_after_seconds(response.headers.get("Retry-After")))
                     self.stats["rate_limited"] += 1
                     log.info("429 from %s: waiting %.1f s as Retry-After asks", where.host, wait)
                     limiter.pause(wait)
                     continue  # a 429 is the board pacing us, not a failure: no attempt is spent
-                if status in (401, 403):
+                elif status in (401, 403):
                     forbidden += 1
                     if status == 401 or forbidden >= self.cfg.forbidden_attempts:
                         raise Refused(
@@ -179,12 +268,12 @@ class Client:
                 elif status in TRANSIENT_STATUS:
                     reason = f"HTTP {status}"
                 else:
-                    return response
+                    return response, None
             attempt += 1
             self.stats["retries"] += 1
             if attempt >= self.cfg.attempts:
                 self.stats["gave_up"] += 1
-                raise GaveUp(f"{reason} after {attempt} attempts")
+                raise GaveUp(reason or "no answer", attempt, not_json)
             wait = backoff_seconds(attempt, self.cfg)
             log.debug("%s on %s%s: retry %d in %.1f s", reason, where.host, where.path, attempt, wait)
             await asyncio.sleep(wait)

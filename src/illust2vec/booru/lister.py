@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 from ..errors import UserError
-from .client import Client, GaveUp
+from .client import Client, GaveUp, NotJson
 from .sites import (
     Auth,
     Post,
@@ -57,14 +57,30 @@ class Lister:
     def __init__(self, site: Site, url: str, query: str, auth: Auth | None, state: State | None = None):
         self.site, self.base, self.query, self.auth, self.state = site, url.rstrip("/"), query, auth, state
         self.tag_cache: dict[str, int] = {}
+        self.answered = False  # whether the board has answered JSON in this run: then a non-JSON answer is a fault
 
     async def api_json(self, client: Client, url: str, params: dict[str, str]):
-        """The board's JSON answer; a UserError for no answer, an HTTP error, or an answer that is not JSON."""
+        """The board's JSON answer; a UserError for no answer, an HTTP error, or an answer that is not JSON.
+
+        The first answer of a run that is not JSON stops at once, as a wrong --site or --url most likely; after a
+        JSON answer, one that is not (a challenge or maintenance page sent with status 200, JSON cut short) is a
+        fault the client retries, and only one that persists stops the crawl, resumable, naming what was sent.
+        """
         params = {**params, **auth_params(self.site, self.auth)}
         where = urlsplit(url)
         try:
-            response = await client.get(url, params=params, kind="api")
+            response, payload = await client.get_json(url, params=params, kind="api", retry_not_json=self.answered)
+        except NotJson as e:
+            raise UserError(
+                f"{where.netloc}{where.path} did not answer JSON; is --site {self.site.name} right, and --url "
+                f"the board's address? It sent {e}"
+            ) from None
         except GaveUp as e:  # no answer after every retry: stop, with what is done kept, to resume later
+            if e.not_json:
+                raise UserError(
+                    f"{where.netloc} still answered {where.path} with {e.reason} after {e.attempts} attempts; "
+                    "run the same command to resume"
+                ) from e
             raise UserError(
                 f"{where.netloc} did not answer on {where.path}: {e}; run the same command to resume"
             ) from e
@@ -75,12 +91,8 @@ class Lister:
             except (ValueError, AttributeError):
                 message = response.text[:200]
             raise UserError(f"{where.netloc} answered HTTP {response.status_code} on {where.path}: {message}")
-        try:
-            return response.json()
-        except ValueError:
-            raise UserError(
-                f"{where.netloc}{where.path} did not answer JSON; is --site {self.site.name} right?"
-            ) from None
+        self.answered = True
+        return payload
 
     async def top_id(self, client: Client) -> int:
         """The newest post's id (0 on an empty board)."""

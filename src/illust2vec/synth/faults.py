@@ -1,4 +1,5 @@
-"""Faults the fake board injects (429 with Retry-After, 5xx, slow answers, cut bodies, bad md5s), deterministically."""
+"""Faults the fake board injects (429 with Retry-After, 5xx, HTML with 200, slow answers, cut bodies, bad md5s),
+deterministically."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from ..errors import UserError
 from .board import unit
 
 FAULT_PATHS = ("api", "files", "all")
-RATES = ("slow_rate", "throttle_rate", "error_rate", "truncate_rate", "bad_md5_rate")
+RATES = ("slow_rate", "throttle_rate", "error_rate", "html_rate", "truncate_rate", "cut_json_rate", "bad_md5_rate")
 # The counters of faults fired, in the order BoardServer.stats lists them after its request counters.
-FAULT_STATS = ("rate_limited", "throttled", "errors", "slow", "truncated", "bad_md5")
+FAULT_STATS = ("rate_limited", "throttled", "errors", "slow", "truncated", "bad_md5", "html", "cut_json")
 ERROR_STATUSES = (500, 502, 503)
 
 
@@ -33,7 +34,12 @@ class Faults:
     - slow_rate: the answer, whatever it is, is delayed by slow_seconds.
     - throttle_rate: 429 with `Retry-After: retry_after`, whatever the pace (a deterministic rate limit).
     - error_rate: 500, 502 or 503 (the last two as a proxy's HTML page, as a real board's front end sends them).
-    - truncate_rate: the full Content-Length is sent, then half the body, then the connection is closed.
+    - html_rate (API requests only): status 200 with an HTML challenge page instead of JSON, as a board's
+      front end (Cloudflare, a maintenance switch) answers now and then.
+    - truncate_rate: the full Content-Length is sent, then half the body, then the connection is closed: the
+      client's HTTP layer notices (a connection closed early).
+    - cut_json_rate (API requests only, where truncate_rate did not fire): status 200 with the first half of
+      the JSON body and a Content-Length to match, so the answer ends cleanly and only parsing the JSON notices.
     - bad_md5_rate: the fraction of posts whose original file is served with one byte changed, chosen by post
       id, so a retry gets the same bad bytes; it applies whatever `paths` says.
     """
@@ -44,7 +50,9 @@ class Faults:
     throttle_rate: float = 0.0
     retry_after: int = 1
     error_rate: float = 0.0
+    html_rate: float = 0.0
     truncate_rate: float = 0.0
+    cut_json_rate: float = 0.0
     bad_md5_rate: float = 0.0
     paths: str = "all"
     seed: int = 0
@@ -60,7 +68,8 @@ class Faults:
             raise UserError(f"Faults.paths must be one of {', '.join(FAULT_PATHS)}, not {self.paths!r}")
 
     def fires(self, fault: str, n: int) -> bool:
-        """Whether `fault` ('slow', 'throttle', 'error' or 'truncate') fires on the n-th selected request."""
+        """Whether `fault` ('slow', 'throttle', 'error', 'html', 'truncate' or 'cut_json') fires on the n-th selected
+        request (html and cut_json then apply only if it is an API request)."""
         rate = getattr(self, f"{fault}_rate")
         return rate > 0 and unit(self.seed, fault, n) < rate
 
@@ -78,11 +87,13 @@ class Faults:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What the faults decided for one request: refuse it (429 or 5xx), or answer it, perhaps cut short."""
+    """What the faults decided for one request: refuse it (429, 5xx, an HTML page), or answer it, perhaps cut short."""
 
     retry_after: int | None = None  # answer 429 with this Retry-After instead
     error: int | None = None  # answer this 5xx status instead
     truncate: bool = False  # send the full Content-Length and half the body
+    html: bool = False  # answer 200 with an HTML challenge page instead
+    cut_json: bool = False  # send half of a JSON body, with a Content-Length to match
 
 
 class Injector:
@@ -134,7 +145,12 @@ class Injector:
         if faults.fires("error", n):
             self.count("errors")
             return Verdict(error=faults.error_status(n))
-        return Verdict(truncate=faults.fires("truncate", n))
+        api = kind == "api"
+        if api and faults.fires("html", n):
+            self.count("html")
+            return Verdict(html=True)
+        truncate = faults.fires("truncate", n)
+        return Verdict(truncate=truncate, cut_json=api and not truncate and faults.fires("cut_json", n))
 
     def original(self, post_id: int, data: bytes) -> bytes:
         """The bytes to serve as a post's original file: `data`, or `data` with one byte changed (bad_md5)."""

@@ -78,12 +78,21 @@ def _server_error(status: int) -> Response:
     return Response(status, page.encode(), "text/html; charset=utf-8")
 
 
+CHALLENGE_PAGE = (
+    '<!DOCTYPE html><html lang="en-US"><head><title>Just a moment...</title>'
+    '<meta http-equiv="refresh" content="5"></head><body><h1>Checking your browser before accessing the '
+    "board</h1><p>This process is automatic. Please allow up to 5 seconds.</p></body></html>\n"
+)
+
+
 def _refusal(verdict: Verdict) -> Response | None:
     """The answer a fault gives instead of the real one, or None to answer for real."""
     if verdict.retry_after is not None:
         return _rate_limited(verdict.retry_after)
     if verdict.error is not None:
         return _server_error(verdict.error)
+    if verdict.html:  # a front end's challenge page, sent with 200 as Cloudflare's are
+        return Response(200, CHALLENGE_PAGE.encode(), "text/html; charset=utf-8")
     return None
 
 
@@ -317,6 +326,9 @@ class BoardServer:
         if verdict.truncate and not head and response.body:
             response.truncate = True
             self._injector.count("truncated")
+        elif verdict.cut_json and not head and response.status == 200 and response.content_type == JSON_TYPE:
+            response.body = response.body[: len(response.body) // 2]  # and Content-Length with it: a clean end
+            self._injector.count("cut_json")
         return response
 
     def _base_url(self, host: str | None) -> str:
