@@ -290,6 +290,12 @@ def train(
     device: str = device_option(),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     prior_init: bool = typer.Option(True, help="Start each head's bias at its tags' training frequency."),
+    max_bad_samples: int = typer.Option(
+        100, min=0, help="Unreadable samples skipped per epoch before the run stops (0: stop at the first)."
+    ),
+    verify: str = typer.Option(
+        "auto", help="Check the shards against dataset.json first: sizes, checksums, or auto (checksums up to 1 GiB)."
+    ),
 ) -> None:
     """Train a tagger on built shards; checkpoints and curves every epoch. Under torchrun, with DDP."""
     from .train.config import TrainConfig
@@ -317,6 +323,8 @@ def train(
         softmax=tuple(s.strip() for s in softmax.split(",") if s.strip()) if softmax is not None else None,
         loss=LossConfig(kind=loss, frequency_weighting=frequency_weighting, exclusivity=exclusivity),
         prior_init=prior_init,
+        max_bad_samples=max_bad_samples,
+        verify=verify,
     )
     summary = fit(cfg, resume=resume, console=err)
     err.print(f"best epoch {summary.best_epoch} by {summary.select_by} = {summary.best:.4f}", highlight=False)
@@ -334,6 +342,9 @@ def evaluate(
     workers: int = workers_option("Data loader processes.", 2, minimum=0),
     device: str = device_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    verify: str = typer.Option(
+        "auto", help="Check the shards against dataset.json first: sizes, checksums, or auto (checksums up to 1 GiB)."
+    ),
 ) -> None:
     """Per-category metrics of one epoch on held-out images; writes metrics.json, per_tag.csv, thresholds.json."""
     from .evaluate import EvalConfig, evaluate_run
@@ -348,6 +359,7 @@ def evaluate(
         batch_size=batch_size,
         workers=workers,
         device=device,
+        verify=verify,
     )
     report = evaluate_run(cfg, console=err).as_dict()
     if json_out:

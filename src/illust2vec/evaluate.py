@@ -24,6 +24,7 @@ from .evaluation.evaluator import (
 )
 from .formats import run as run_dir
 from .formats.bundle import Thresholds, write_thresholds
+from .formats.dataset import VERIFY
 from .models import load_tagger
 from .util.device import resolve_device
 
@@ -43,6 +44,7 @@ class EvalConfig:
     batch_size: int = 64
     workers: int = 2
     device: str = "auto"
+    verify: str = "auto"  # the split's shards against dataset.json: auto, sizes or checksums (formats.dataset)
 
     def __post_init__(self) -> None:
         for name in ("run", "split", "device"):
@@ -51,6 +53,8 @@ class EvalConfig:
         if str(self.epoch) not in EPOCH_WORDS and not str(self.epoch).isdigit():
             raise UserError(f"--epoch takes a number, best or last, not {self.epoch!r}")
         check_mode(self.mode)
+        if self.verify not in VERIFY:
+            raise UserError(f"--verify must be one of {', '.join(VERIFY)}, not {self.verify!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, not {self.batch_size!r}")
         if not isinstance(self.workers, int) or self.workers < 0:
@@ -78,7 +82,7 @@ def evaluate_run(cfg: EvalConfig, console: Console | None = None) -> EvalReport:
     """Measure one epoch of a run; write metrics.json, per_tag.csv and thresholds.json; return the report."""
     run = Path(cfg.run)
     epoch = run_dir.resolve_epoch(run, cfg.epoch)
-    ds = run_dataset(run, cfg.data, cfg.split)
+    ds = run_dataset(run, cfg.data, cfg.split, cfg.verify)
     model = load_tagger(run_dir.read_config(run)["model"], run_dir.weights_path(run, epoch))
     device = resolve_device(cfg.device)
     opts = PredictOptions(cfg.batch_size, cfg.workers, autocast="bfloat16" if device.type == "cuda" else None)

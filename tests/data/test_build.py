@@ -313,3 +313,25 @@ def test_build_command(synth_crawl, synth_vocab, tmp_path):
     assert info["image_size"] == 64 and info["image_format"] == "jpg" and info["splits"]["train"]["samples"] > 0
     bad = subprocess.run([*cmd, "--out", str(tmp_path / "x"), "--format", "bmp"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--format" in bad.stderr
+
+
+def test_a_crawl_shard_cut_to_half_gives_its_readable_images_and_counts_the_rest(
+    synth_crawl, synth_vocab, synth_build, tmp_path, caplog
+):
+    import shutil
+
+    from illust2vec.formats.shards import image_shards
+
+    crawl_dir = Path(shutil.copytree(synth_crawl, tmp_path / "crawl"))
+    shard = image_shards(crawl_dir)[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    with caplog.at_level("WARNING"):
+        info = build(BuildConfig(dirs=(crawl_dir,), vocab=synth_vocab, out=tmp_path / "o", size=64, workers=1)).info
+    whole = json.loads((synth_build / "dataset.json").read_text())
+    lost = info.skipped.get("truncated_shard", 0)
+    built = sum(s.samples for s in info.splits.values())
+    assert lost > 0 and 0 < built < sum(s["samples"] for s in whole["splits"].values())
+    assert built + lost == sum(s["samples"] for s in whole["splits"].values())  # every post is either built or counted
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(shard) in w and "cut short" in w and "truncated_shard" in w for w in warnings), warnings

@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,21 @@ def test_a_dataset_that_is_not_one_is_refused(tmp_path, synth_build):
     (tmp_path / "selected_tags.csv").write_text((synth_build / "selected_tags.csv").read_text())
     with pytest.raises(UserError, match="does not match"):
         open_dataset(tmp_path)
+
+
+def test_a_shard_cut_to_half_is_skipped_and_counted_not_a_traceback(synth_build, tmp_path):
+    import shutil
+
+    from illust2vec.formats.loader import BadSamples
+
+    root = Path(shutil.copytree(synth_build, tmp_path / "ds"))
+    ds = open_dataset(root)
+    name = ds.info.splits["train"].shards[0]
+    with open(root / name, "r+b") as f:
+        f.truncate((root / name).stat().st_size // 2)
+    bad = BadSamples()
+    cfg = LoaderConfig(batch_size=8, workers=2)
+    images = sum(len(x) for x, _ in make_loader(ds, "train", cfg, train=False, bad=bad))
+    assert 0 < images < ds.samples("train")
+    # Where the cut falls decides what is seen: a member cut short, or a sample without its labels.
+    assert bad.count >= 1 and name in bad.first and ("unexpected end of data" in bad.first or "cut short" in bad.first)

@@ -1,7 +1,9 @@
 """A built dataset's files: dataset.json and a shard sample round trip; the Dataset handle reads them back."""
 
+import hashlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +81,7 @@ def test_dataset_json_round_trip(tmp_path):
         "samples": 2,
         "shards": ["train-000000.tar", "train-000001.tar"],
         "tag_counts": {"rating": [2, 0, 0, 0], "general": [2, 1]},
+        "files": {},  # sizes and checksums: none in this hand-made info
     }
     assert DatasetInfo.from_dict(on_disk) == info and info.as_dict() == on_disk
 
@@ -149,3 +152,71 @@ def test_a_vocabulary_that_is_not_the_builds_is_refused(tmp_path):
     write_vocab(other, tmp_path / VOCAB)
     with pytest.raises(UserError, match="does not match"):
         open_dataset(tmp_path)
+
+
+@pytest.fixture()
+def built_copy(synth_build, tmp_path):
+    """A copy of the synthetic build, to cut and corrupt."""
+    import shutil
+
+    return Path(shutil.copytree(synth_build, tmp_path / "ds"))
+
+
+def _cut_to_half(path: Path) -> tuple[int, int]:
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    return size // 2, size
+
+
+def test_the_build_records_every_shards_size_and_sha256(synth_build):
+    info = read_info(synth_build)
+    for split in SPLITS:
+        assert sorted(info.splits[split].files) == sorted(info.splits[split].shards)
+        for name, rec in info.splits[split].files.items():
+            assert rec["bytes"] == (synth_build / name).stat().st_size
+            assert rec["sha256"] == hashlib.sha256((synth_build / name).read_bytes()).hexdigest()
+    open_dataset(synth_build).check_shards(SPLITS, "checksums")  # a whole build passes
+
+
+def test_a_shard_cut_to_half_is_named_in_one_line(built_copy):
+    ds = open_dataset(built_copy)
+    name = ds.info.splits["train"].shards[1]
+    now, was = _cut_to_half(built_copy / name)
+    with pytest.raises(UserError) as e:
+        ds.check_shards(["train"], "sizes")
+    assert str(e.value) == f"{built_copy / name}: {now} bytes, dataset.json says {was} (a half-copied file?)"
+    ds.check_shards(["val", "test"])  # only the splits asked for
+    (built_copy / name).unlink()
+    with pytest.raises(UserError, match=rf"{name}: missing, though dataset.json lists it"):
+        ds.check_shards(["train"])
+
+
+def test_a_changed_shard_of_the_same_size_fails_its_checksum_when_asked_or_cheap(built_copy, monkeypatch):
+    from illust2vec.formats import dataset
+
+    ds = open_dataset(built_copy)
+    path = built_copy / ds.info.splits["val"].shards[0]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    ds.check_shards(["val"], "sizes")  # sizes alone cannot see it
+    with pytest.raises(UserError, match=r"val-000000\.tar: sha256 [0-9a-f]{16}\.\.\., dataset.json says .*corrupted"):
+        ds.check_shards(["val"], "auto")  # a small data set: its checksums are cheap
+    monkeypatch.setattr(dataset, "CHEAP_CHECKSUM", 1000)
+    ds.check_shards(["val"], "auto")  # too big to hash by default
+    with pytest.raises(UserError, match="sha256"):
+        ds.check_shards(["val"], "checksums")
+    with pytest.raises(UserError, match="verify must be one of auto, sizes, checksums"):
+        ds.check_shards(["val"], "md5")
+
+
+def test_an_older_dataset_json_without_sizes_still_loads_unchecked(built_copy):
+    d = json.loads((built_copy / INFO).read_text())
+    for split in d["splits"].values():
+        del split["files"]
+    (built_copy / INFO).write_text(json.dumps(d))
+    ds = open_dataset(built_copy)
+    _cut_to_half(built_copy / ds.info.splits["train"].shards[0])
+    assert ds.info.splits["train"].files == {}
+    ds.check_shards(SPLITS, "checksums")  # nothing recorded, nothing checked

@@ -1,17 +1,23 @@
 """Tar shards: what is written is what is read back, and a shard is either whole or absent."""
 
+import hashlib
 import json
 import tarfile
 
+import pytest
+
+from illust2vec.errors import UserError
 from illust2vec.formats.shards import (
     IMAGE_SHARDS,
     ShardWriter,
+    file_sha256,
     image_members,
     image_sample,
     image_shards,
     index_shard,
     iter_samples,
     read_member,
+    scan_shard,
 )
 
 
@@ -65,3 +71,56 @@ def test_raw_image_shards_hold_the_file_and_its_record_by_md5(tmp_path):
     records = {key: json.loads(files["json"]) for key, files in iter_samples(image_shards(tmp_path), ["json"])}
     assert records == {md5: meta for md5, (_, _, meta) in posts.items()}
     assert image_members(tmp_path / "images/000001.tar") == {}  # a shard that is not there holds nothing
+
+
+def _shard_of(tmp_path, n: int = 10):
+    writer = ShardWriter(tmp_path, "s-{index:06d}.tar")
+    for i in range(n):
+        writer.add(f"k{i:03d}", {"jpg": bytes([i]) * 3000, "json": b'{"i": %d}' % i})
+    return writer.close()
+
+
+def test_the_writer_records_each_shards_size_and_sha256(tmp_path):
+    info = _shard_of(tmp_path)
+    path = tmp_path / info.name
+    assert info.size == path.stat().st_size > 0
+    assert info.sha256 == file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_whole_shard_scans_whole(tmp_path):
+    info = _shard_of(tmp_path)
+    scan = scan_shard(tmp_path / info.name)
+    assert scan.problem == "" and len(scan.members) == 20
+
+
+def _cut(path, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def test_a_shard_cut_to_half_gives_its_readable_members_and_says_so(tmp_path):
+    info = _shard_of(tmp_path)
+    path = tmp_path / info.name
+    _cut(path, info.size // 2)
+    scan = scan_shard(path)
+    assert "cut short" in scan.problem and 0 < len(scan.members) < 20
+    for m in scan.members:  # every member listed can be read whole
+        assert len(read_member(m)) == m.size
+    assert image_members(path) and len(image_members(path)) < 10
+    # Cut exactly between two members (no end-of-archive block): still told from a whole shard.
+    whole = _shard_of(tmp_path / "b")
+    members = index_shard(tmp_path / "b" / whole.name)
+    _cut(tmp_path / "b" / whole.name, members[4].offset + members[4].size + 511 & ~511)
+    assert "cut short" in scan_shard(tmp_path / "b" / whole.name).problem
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 10)
+    junk = scan_shard(tmp_path / "junk.tar")
+    assert junk.members == [] and "not a readable tar" in junk.problem
+
+
+def test_reading_a_shard_cut_to_half_is_one_line_naming_it(tmp_path):
+    info = _shard_of(tmp_path)
+    _cut(tmp_path / info.name, info.size // 2)
+    read = []
+    with pytest.raises(UserError, match=r"s-000000\.tar: cannot be read past sample \d+ .*half-copied") as e:
+        read.extend(iter_samples([tmp_path / info.name]))
+    assert "\n" not in str(e.value) and 0 < len(read) < 10

@@ -33,7 +33,7 @@ from ..formats.dataset import (
     write_info,
 )
 from ..formats.posts import read_posts
-from ..formats.shards import Member, ShardWriter, index_shard, read_member
+from ..formats.shards import Member, ShardInfo, ShardWriter, read_member, scan_shard
 from ..formats.vocab import Vocab, read_aliases, read_vocab
 from ..util.cores import cores
 from ..util.images import BadImage, load_for_input, pad_resize
@@ -177,6 +177,7 @@ def plan(cfg: BuildConfig, vocab: Vocab) -> tuple[list[Task], Counter]:
     skipped: Counter = Counter()
     aliases = read_aliases(cfg.aliases) if cfg.aliases else {}
     members: dict[Path, dict[str, Member]] = {}
+    broken: dict[Path, str] = {}  # crawl shards cut short or unreadable -> the skip reason of the posts they lost
     by_split: dict[str, list[Task]] = {s: [] for s in SPLITS}
     seen: set[int] = set()
     for crawl_dir in cfg.dirs:
@@ -196,8 +197,11 @@ def plan(cfg: BuildConfig, vocab: Vocab) -> tuple[list[Task], Counter]:
                 continue
             shard = Path(crawl_dir) / (row["shard"] or "")
             if shard not in members:
-                members[shard] = _index(shard)
+                members[shard] = _index(shard, broken)
             member = members[shard].get(row["md5"])
+            if member is None and shard in broken:
+                skipped[broken[shard]] += 1  # in the part of a cut shard that is gone: one warning, for the shard
+                continue
             if member is None:
                 skipped["missing_image"] += 1
                 log.warning("post %s: image %s not found in %s", row["id"], row["md5"], shard)
@@ -211,10 +215,27 @@ def plan(cfg: BuildConfig, vocab: Vocab) -> tuple[list[Task], Counter]:
     return [t for s in SPLITS for t in by_split[s]], skipped
 
 
-def _index(shard: Path) -> dict[str, Member]:
+def _index(shard: Path, broken: dict[Path, str]) -> dict[str, Member]:
+    """A crawl shard's readable images by md5. A shard cut short (a half-copied file, a broken stream) gives the
+    images before the cut; it is named in a warning and noted in `broken` with the reason its other posts are skipped
+    for: truncated_shard, or unreadable_shard for one that is not a tar at all."""
     if not shard.is_file():
         return {}
-    return {m.key: m for m in index_shard(shard) if m.ext != "json"}
+    try:
+        scan = scan_shard(shard)
+    except OSError as e:
+        scan = None
+        broken[shard] = "unreadable_shard"
+        log.warning("%s: cannot be read (%s); its posts are skipped as unreadable_shard", shard, e.strerror or e)
+    if scan is not None and scan.problem:
+        broken[shard] = "truncated_shard" if scan.members else "unreadable_shard"
+        log.warning(
+            "%s: %s; its readable images are used, the posts of the rest skipped as %s",
+            shard,
+            scan.problem,
+            broken[shard],
+        )
+    return {m.key: m for m in (scan.members if scan else []) if m.ext != "json"}
 
 
 def encode(cfg: BuildConfig, tasks: list[Task]) -> Iterator[list[tuple[Task, bytes | None, str]]]:
@@ -241,6 +262,7 @@ def write(
     writers = {s: ShardWriter(cfg.out, shard_pattern(s)) for s in SPLITS}
     samples: Counter = Counter()
     shards: dict[str, list[str]] = {s: [] for s in SPLITS}
+    files: dict[str, dict[str, dict]] = {s: {} for s in SPLITS}  # split -> shard -> its size and checksum
     counts = {s: {h: [0] * len(ix) for h, ix in vocab.heads.items()} for s in SPLITS}
     examples: dict[str, list[str]] = {}
     try:
@@ -257,18 +279,24 @@ def write(
                     for p in positions:
                         counts[split][head][p] += 1
                 if writers[split].count >= cfg.shard_size:
-                    shards[split].append(writers[split].close().name)
+                    _closed(writers[split].close(), shards[split], files[split])
             advance(len(chunk))
         for s, writer in writers.items():
             if (closed := writer.close()) is not None:
-                shards[s].append(closed.name)
+                _closed(closed, shards[s], files[s])
     except OSError as e:
         for writer in writers.values():
             writer.abort()
         if is_disk_full(e):
             raise UserError(f"the disk under {cfg.out} is full ({e}); free some space and build again") from e
         raise
-    return {s: SplitInfo(samples[s], shards[s], counts[s]) for s in SPLITS}, examples
+    return {s: SplitInfo(samples[s], shards[s], counts[s], files[s]) for s in SPLITS}, examples
+
+
+def _closed(shard: ShardInfo, names: list[str], files: dict[str, dict]) -> None:
+    """Note a finished shard: its name, and its size and sha256 for dataset.json (checked before training)."""
+    names.append(shard.name)
+    files[shard.name] = {"bytes": shard.size, "sha256": shard.sha256}
 
 
 def summarise(

@@ -19,7 +19,7 @@ from rich.progress import Progress
 from ..errors import UserError
 from ..formats import run as run_dir
 from ..formats.dataset import Dataset, open_dataset
-from ..formats.loader import LoaderConfig, make_loader
+from ..formats.loader import BadSamples, LoaderConfig, make_loader
 from ..models.tagger import TaggerNet
 from .metrics import contradiction_rate, head_metrics
 
@@ -50,6 +50,7 @@ class Predictions:
     probs: dict[str, np.ndarray]
     targets: dict[str, np.ndarray]
     features: np.ndarray | None = None
+    bad_samples: int = 0  # samples that could not be read and were skipped (see formats.loader.BadSamples)
 
     @property
     def images(self) -> int:
@@ -110,15 +111,24 @@ def predict_split(
     console: Console | None = None,
 ) -> Predictions:
     """Probabilities and targets per head over one split, in shard order (under DDP: this rank's share of the
-    shards); with a console, a transient progress bar on it."""
+    shards); with a console, a transient progress bar on it. Samples that cannot be read are skipped and counted in
+    `bad_samples`."""
     model = model.to(device)
-    loader = make_loader(ds, split, LoaderConfig(batch_size=opts.batch_size, workers=opts.workers), train=False)
+    bad = BadSamples()
+    loader = make_loader(ds, split, LoaderConfig(batch_size=opts.batch_size, workers=opts.workers), False, bad=bad)
     if console is None:
-        return predict(model, loader, device, opts)
-    total = ds.samples(split) if opts.max_samples is None else min(opts.max_samples, ds.samples(split))
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"{split} images", total=total)
-        return predict(model, loader, device, opts, lambda seen: bar.update(task, completed=min(seen, total)))
+        preds = predict(model, loader, device, opts)
+    else:
+        total = ds.samples(split) if opts.max_samples is None else min(opts.max_samples, ds.samples(split))
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"{split} images", total=total)
+            preds = predict(model, loader, device, opts, lambda seen: bar.update(task, completed=min(seen, total)))
+    preds.bad_samples = bad.count
+    if bad.count and console is not None:
+        console.print(
+            f"warning: {bad.count} {split} samples could not be read and were skipped; the first: {bad.first}"
+        )
+    return preds
 
 
 def compute_metrics(
@@ -161,8 +171,9 @@ def by_head(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_dataset(run: Path, data: str | None, split: str = "val") -> Dataset:
-    """The dataset to evaluate on (by default the run's own), checked to carry the run's vocabulary and `split`."""
+def run_dataset(run: Path, data: str | None, split: str = "val", verify: str = "auto") -> Dataset:
+    """The dataset to evaluate on (by default the run's own), checked to carry the run's vocabulary and `split`, and
+    its shards of `split` checked against dataset.json (`Dataset.check_shards`) before any is read."""
     config = run_dir.read_config(run)
     ds = open_dataset(Path(data or config["dataset"]))
     if ds.vocab.hash != config["vocab_hash"]:
@@ -170,4 +181,5 @@ def run_dataset(run: Path, data: str | None, split: str = "val") -> Dataset:
     splits = ds.info.splits
     if split not in splits:
         raise UserError(f"{ds.root} has no {split!r} split (it has {', '.join(splits) or 'none'})")
+    ds.check_shards([split], verify)
     return ds

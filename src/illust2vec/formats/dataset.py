@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from .shards import iter_samples, sample_json
+from .shards import file_sha256, iter_samples, sample_json
 from .vocab import Vocab, read_vocab
 
 FORMAT_VERSION = 1
@@ -22,6 +22,10 @@ SPLITS = ("train", "val", "test")
 IMAGE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}  # a shard image's extension -> Pillow's format name
 INFO = "dataset.json"
 VOCAB = "selected_tags.csv"
+# How shards are checked against dataset.json before they are read: "sizes" always (a stat per shard), "checksums"
+# always (sha256, reading every byte), "auto" checksums too when the shards checked hold at most CHEAP_CHECKSUM bytes.
+VERIFY = ("auto", "sizes", "checksums")
+CHEAP_CHECKSUM = 1 << 30  # 1 GiB: well under a second of sha256 on one core of a recent CPU (about 1.7 GB/s)
 
 
 def shard_pattern(split: str) -> str:
@@ -62,6 +66,9 @@ class SplitInfo:
     samples: int = 0
     shards: list[str] = field(default_factory=list)
     tag_counts: dict[str, list[int]] = field(default_factory=dict)  # head -> count per position
+    # shard name -> {"bytes": the file's size, "sha256": its checksum}, as written; empty in dataset.json files
+    # written before sizes were recorded, whose shards are then not checked.
+    files: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,10 @@ class DatasetInfo:
     @classmethod
     def from_dict(cls, d: Mapping) -> DatasetInfo:
         fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        fields["splits"] = {s: SplitInfo(**info) for s, info in d["splits"].items()}
+        known = SplitInfo.__dataclass_fields__
+        fields["splits"] = {
+            s: SplitInfo(**{k: v for k, v in info.items() if k in known}) for s, info in d["splits"].items()
+        }
         return cls(**fields)
 
 
@@ -153,6 +163,29 @@ class Dataset:
     def tag_counts(self, split: str) -> dict[str, list[int]]:
         """Head -> how many of the split's samples carry each of its tags."""
         return self.info.splits[split].tag_counts
+
+    def check_shards(self, splits: Iterable[str], verify: str = "auto") -> None:
+        """Check that the splits' shards are the files the build wrote, before anything reads them: each one's size
+        always, and its sha256 as `verify` says (see VERIFY). The first shard that differs is a UserError naming it.
+        Shards of a dataset.json without sizes (written before they were recorded) are not checked."""
+        if verify not in VERIFY:
+            raise UserError(f"verify must be one of {', '.join(VERIFY)}, not {verify!r}")
+        recorded = [(self.root / name, rec) for s in splits for name, rec in self.info.splits[s].files.items()]
+        for path, rec in recorded:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise UserError(f"{path}: missing, though {INFO} lists it") from None
+            if size != rec["bytes"]:
+                raise UserError(f"{path}: {size} bytes, {INFO} says {rec['bytes']} (a half-copied file?)")
+        total = sum(rec["bytes"] for _, rec in recorded)
+        if verify == "sizes" or (verify == "auto" and total > CHEAP_CHECKSUM):
+            return
+        for path, rec in recorded:
+            if rec.get("sha256") and (digest := file_sha256(path)) != rec["sha256"]:
+                raise UserError(
+                    f"{path}: sha256 {digest[:16]}..., {INFO} says {rec['sha256'][:16]}... (a corrupted copy?)"
+                )
 
     def labels(self, split: str) -> Iterator[Sample]:
         """The split's samples in shard order, labels only (the images are not read)."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import itertools
+import multiprocessing
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +51,49 @@ class LoaderConfig:
             raise UserError(f"jitter must be in [0, 1), not {self.jitter}")
         if not 0 <= self.flip <= 1:
             raise UserError(f"flip must be a probability in [0, 1], not {self.flip}")
+
+
+_BUFFER = re.compile(r" <_io\.BytesIO object at 0x[0-9a-f]+>")  # in Pillow's messages, naming nothing
+
+
+class BadSamples:
+    """Counts the samples a loader could not read and skipped, across its worker processes (a shared counter), and
+    keeps the first one's description. Its `handler` is webdataset's handler: given to the pipeline's stages (opening,
+    tar reading, grouping, decoding), it counts the error and returns True, "go on"; the stage skips what failed (a
+    member cut short ends its shard's reading, a corrupt image drops its sample). Whoever iterates the batches
+    compares `count` with a limit: an exception raised in a loader worker would reach the user as a traceback."""
+
+    def __init__(self) -> None:
+        self._count = multiprocessing.Value("q", 0)
+        self._first = multiprocessing.Array("c", 400)
+
+    @property
+    def count(self) -> int:
+        return self._count.value
+
+    @property
+    def first(self) -> str:
+        return self._first.value.decode(errors="replace")
+
+    def handler(self, exn: Exception) -> bool:
+        with self._count.get_lock():
+            self._count.value += 1
+            if self._count.value == 1:
+                self._first.value = _describe(exn).encode()[: len(self._first) - 1]
+        return True
+
+
+def _describe(exn: Exception) -> str:
+    """One line for a read error: webdataset appends the stream and the URL to the exception's arguments."""
+    args = [str(a) for a in exn.args if a is not None and isinstance(a, str | int)]
+    url = next((a for a in reversed(args) if a.endswith(".tar")), "")
+    text = args[0] if args else type(exn).__name__
+    return f"{url}: {text}" if url and url not in text else text
+
+
+class BadSample(ValueError):
+    """A sample that was read but cannot be used: its image does not decode, its labels are not JSON, a member is
+    missing."""
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -106,12 +151,16 @@ def _splitters(n_shards: int):
     return shards, samples
 
 
-def make_pipeline(ds: Dataset, split: str, cfg: LoaderConfig, train: bool, epoch: int = 0) -> wds.DataPipeline:
+def make_pipeline(
+    ds: Dataset, split: str, cfg: LoaderConfig, train: bool, epoch: int = 0, bad: BadSamples | None = None
+) -> wds.DataPipeline:
     """Shards -> samples -> (image uint8 [3,S,S], targets). Each DDP rank and each worker reads other shards.
 
     Training shuffles the shard order (a new order each epoch, from the seed) and samples in a buffer; evaluation
-    reads in order, so its results are the same every time.
+    reads in order, so its results are the same every time. A sample that cannot be read (a member cut short, a
+    corrupt image) is skipped and counted in `bad` (a new counter when None).
     """
+    handler = (bad or BadSamples()).handler
     if split not in SPLITS:
         raise UserError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     urls = ds.shards(split)
@@ -124,24 +173,37 @@ def make_pipeline(ds: Dataset, split: str, cfg: LoaderConfig, train: bool, epoch
     augment = augmentation(ds.image_size, cfg) if train else None
 
     def to_example(sample: dict):
-        image = decode_image(sample[ext])
+        try:
+            image = decode_image(sample[ext])
+            labels = Sample.from_json(sample["json"]).labels
+        except Exception as e:  # a corrupt image or labels, a member missing: the handler counts and skips it
+            where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+            why = (
+                f"no .{e.args[0]} member (cut short?)"
+                if isinstance(e, KeyError)
+                else f"{type(e).__name__}: {_BUFFER.sub('', str(e))}"
+            )
+            raise BadSample(f"{where}: {why}") from e
         if augment is not None:
             image = augment(image)
-        return image, make_targets(Sample.from_json(sample["json"]).labels, heads)
+        return image, make_targets(labels, heads)
 
     shards, samples = _splitters(len(urls))
-    stages = [wds.SimpleShardList(urls), shards, wds.tarfile_to_samples(), samples]
+    stages = [wds.SimpleShardList(urls), shards, wds.tarfile_to_samples(handler=handler), samples]
     if train:
         stages.append(wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 200), seed=cfg.seed + epoch))
-    stages.append(wds.map(to_example))
+    stages.append(wds.map(to_example, handler=handler))
     return wds.DataPipeline(*stages)
 
 
-def make_loader(ds: Dataset, split: str, cfg: LoaderConfig, train: bool, epoch: int = 0) -> DataLoader:
-    """A torch DataLoader of (images, targets) batches; pinned memory when a GPU is there."""
+def make_loader(
+    ds: Dataset, split: str, cfg: LoaderConfig, train: bool, epoch: int = 0, bad: BadSamples | None = None
+) -> DataLoader:
+    """A torch DataLoader of (images, targets) batches; pinned memory when a GPU is there. Samples that cannot be
+    read are skipped and counted in `bad` (see `BadSamples`)."""
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # worker seeds: exact resume
     return DataLoader(
-        make_pipeline(ds, split, cfg, train, epoch),
+        make_pipeline(ds, split, cfg, train, epoch, bad),
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
         pin_memory=torch.cuda.is_available(),

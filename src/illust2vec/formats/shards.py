@@ -4,6 +4,7 @@ raw image shards (`images/NNNNNN.tar`, each post as `{md5}.{ext}` and `{md5}.jso
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -12,6 +13,8 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..errors import UserError
 
 TMP = ".tmp"  # a shard being written is NAME.tmp until it is whole
 IMAGES_DIR = "images"  # in a crawl directory
@@ -22,7 +25,24 @@ IMAGE_SHARDS = IMAGES_DIR + "/{index:06d}.tar"  # a crawl's raw image shards, re
 class ShardInfo:
     name: str  # relative to the writer's root, e.g. images/000003.tar
     count: int
-    bytes: int
+    bytes: int  # the samples' bytes
+    size: int = 0  # the tar file's bytes, as written
+    sha256: str = ""  # the tar file's sha256, hex, as written
+
+
+class _Hashing:
+    """A file being written, hashed (sha256) and counted as it goes: the shard's checksum costs no second read."""
+
+    def __init__(self, file):
+        self.file, self.hash, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def tell(self) -> int:
+        return self.file.tell()
 
 
 class ShardWriter:
@@ -39,6 +59,7 @@ class ShardWriter:
         self.index = first_index
         self._tar: tarfile.TarFile | None = None
         self._file = None
+        self._hashing: _Hashing | None = None
         self.count = 0
         self.bytes = 0
 
@@ -53,7 +74,8 @@ class ShardWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Kept open across calls and closed in close(): a context manager cannot span them.
             self._file = open(path, "wb")  # noqa: SIM115
-            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+            self._hashing = _Hashing(self._file)
+            self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         now = time.time()
         for ext, data in files.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
@@ -71,7 +93,7 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.root / (self.name + TMP), self.root / self.name)
-        info = ShardInfo(self.name, self.count, self.bytes)
+        info = ShardInfo(self.name, self.count, self.bytes, self._hashing.size, self._hashing.hash.hexdigest())
         self._tar, self._file = None, None
         self.count, self.bytes = 0, 0
         self.index += 1
@@ -95,29 +117,6 @@ def split_name(member: str) -> tuple[str, str]:
     return (f"{folder}/{key}" if folder else key), ext
 
 
-def iter_samples(paths: Iterable[Path], exts: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Every sample of these shards in order, as (key, {ext: bytes}); members of one sample are adjacent.
-
-    With `exts`, only those members are read (e.g. the labels without the images).
-    """
-    wanted = set(exts) if exts is not None else None
-    for path in paths:
-        with tarfile.open(path) as tar:
-            key, files = None, {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = split_name(member.name)
-                if k != key and files:
-                    yield key, files
-                    files = {}
-                key = k
-                if wanted is None or ext in wanted:
-                    files[ext] = tar.extractfile(member).read()
-            if files:
-                yield key, files
-
-
 @dataclass(frozen=True)
 class Member:
     """Where one file lies inside a tar: enough to read it back without reading the tar."""
@@ -127,6 +126,78 @@ class Member:
     ext: str
     offset: int
     size: int
+
+
+class ShardError(UserError):
+    """A shard that cannot be read to its end (cut short, not a tar): one line naming it."""
+
+
+def iter_samples(paths: Iterable[Path], exts: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Every sample of these shards in order, as (key, {ext: bytes}); members of one sample are adjacent.
+
+    With `exts`, only those members are read (e.g. the labels without the images). A shard that is cut short or not
+    a tar raises ShardError (a UserError) naming it, after the samples read before the break.
+    """
+    wanted = set(exts) if exts is not None else None
+    for path in paths:
+        n = 0
+        try:
+            with tarfile.open(path) as tar:
+                key, files = None, {}
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    k, ext = split_name(member.name)
+                    if k != key and files:
+                        yield key, files
+                        n, files = n + 1, {}
+                    key = k
+                    if wanted is None or ext in wanted:
+                        files[ext] = tar.extractfile(member).read()
+                if files:
+                    yield key, files
+        except (tarfile.TarError, EOFError) as e:
+            raise ShardError(f"{path}: cannot be read past sample {n} ({e}); a half-copied file?") from None
+
+
+@dataclass(frozen=True)
+class ShardScan:
+    """A shard's readable members, and what is wrong with the rest ("" when the shard is whole)."""
+
+    members: list[Member]
+    problem: str = ""
+
+
+def scan_shard(path: Path) -> ShardScan:
+    """The members of a shard whose bytes all lie in the file (reads only the headers), and, for a shard cut short (a
+    half-copied file, a broken stream) or not a tar at all, what is wrong: a whole tar ends with a zero block after
+    its last member, so a shard cut anywhere, even between two members, is told from a whole one."""
+    size = Path(path).stat().st_size
+    members: list[Member] = []
+    try:
+        with tarfile.open(path) as tar:
+            try:
+                for m in tar:
+                    if m.isfile() and m.offset_data + m.size <= size:
+                        members.append(Member(Path(path), *split_name(m.name), m.offset_data, m.size))
+                error = None
+            except (tarfile.TarError, EOFError) as e:
+                error = e
+            end = tar.offset
+    except (tarfile.TarError, EOFError) as e:
+        return ShardScan([], f"not a readable tar ({e})")
+    if error is not None or end + tarfile.BLOCKSIZE > size:
+        return ShardScan(members, f"cut short at {size} bytes, after {len(members)} readable members")
+    return ShardScan(members)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, hex: what `sha256sum` prints."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def index_shard(path: Path) -> list[Member]:
@@ -158,7 +229,8 @@ def image_shards(crawl_dir: Path) -> list[Path]:
 
 
 def image_members(path: Path) -> dict[str, Member]:
-    """The files of a raw image shard by md5 (their `.json` records left out); empty when the shard is missing."""
+    """The readable files of a raw image shard by md5 (their `.json` records left out; see `scan_shard` for a shard
+    cut short); empty when the shard is missing."""
     if not Path(path).is_file():
         return {}
-    return {m.key: m for m in index_shard(path) if m.ext != "json"}
+    return {m.key: m for m in scan_shard(path).members if m.ext != "json"}

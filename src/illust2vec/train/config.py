@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..formats.categories import HEAD_ORDER
+from ..formats.dataset import VERIFY
 from ..models.tagger import TaggerConfig
 from ..util.cores import cores
 from .losses import LossConfig
@@ -65,6 +66,10 @@ class TrainConfig:
     device: str = "auto"
     max_steps_per_epoch: int | None = None  # cut epochs short (tests, benchmarks)
     prior_init: bool = True  # start each head's output bias at its tags' frequency in the training split
+    # Samples that cannot be read (a member cut short, a corrupt image) are skipped and counted; past this many in
+    # one epoch's training (or validation) the run stops with one line. 0: stop at the first.
+    max_bad_samples: int = 100
+    verify: str = "auto"  # shards against dataset.json before training: auto, sizes or checksums (formats.dataset)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", dict(self.model))
@@ -106,10 +111,10 @@ def _check(cfg: TrainConfig) -> None:
     for name in ("data", "out", "arch", "select_by"):
         if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
             raise UserError(f"{name} must be a non-empty string, not {getattr(cfg, name)!r}")
-    for name, allowed in (("amp", AMP), ("channels_last", SWITCH), ("device", DEVICES)):
+    for name, allowed in (("amp", AMP), ("channels_last", SWITCH), ("device", DEVICES), ("verify", VERIFY)):
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
-    for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("seed", 0)):
+    for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("seed", 0), ("max_bad_samples", 0)):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise UserError(f"{name} must be an integer of at least {low}, not {value!r}")

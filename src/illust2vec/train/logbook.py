@@ -57,7 +57,11 @@ class Logbook:
 
 def epoch_line(row: dict, select_key: str) -> str:
     shown = ", ".join(f"{k} {row[k]:.4f}" for k in dict.fromkeys((*CONSOLE_KEYS, select_key)) if k in row)
-    return f"epoch {row['epoch']}: {shown} ({row['seconds']:.0f} s, {row.get('train/images_per_s', 0):.0f} img/s)"
+    bad = int(row.get("train/bad_samples", 0) + row.get("val/bad_samples", 0))
+    skipped = f", {bad} unreadable samples skipped" if bad else ""
+    return (
+        f"epoch {row['epoch']}: {shown} ({row['seconds']:.0f} s, {row.get('train/images_per_s', 0):.0f} img/s{skipped})"
+    )
 
 
 def _tensorboard(run: Path):

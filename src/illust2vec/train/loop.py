@@ -20,7 +20,7 @@ from rich.progress import Progress
 from ..errors import UserError
 from ..evaluation.evaluator import Predictions, PredictOptions, compute_metrics, predict_split
 from ..formats import run as run_dir
-from ..formats.loader import LoaderConfig, make_loader
+from ..formats.loader import BadSamples, LoaderConfig, make_loader
 from ..util.progress import progress_bar
 from . import distributed
 from .config import TrainConfig
@@ -100,15 +100,33 @@ def _better(cfg: TrainConfig, value: float, best: float | None) -> bool:
     return value < best if cfg.select_key.endswith("loss") else value > best
 
 
-def _batches(ctx: Context, epoch: int) -> Iterator:
-    """This epoch's training batches: the loader once, or, under DDP, exactly steps_per_epoch batches on every rank."""
+def _batches(ctx: Context, epoch: int, bad: BadSamples) -> Iterator:
+    """This epoch's training batches: the loader once, or, under DDP, exactly steps_per_epoch batches on every rank.
+    Samples that cannot be read are skipped and counted in `bad`; past `max_bad_samples` the run stops."""
     cfg = ctx.cfg
     loader_cfg = LoaderConfig(batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
     if not ctx.dist.enabled and cfg.max_steps_per_epoch is None:
-        return iter(make_loader(ctx.ds, "train", loader_cfg, train=True, epoch=epoch))
-    # Every rank must take the same number of steps or DDP waits forever: repeat the rank's shards if needed.
-    passes = (make_loader(ctx.ds, "train", loader_cfg, train=True, epoch=epoch * 1000 + i) for i in itertools.count())
-    return itertools.islice(itertools.chain.from_iterable(passes), ctx.steps_per_epoch)
+        batches = iter(make_loader(ctx.ds, "train", loader_cfg, train=True, epoch=epoch, bad=bad))
+    else:
+        # Every rank must take the same number of steps or DDP waits forever: repeat the rank's shards if needed.
+        passes = (
+            make_loader(ctx.ds, "train", loader_cfg, train=True, epoch=epoch * 1000 + i, bad=bad)
+            for i in itertools.count()
+        )
+        batches = itertools.islice(itertools.chain.from_iterable(passes), ctx.steps_per_epoch)
+    for batch in batches:
+        check_bad_samples(bad, cfg.max_bad_samples, "training")
+        yield batch
+    check_bad_samples(bad, cfg.max_bad_samples, "training")
+
+
+def check_bad_samples(bad: BadSamples, limit: int, what: str) -> None:
+    """A UserError once more samples than `limit` could not be read: the data is broken, not a sample or two."""
+    if bad.count > limit:
+        raise UserError(
+            f"{bad.count} {what} samples could not be read this epoch, more than --max-bad-samples {limit}; "
+            f"the first: {bad.first}"
+        )
 
 
 def train_one_epoch(state: TrainState, ctx: Context, progress: Progress | None) -> dict[str, float]:
@@ -116,9 +134,9 @@ def train_one_epoch(state: TrainState, ctx: Context, progress: Progress | None) 
     cfg, net, device = ctx.cfg, ctx.net, ctx.dist.device
     net.train()
     sums: dict[str, float] = {}
-    seen, t0 = 0, time.perf_counter()
+    seen, t0, bad = 0, time.perf_counter(), BadSamples()
     bar = progress.add_task(f"epoch {state.epoch + 1}", total=ctx.steps_per_epoch, info="") if progress else None
-    for images, targets in _batches(ctx, state.epoch):
+    for images, targets in _batches(ctx, state.epoch, bad):
         # Schedule: the learning rate is a pure function of the step.
         lr = get_lr(state.step, ctx.total_steps, ctx.warmup_steps, cfg.lr, cfg.lr * cfg.min_lr_ratio)
         for group in state.optimizer.param_groups:
@@ -164,6 +182,7 @@ def train_one_epoch(state: TrainState, ctx: Context, progress: Progress | None) 
     }
     out = {k: distributed.mean_over_ranks(ctx.dist, v, seen) for k, v in out.items()}
     out["train/images_per_s"] = seen * ctx.dist.world / (time.perf_counter() - t0)
+    out["train/bad_samples"] = float(bad.count)  # this rank's, skipped (see formats.loader.BadSamples)
     return out
 
 
@@ -175,6 +194,11 @@ def validate(state: TrainState, ctx: Context, split: str = "val") -> dict[str, f
     # The bare model, not the DDP wrapper: ranks may hold different numbers of validation batches, and DDP's forward
     # would wait for the others at every batch.
     preds = predict_split(state.model, ctx.ds, split, ctx.dist.device, opts)
+    bad = preds.bad_samples
+    if bad > cfg.max_bad_samples:
+        raise UserError(
+            f"{bad} {split} samples could not be read this epoch, more than --max-bad-samples {cfg.max_bad_samples}"
+        )
     arrays = {**{f"p:{k}": v for k, v in preds.probs.items()}, **{f"t:{k}": v for k, v in preds.targets.items()}}
     gathered = distributed.gather_arrays(ctx.dist, arrays)
     preds = Predictions(
@@ -183,7 +207,7 @@ def validate(state: TrainState, ctx: Context, split: str = "val") -> dict[str, f
     )
     pairs = ctx.pairs["general"].cpu().numpy() if "general" in ctx.pairs else None
     metrics = compute_metrics(preds, ctx.activations, {h: cfg.threshold for h in ctx.activations}, pairs)
-    return {f"{split}/{k}": v for k, v in metrics.items()}
+    return {**{f"{split}/{k}": v for k, v in metrics.items()}, f"{split}/bad_samples": float(bad)}
 
 
 __all__ = ["TrainSummary", "fit", "get_lr", "train_epochs", "train_one_epoch", "validate"]

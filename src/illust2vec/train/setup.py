@@ -29,7 +29,7 @@ from .losses import cooccurrence, exclusive_pairs, tag_weights
 
 # Settings that may change between the sessions of one run: more epochs, other machines, a moved run or dataset (its
 # vocabulary is checked).
-RESUMABLE_CHANGES = ("epochs", "workers", "device", "max_steps_per_epoch", "out", "data")
+RESUMABLE_CHANGES = ("epochs", "workers", "device", "max_steps_per_epoch", "out", "data", "max_bad_samples", "verify")
 
 
 @dataclass
@@ -79,6 +79,8 @@ def setup_run(cfg: TrainConfig, resume: bool, console: Console, d: distributed.D
     """Open the dataset, check the run directory, build (or rebuild) the model, choose precision, wrap it for DDP,
     make the optimizer, and restore the latest checkpoint when resuming."""
     ds = open_dataset(Path(cfg.data))
+    # Shards cut short or changed since the build are named now, not hours into the run.
+    ds.check_shards([s for s in ("train", "val") if s in ds.info.splits], cfg.verify)
     run, done = prepare_run(cfg, resume) if d.main else (Path(cfg.out), run_dir.list_checkpoints(Path(cfg.out)))
     saved = run_dir.read_config(run) if resume and (run / run_dir.CONFIG).exists() else None
     if saved and saved["vocab_hash"] != ds.vocab.hash:
