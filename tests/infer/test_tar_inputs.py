@@ -161,9 +161,10 @@ def test_half_truncated_shard_is_counted_never_a_traceback(i2v, synth_bundle, sh
     cut.write_bytes(data[: len(data) // 2])
     code, out, err = i2v("tag", str(cut), "--model", str(synth_bundle), "--format", "jsonl", *ALL)
     assert code == 1 and "Traceback" not in err
-    assert f"{cut}" in err and "corrupt" in err.strip().splitlines()[-1]
+    assert f"{cut}: cut short at {len(data) // 2} bytes" in err and "corrupt" in err.strip().splitlines()[-1]
     code, full, _ = i2v("tag", str(shard), "--model", str(synth_bundle), "--format", "jsonl", *ALL)
     whole = {p.replace(str(shard), str(cut)): r for p, r in records(full).items()}
+    assert len(records(out)) >= len(whole) // 3  # the members before the cut are tagged, not lost with the shard
     for path, record in records(out).items():  # what could be read of the cut shard scores as the whole one does
         assert_same_scores({**record, "path": None}, {**whole[path], "path": None})
 
@@ -180,7 +181,7 @@ def test_not_a_tar_is_one_failure_and_a_corrupt_member_one_bad_item(i2v, synth_b
             tar.addfile(info, io.BytesIO(body))
     code, out, err = i2v("tag", str(folder), "--model", str(synth_bundle), "--format", "jsonl")
     assert code == 1 and "Traceback" not in err
-    assert f"{folder / 'junk.tar'}: not a readable tar shard" in err
+    assert f"{folder / 'junk.tar'}: not a readable tar (" in err
     assert f"{folder / 'mixed.tar' / 'broken.jpg'}: not a decodable image" in err
     assert sorted(records(out)) == sorted(str(folder / "mixed.tar" / n) for n in good)
     last = err.strip().splitlines()[-1]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tarfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,7 +35,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from ..errors import UserError
-from ..formats.shards import Member, index_shard, read_member
+from ..formats.shards import Member, read_member, scan_shard
 from ..util.cores import cores
 from ..util.images import DRAFT_INFO, BadImage
 from ..util.progress import progress_bar as util_progress_bar
@@ -193,18 +192,19 @@ def _expand_shards(found: Iterable[Item]) -> Iterator[Item]:
 
 
 def shard_items(shard: Item) -> list[Item]:
-    """The members of a tar shard as items (`SHARD/MEMBER`, keyed `KEY/MEMBER`), in the shard's order; a shard that
-    cannot be listed (not a tar, cut short in its headers, unreadable) is one item that fails, named."""
+    """The members of a tar shard as items (`SHARD/MEMBER`, keyed `KEY/MEMBER`), in the shard's order. A shard cut
+    short (a half-copied file) gives its readable members and one failing item for the rest; a shard that cannot be
+    listed at all (not a tar, unreadable) is one failing item, named."""
     try:
-        members = index_shard(shard.path)
-    except (tarfile.TarError, EOFError) as e:
-        return [Item(shard.path, shard.key, True, error=(f"not a readable tar shard ({e})", "corrupt"))]
+        scan = scan_shard(shard.path)
     except OSError as e:
         return [Item(shard.path, shard.key, True, error=(f"cannot read ({e.strerror or e})", "unreadable"))]
     items = []
-    for m in members:
+    for m in scan.members:
         name = f"{m.key}.{m.ext}" if m.ext else m.key
         items.append(Item(shard.path / name, f"{shard.key}/{name}", False, member=m))
+    if scan.problem:  # "not a readable tar (...)", or "cut short at N bytes, after M readable members"
+        items.append(Item(shard.path, shard.key, True, error=(scan.problem, "corrupt")))
     return items
 
 
