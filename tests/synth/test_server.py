@@ -525,7 +525,11 @@ def test_serve_board_prints_its_url_first_and_stops_on_ctrl_c():
         "from illust2vec.synth.cast import SynthConfig; from illust2vec.synth.server import serve_board; "
         "serve_board(SynthConfig(posts=30, min_size=64, max_size=128))"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal gives it: the child starts with SIGINT at its default, whatever the test process inherited
+    # (a CI runner's background job, or an earlier test's library, can leave SIGINT ignored, and an ignored signal
+    # stays ignored across exec).
+    reset = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, preexec_fn=reset)
     try:
         url = proc.stdout.readline().strip()
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
