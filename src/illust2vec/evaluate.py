@@ -28,8 +28,6 @@ from .formats.dataset import VERIFY
 from .models import load_tagger
 from .util.device import resolve_device
 
-EPOCH_WORDS = ("best", "last", "latest")
-
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -50,8 +48,7 @@ class EvalConfig:
         for name in ("run", "split", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UserError(f"EvalConfig.{name} must be a non-empty string, not {getattr(self, name)!r}")
-        if str(self.epoch) not in EPOCH_WORDS and not str(self.epoch).isdigit():
-            raise UserError(f"--epoch takes a number, best or last, not {self.epoch!r}")
+        run_dir.check_epoch(self.epoch)
         check_mode(self.mode)
         if self.verify not in VERIFY:
             raise UserError(f"--verify must be one of {', '.join(VERIFY)}, not {self.verify!r}")

@@ -21,7 +21,7 @@ from .errors import UserError
 from .evaluation.calibration import calibrate
 from .evaluation.evaluator import PredictOptions, predict_split, run_dataset
 from .formats.bundle import Thresholds, check_out, read_thresholds, save_bundle
-from .formats.run import eval_dir, read_config, read_history, resolve_epoch, vocab_path, weights_path
+from .formats.run import check_epoch, eval_dir, read_config, read_history, resolve_epoch, vocab_path, weights_path
 from .formats.vocab import Vocab, read_vocab
 from .models import load_tagger
 from .models.onnx import export_onnx
@@ -29,7 +29,6 @@ from .util.device import resolve_device
 
 log = logging.getLogger(__name__)
 CALIBRATION_SAMPLES = 5000  # enough validation images for stable thresholds and medians; a bounded pass
-EPOCH_WORDS = ("best", "last", "latest")
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,7 @@ class ExportConfig:
         for name in ("run", "out", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UserError(f"ExportConfig.{name} must be a non-empty string, not {getattr(self, name)!r}")
-        if str(self.epoch) not in EPOCH_WORDS and not str(self.epoch).isdigit():
-            raise UserError(f"--epoch takes a number, best or last, not {self.epoch!r}")
+        check_epoch(self.epoch)
         if not isinstance(self.workers, int) or self.workers < 0:
             raise UserError(f"--workers must be 0 or more, not {self.workers!r}")
 

@@ -183,6 +183,15 @@ def load_checkpoint(run: Path, epoch: int, model: torch.nn.Module, optimizer: to
     return state
 
 
+EPOCH_WORDS = ("best", "last", "latest")  # what --epoch takes besides a number
+
+
+def check_epoch(epoch: str | int) -> None:
+    """A UserError unless `epoch` is a number or one of EPOCH_WORDS (a config checks it before any run is read)."""
+    if str(epoch) not in EPOCH_WORDS and not str(epoch).isdigit():
+        raise UserError(f"--epoch takes a number, best or last, not {epoch!r}")
+
+
 def resolve_epoch(run: Path, epoch: str | int = "best") -> int:
     """ "best" (the epoch `--select-by` chose), "last", or a number -> an epoch with a complete checkpoint."""
     run = Path(run)
@@ -191,7 +200,7 @@ def resolve_epoch(run: Path, epoch: str | int = "best") -> int:
     done = list_checkpoints(run)
     if not done:
         raise UserError(f"{run}: no checkpoints (is it a run directory of i2v train?)")
-    if epoch in ("last", "latest"):
+    if epoch in EPOCH_WORDS[1:]:
         return done[-1]
     if epoch == "best":
         # A run still going, or killed, has no best.json: the state of its latest checkpoint knows the best so far.
