@@ -1,5 +1,6 @@
 """Shared test set-up: GPU tests skip themselves without CUDA; a small synthetic crawl, vocabulary and build."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,9 @@ from illust2vec.data.vocab import build_vocab
 from illust2vec.formats.vocab import write_vocab
 from illust2vec.synth.cast import SynthConfig
 from illust2vec.synth.server import start_board
+
+sys.path.insert(0, str(Path(__file__).parent))  # the tests' own helpers (s3server.py)
+from s3server import KEYS, forget_filesystems  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,6 +30,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server for the session; AWS_ENDPOINT_URL and test keys point this process and children at it."""
+    from s3server import start_s3, use
+
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", *KEYS)}
+    with start_s3() as server:
+        use(server)
+        yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    forget_filesystems()
+
+
+@pytest.fixture
+def bucket(s3_server, request) -> str:
+    """A new empty bucket on the session's S3 server, as `s3://NAME`."""
+    import uuid
+
+    name = "t-" + uuid.uuid4().hex[:12]
+    s3_server.client().create_bucket(Bucket=name)
+    return f"s3://{name}"
 
 
 @pytest.fixture(scope="session")
