@@ -94,3 +94,72 @@ def forget_filesystems() -> None:
 
         s3fs.S3FileSystem.clear_instance_cache()
     fsspec.AbstractFileSystem.clear_instance_cache()
+
+
+class CuttingProxy:
+    """A TCP proxy to the S3 server that cuts connections: `cut_responses` answers are cut after `after` bytes.
+
+    It stands for a network that drops: a body cut mid-stream (reads) or a connection reset mid-request
+    (uploads, with `cut_requests`). `endpoint` is what AWS_ENDPOINT_URL should name.
+    """
+
+    def __init__(self, target: str, after: int = 65536, cut_responses: int = 0, cut_requests: int = 0):
+        import threading
+
+        self.target = target.rsplit(":", 1)
+        self.after, self.cut_responses, self.cut_requests = after, cut_responses, cut_requests
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _take(self, kind: str) -> bool:
+        with self._lock:
+            left = getattr(self, kind)
+            if left > 0:
+                setattr(self, kind, left - 1)
+                self.cuts += 1
+                return True
+            return False
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        import threading
+
+        host, port = self.target[0].split("//")[-1], int(self.target[1])
+        upstream = socket.create_connection((host, port))
+
+        def pipe(src: socket.socket, dst: socket.socket, kind: str) -> None:
+            sent, cut = 0, False
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    if not cut and sent + len(data) > self.after and self._take(kind):
+                        dst.sendall(data[: max(0, self.after - sent)])
+                        break
+                    dst.sendall(data)
+                    sent += len(data)
+            except OSError:
+                pass
+            for s in (client, upstream):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+        threading.Thread(target=pipe, args=(client, upstream, "cut_requests"), daemon=True).start()
+        pipe(upstream, client, "cut_responses")
+
+    def close(self) -> None:
+        self._server.close()

@@ -229,8 +229,9 @@ def read_text(loc: Location) -> str:
 class _Resuming:
     """A remote file read sequentially or with seeks that reopens itself where it was when the connection drops.
 
-    fsspec's files retry a request that fails outright, but a body cut short mid-stream surfaces as an error of
-    the read; a stream of shards over hours meets that now and then, so we reopen at the same offset.
+    s3fs retries a range request a few times, but past those (and in filesystems that do not retry) a body cut
+    short mid-stream surfaces as an error of the read; a stream of shards over hours meets that now and then,
+    so we reopen at the same offset.
     """
 
     def __init__(self, fs: Any, path: str, loc: Location):
@@ -244,8 +245,9 @@ class _Resuming:
                 data = self._file.read(n)
                 self._pos += len(data)
                 return data
-            except (OSError, ValueError) as e:
-                if isinstance(e, FileNotFoundError) or attempt == _RETRIES:
+            except Exception as e:
+                lost = isinstance(e, OSError) or _is_store_error(e)
+                if not lost or isinstance(e, (FileNotFoundError, PermissionError)) or attempt == _RETRIES:
                     raise
                 time.sleep(min(0.2 * 2**attempt, 5))
                 with contextlib.suppress(Exception):
