@@ -7,17 +7,16 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ..errors import UserError
 from ..formats.categories import CATEGORY_CODES, HEAD_ORDER, RATING_IDS, RATING_TAGS
-from ..formats.posts import SCHEMA, STATUSES, post_files
+from ..formats.posts import STATUSES, post_files, read_part
 from ..formats.vocab import Vocab, tag_id
+from ..util import storage
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +61,11 @@ class VocabConfig:
         return {h: self.top.get(h, self.default_top) for h in heads}
 
 
-def build_vocab(dirs: Sequence[Path], cfg: VocabConfig | None = None, **options) -> Vocab:
+def build_vocab(dirs: Sequence[storage.Location], cfg: VocabConfig | None = None, **options) -> Vocab:
     """The vocabulary of crawled posts: the most frequent tags of each category, in WD's order.
 
     Args:
-        dirs: crawl directories that `i2v crawl` wrote.
+        dirs: crawl directories that `i2v crawl` wrote: local paths or URLs (`s3://bucket/crawl`).
         cfg: what to keep; or give VocabConfig's fields as keywords (`build_vocab(dirs, top={"general": 100})`).
 
     Each count is the number of posts carrying the tag. Ties go by name, so the same posts give the same file.
@@ -83,7 +82,7 @@ def build_vocab(dirs: Sequence[Path], cfg: VocabConfig | None = None, **options)
     columns = ["rating", "status", *[f"tags_{h}" for h in limits]]
     # One file at a time, so memory holds one file's posts, not a whole multi-million-post crawl.
     for path in post_files(dirs):
-        table = pq.read_table(path, columns=columns, schema=SCHEMA)
+        table = read_part(path, columns)
         seen += table.num_rows
         table = table.filter(pc.is_in(table["status"], value_set=pa.array(list(cfg.statuses), pa.string())))
         posts += table.num_rows
@@ -94,7 +93,7 @@ def build_vocab(dirs: Sequence[Path], cfg: VocabConfig | None = None, **options)
             counts[h].update(_count_tags(table[f"tags_{h}"], resolved))
     log.info("counted %d of %d posts (status %s)", posts, seen, ", ".join(cfg.statuses))
     if not posts:
-        where = " ".join(str(d) for d in dirs)
+        where = " ".join(storage.display(d) for d in dirs)
         raise UserError(f"{where}: no posts with status {' or '.join(cfg.statuses)} to count tags on")
 
     rows = [(RATING_IDS[name], name, CATEGORY_CODES["rating"], ratings[name]) for name in RATING_IDS]

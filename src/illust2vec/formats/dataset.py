@@ -3,18 +3,21 @@
 `i2v build` writes it; the loader, `i2v train` and `i2v evaluate` read it. Each shard sample is a square RGB image
 (`{md5}.jpg`, `.webp` or `.png`) and its labels (`{md5}.json`: id, md5, rating, labels, split), where `labels` maps a
 head to the sorted positions of the post's tags within that head of the vocabulary.
+
+The directory may be a URL (`s3://bucket/built`, `gs://...`; `https://...` for reading), through `util/storage`: the
+readers here and the loader take it as they take a local path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from ..errors import UserError
-from .shards import file_sha256, iter_samples, sample_json
+from ..util import storage
+from .shards import iter_samples, sample_json
 from .vocab import Vocab, read_vocab
 
 FORMAT_VERSION = 1
@@ -23,7 +26,8 @@ IMAGE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}  # a shard image's
 INFO = "dataset.json"
 VOCAB = "selected_tags.csv"
 # How shards are checked against dataset.json before they are read: "sizes" always (a stat per shard), "checksums"
-# always (sha256, reading every byte), "auto" checksums too when the shards checked hold at most CHEAP_CHECKSUM bytes.
+# always (sha256, reading every byte), "auto" checksums too when the shards checked are local and hold at most
+# CHEAP_CHECKSUM bytes (remote shards' checksums would mean downloading all of them first).
 VERIFY = ("auto", "sizes", "checksums")
 CHEAP_CHECKSUM = 1 << 30  # 1 GiB: well under a second of sha256 on one core of a recent CPU (about 1.7 GB/s)
 
@@ -33,10 +37,11 @@ def shard_pattern(split: str) -> str:
     return f"{split}-{{index:06d}}.tar"
 
 
-def built_files(root: Path) -> list[Path]:
-    """What a build leaves in `root` (its shards, their temporaries, dataset.json): a rebuild replaces them all."""
-    root = Path(root)
-    return [*root.glob("*-[0-9]*.tar"), *root.glob("*.tmp"), root / INFO]
+def built_files(root: storage.Location) -> list[storage.Location]:
+    """What a build leaves in `root` (its shards, their temporaries, dataset.json), dataset.json first: a rebuild
+    removes them all, and removing dataset.json first means nothing left behind looks like a finished build."""
+    found = [*storage.listing(root, "*-[0-9]*.tar"), *storage.listing(root, "*.tmp")]
+    return [storage.join(root, INFO), *found]
 
 
 @dataclass(frozen=True)
@@ -115,47 +120,60 @@ class DatasetInfo:
         return cls(**fields)
 
 
-def write_info(root: Path, info: DatasetInfo) -> Path:
-    """Write dataset.json into `root` atomically (temp, then rename): its presence means the build finished."""
-    path = Path(root) / INFO
-    tmp = path.with_name(INFO + ".tmp")
-    tmp.write_text(json.dumps(info.as_dict(), indent=1))
-    os.replace(tmp, path)
+def write_info(root: storage.Location, info: DatasetInfo) -> storage.Location:
+    """Write dataset.json into `root` (a directory or URL) whole: its presence means the build finished."""
+    path = storage.join(root, INFO)
+    storage.write_text(path, json.dumps(info.as_dict(), indent=1))
     return path
 
 
-def read_info(root: Path) -> DatasetInfo:
+def read_info(root: storage.Location) -> DatasetInfo:
     """Read and check dataset.json; a UserError names the directory or file and what is wrong with it."""
-    path = Path(root) / INFO
+    path = storage.join(root, INFO)
+    where = storage.display(path)
     try:
-        d = json.loads(path.read_text())
+        if storage.is_remote(path) and not storage.exists(path):
+            raise FileNotFoundError(path)
+        d = json.loads(storage.read_text(path))
     except FileNotFoundError:
-        raise UserError(f"{root}: no {INFO}; is it a directory that `i2v build` wrote?") from None
+        raise UserError(f"{storage.display(root)}: no {INFO}; is it a directory that `i2v build` wrote?") from None
     except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+        raise UserError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
         version = d.get("format_version") if isinstance(d, dict) else None
-        raise UserError(f"{path}: format version {version}, this illust2vec reads {FORMAT_VERSION}")
+        raise UserError(f"{where}: format version {version}, this illust2vec reads {FORMAT_VERSION}")
     try:
         return DatasetInfo.from_dict(d)
     except (KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{path}: not a dataset.json this illust2vec reads ({type(e).__name__}: {e})") from None
+        raise UserError(f"{where}: not a dataset.json this illust2vec reads ({type(e).__name__}: {e})") from None
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A built dataset directory: its dataset.json, vocabulary and shards per split."""
+    """A built dataset directory (a local `Path`, or a URL as a string): its dataset.json, vocabulary and shards per
+    split."""
 
-    root: Path
+    root: storage.Location
     info: DatasetInfo
     vocab: Vocab
+
+    @property
+    def name(self) -> str:
+        """The directory's own name (the last part of its path or URL)."""
+        return storage.name(self.root)
+
+    @property
+    def vocab_file(self) -> storage.Location:
+        """Where its selected_tags.csv is."""
+        return storage.join(self.root, self.info.vocab)
 
     @property
     def image_size(self) -> int:
         return self.info.image_size
 
     def shards(self, split: str) -> list[str]:
-        return [str(self.root / name) for name in self.info.splits[split].shards]
+        """The split's shards as paths or URLs, what the loader opens."""
+        return [str(storage.join(self.root, name)) for name in self.info.splits[split].shards]
 
     def samples(self, split: str) -> int:
         return self.info.splits[split].samples
@@ -167,36 +185,56 @@ class Dataset:
     def check_shards(self, splits: Iterable[str], verify: str = "auto") -> None:
         """Check that the splits' shards are the files the build wrote, before anything reads them: each one's size
         always, and its sha256 as `verify` says (see VERIFY). The first shard that differs is a UserError naming it.
-        Shards of a dataset.json without sizes (written before they were recorded) are not checked."""
+        Shards of a dataset.json without sizes (written before they were recorded) are not checked. Remote shards
+        are checked as local ones are: sizes from the store's listing, checksums by reading each object through."""
         if verify not in VERIFY:
             raise UserError(f"verify must be one of {', '.join(VERIFY)}, not {verify!r}")
-        recorded = [(self.root / name, rec) for s in splits for name, rec in self.info.splits[s].files.items()]
+        recorded = [(storage.join(self.root, n), rec) for s in splits for n, rec in self.info.splits[s].files.items()]
+        present = {storage.name(p) for p in storage.listing(self.root, "*.tar")}  # one listing, not a request each
         for path, rec in recorded:
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                raise UserError(f"{path}: missing, though {INFO} lists it") from None
+            if storage.name(path) not in present:
+                raise UserError(f"{storage.display(path)}: missing, though {INFO} lists it")
+            size = storage.size(path)
             if size != rec["bytes"]:
-                raise UserError(f"{path}: {size} bytes, {INFO} says {rec['bytes']} (a half-copied file?)")
+                raise UserError(
+                    f"{storage.display(path)}: {size} bytes, {INFO} says {rec['bytes']} (a half-copied file?)"
+                )
         total = sum(rec["bytes"] for _, rec in recorded)
-        if verify == "sizes" or (verify == "auto" and total > CHEAP_CHECKSUM):
+        cheap = total <= CHEAP_CHECKSUM and storage.is_local(self.root)
+        if verify == "sizes" or (verify == "auto" and not cheap):
             return
         for path, rec in recorded:
-            if rec.get("sha256") and (digest := file_sha256(path)) != rec["sha256"]:
+            if rec.get("sha256") and (digest := sha256(path)) != rec["sha256"]:
                 raise UserError(
-                    f"{path}: sha256 {digest[:16]}..., {INFO} says {rec['sha256'][:16]}... (a corrupted copy?)"
+                    f"{storage.display(path)}: sha256 {digest[:16]}..., {INFO} says {rec['sha256'][:16]}... "
+                    "(a corrupted copy?)"
                 )
 
     def labels(self, split: str) -> Iterator[Sample]:
-        """The split's samples in shard order, labels only (the images are not read)."""
-        for _, files in iter_samples([Path(p) for p in self.shards(split)], exts=("json",)):
-            yield Sample.from_json(files["json"])
+        """The split's samples in shard order, labels only (the images are not decoded)."""
+        for shard in self.shards(split):
+            with storage.local_copy(shard) as path:  # a remote shard: one at a time, removed once read
+                for _, files in iter_samples([path], exts=("json",)):
+                    yield Sample.from_json(files["json"])
 
 
-def open_dataset(root: Path) -> Dataset:
-    """Read dataset.json and the vocabulary beside it, checking that they belong together."""
+def sha256(loc: storage.Location) -> str:
+    """The sha256 of a file or object, hex (what `sha256sum` prints), read through in blocks."""
+    digest = hashlib.sha256()
+    with storage.open_read(loc) as f, storage.errors(loc, "cannot read"):
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def open_dataset(root: storage.Location) -> Dataset:
+    """Read dataset.json and the vocabulary beside it (in a directory or under a URL), checking that they belong
+    together."""
+    root = storage.location(root, "dataset")
     info = read_info(root)
-    vocab = read_vocab(Path(root) / info.vocab)
+    vocab = read_vocab(storage.join(root, info.vocab))
     if vocab.hash != info.vocab_hash:
-        raise UserError(f"{root}: selected_tags.csv does not match the vocabulary the shards were built with")
-    return Dataset(Path(root), info, vocab)
+        raise UserError(
+            f"{storage.display(root)}: selected_tags.csv does not match the vocabulary the shards were built with"
+        )
+    return Dataset(root, info, vocab)

@@ -1,7 +1,9 @@
 """The posts table of a crawl directory (Parquet, `posts/*.parquet`): schema, statuses, write, read, the CSV export.
 
 `i2v crawl` writes it; `i2v vocab`, `i2v build` and `i2v export-csv` read it. A crawl directory holds numbered parts
-(`posts/000000.parquet`, ...) and `posts/failed.parquet`, the posts whose file could not be had this time.
+(`posts/000000.parquet`, ...) and `posts/failed.parquet`, the posts whose file could not be had this time. The readers
+take a local directory or a URL (`s3://bucket/crawl`, `gs://...`, `https://...`), through `util/storage`; the crawler
+writes its parts locally and uploads them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import UserError
+from ..util import storage
 from .categories import POST_CATEGORIES
 
 CATEGORIES = POST_CATEGORIES
@@ -79,30 +82,41 @@ def write_posts(path: Path, records: Sequence[dict]) -> None:
     os.replace(tmp, path)
 
 
-def part_files(crawl_dir: Path) -> list[Path]:
-    """The numbered parts of one crawl directory (not failed.parquet), in order."""
-    return sorted((crawl_dir / POSTS_DIR).glob("[0-9]*.parquet"))
+def part_files(crawl_dir: storage.Location) -> list[storage.Location]:
+    """The numbered parts of one crawl directory (not failed.parquet), in order: paths, or URLs for a remote one."""
+    return storage.listing(storage.join(crawl_dir, POSTS_DIR), "[0-9]*.parquet")
 
 
-def post_files(dirs: Iterable[Path]) -> list[Path]:
-    """Every posts Parquet file of these crawl directories; a UserError names a directory that holds none."""
-    files: list[Path] = []
+def post_files(dirs: Iterable[storage.Location]) -> list[storage.Location]:
+    """Every posts Parquet file of these crawl directories (local or URLs); a UserError names a directory that holds
+    none."""
+    files: list[storage.Location] = []
     for d in dirs:
-        found = sorted((Path(d) / POSTS_DIR).glob("*.parquet"))
-        if not found and not (Path(d) / STATE).exists():
-            raise UserError(f"{d}: no posts/*.parquet here; is it a directory that `i2v crawl` wrote?")
+        found = storage.listing(storage.join(d, POSTS_DIR), "*.parquet")
+        if not found and not storage.exists(storage.join(d, STATE)):
+            raise UserError(f"{storage.display(d)}: no posts/*.parquet here; is it a directory that `i2v crawl` wrote?")
         files += found
     return files
 
 
-def read_posts(dirs: Iterable[Path], columns: Sequence[str] | None = None) -> pa.Table:
-    """All posts of one or more crawl directories as one table."""
+def read_part(path: storage.Location, columns: Sequence[str] | None = None) -> pa.Table:
+    """One posts Parquet file (a local path or a URL), with these columns (all when None)."""
+    names = list(columns) if columns else SCHEMA.names
+    if storage.is_local(path):
+        return pq.read_table(storage.local_path(path), columns=names, schema=SCHEMA)
+    # A part is small (thousands of posts): read whole in one request rather than by seeks over the network.
+    with storage.errors(path, "cannot read"):
+        return pq.read_table(pa.BufferReader(storage.read_bytes(path)), columns=names, schema=SCHEMA)
+
+
+def read_posts(dirs: Iterable[storage.Location], columns: Sequence[str] | None = None) -> pa.Table:
+    """All posts of one or more crawl directories (local or URLs) as one table."""
     schema = pa.schema([SCHEMA.field(c) for c in columns]) if columns else SCHEMA
-    tables = [pq.read_table(f, columns=schema.names, schema=SCHEMA) for f in post_files(dirs)]
+    tables = [read_part(f, schema.names) for f in post_files(dirs)]
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def export_csv(dirs: Iterable[Path], out: TextIO | None = None) -> int:
+def export_csv(dirs: Iterable[storage.Location], out: TextIO | None = None) -> int:
     """The seed's tags.csv: id, md5, rating, then the tags of each category space-separated; returns rows written."""
     out = out or sys.stdout
     table = read_posts(dirs, ["id", "md5", "rating", *[f"tags_{c}" for c in CATEGORIES], "status"])

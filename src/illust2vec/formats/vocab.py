@@ -1,17 +1,22 @@
-"""The vocabulary files: `selected_tags.csv` (WD's columns tag_id,name,category,count) and tag alias CSVs."""
+"""The vocabulary files: `selected_tags.csv` (WD's columns tag_id,name,category,count) and tag alias CSVs.
+
+Each is read from and written to a local path or a URL (`s3://...`, `gs://...`; `https://...` for reading), through
+`util/storage`.
+"""
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 from ..errors import UserError
+from ..util import storage
 from .categories import CATEGORY_CODES, CATEGORY_NAMES, HEAD_ORDER, RATING_IDS, RATING_TAGS
 
 HEADER = ("tag_id", "name", "category", "count")
@@ -108,48 +113,52 @@ def tag_id(name: str) -> int:
     return int.from_bytes(hashlib.sha1(name.encode()).digest()[:6], "big")
 
 
-def write_vocab(vocab: Vocab, path: Path) -> None:
-    """Write selected_tags.csv with exactly WD's columns tag_id,name,category,count; atomically (temp, then rename)."""
-    _write_csv(Path(path), HEADER, zip(vocab.tag_ids, vocab.names, vocab.categories, vocab.counts, strict=True))
+def write_vocab(vocab: Vocab, path: storage.Location) -> None:
+    """Write selected_tags.csv (a path or URL) with exactly WD's columns tag_id,name,category,count; whole or not at
+    all (a local file through a temporary name and a rename, an object in one PUT)."""
+    _write_csv(path, HEADER, zip(vocab.tag_ids, vocab.names, vocab.categories, vocab.counts, strict=True))
 
 
-def read_vocab(path: Path) -> Vocab:
-    """Read selected_tags.csv (ours or a WD tagger's), checking it; a UserError names the file and line of a fault."""
+def read_vocab(path: storage.Location) -> Vocab:
+    """Read selected_tags.csv (ours or a WD tagger's; a path or URL), checking it; a UserError names the file and
+    line of a fault."""
     rows = _read_csv(path)
+    where = storage.display(path)
     if not rows:
-        raise UserError(f"{path}: empty file; expected the header {','.join(HEADER)}")
+        raise UserError(f"{where}: empty file; expected the header {','.join(HEADER)}")
     line, header = rows[0]
     if tuple(c.strip() for c in header) != HEADER:
-        raise UserError(f"{path}:{line}: the header must be {','.join(HEADER)}, not {','.join(header)}")
+        raise UserError(f"{where}:{line}: the header must be {','.join(HEADER)}, not {','.join(header)}")
     columns: tuple[list, ...] = ([], [], [], [])
     lines = []
     for line, row in rows[1:]:
         if len(row) != len(HEADER):
-            raise UserError(f"{path}:{line}: {len(row)} fields where {','.join(HEADER)} are 4")
+            raise UserError(f"{where}:{line}: {len(row)} fields where {','.join(HEADER)} are 4")
         try:
             values = (int(row[0]), row[1], int(row[2]), int(row[3]))
         except ValueError:
-            raise UserError(f"{path}:{line}: tag_id, category and count must be integers: {','.join(row)}") from None
+            raise UserError(f"{where}:{line}: tag_id, category and count must be integers: {','.join(row)}") from None
         for column, value in zip(columns, values, strict=True):
             column.append(value)
         lines.append(line)
     if problem := _first_problem(columns[1], columns[2]):
-        raise UserError(f"{path}:{lines[problem[0]]}: {problem[1]}")
+        raise UserError(f"{where}:{lines[problem[0]]}: {problem[1]}")
     return Vocab(*(tuple(c) for c in columns))
 
 
-def write_aliases(aliases: Mapping[str, str], path: Path) -> None:
+def write_aliases(aliases: Mapping[str, str], path: storage.Location) -> None:
     """Write tag renames as a CSV with the header old,new (what `read_aliases` reads); atomically."""
-    _write_csv(Path(path), ALIASES_HEADER, aliases.items())
+    _write_csv(path, ALIASES_HEADER, aliases.items())
 
 
-def read_aliases(path: Path) -> dict[str, str]:
+def read_aliases(path: storage.Location) -> dict[str, str]:
     """Old tag name -> new from a CSV: two columns old,new, or Danbooru's tag_aliases export; a header is optional.
 
     In Danbooru's export (columns antecedent_name, consequent_name, status, ...) only active and retired aliases
     apply: deleted ones were undone and pending ones never took effect.
     """
     rows = _read_csv(path)
+    where = storage.display(path)
     aliases: dict[str, str] = {}
     if not rows:
         return aliases
@@ -164,20 +173,29 @@ def read_aliases(path: Path) -> dict[str, str]:
     width = max(old, new, -1 if status is None else status) + 1
     for line, row in rows:
         if len(row) < width or (status is None and len(row) != 2):
-            raise UserError(f"{path}:{line}: expected {'two columns old,new' if status is None else width} fields")
+            raise UserError(f"{where}:{line}: expected {'two columns old,new' if status is None else width} fields")
         if status is not None and row[status].strip() not in ("active", "retired"):
             continue
         a, b = row[old].strip(), row[new].strip()
         if not a or not b:
-            raise UserError(f"{path}:{line}: empty tag name")
+            raise UserError(f"{where}:{line}: empty tag name")
         if aliases.get(a, b) != b:
-            raise UserError(f"{path}:{line}: {a!r} is aliased to both {aliases[a]!r} and {b!r}")
+            raise UserError(f"{where}:{line}: {a!r} is aliased to both {aliases[a]!r} and {b!r}")
         aliases[a] = b
     return aliases
 
 
-def _write_csv(path: Path, header: Sequence[str], rows) -> None:
-    """A CSV file with this header, written to a temporary name, synced and renamed: never half a file."""
+def _write_csv(path: storage.Location, header: Sequence[str], rows) -> None:
+    """A CSV file with this header, never half a file: locally written to a temporary name, synced and renamed;
+    remotely one PUT, which makes the object appear whole or not at all."""
+    if storage.is_remote(path):
+        text = io.StringIO(newline="")
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        storage.write_text(path, text.getvalue())
+        return
+    path = storage.local_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -189,15 +207,23 @@ def _write_csv(path: Path, header: Sequence[str], rows) -> None:
     os.replace(tmp, path)
 
 
-def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
-    """The non-blank rows of a CSV file with their line numbers; a UserError for a file that cannot be read."""
+def _read_csv(path: storage.Location) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a CSV file (a path or URL) with their line numbers; a UserError for a file that cannot
+    be read."""
+    shown = storage.display(path)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        if storage.is_remote(path):
+            if not storage.exists(path):
+                raise UserError(f"{shown}: no such file")
+            f = io.StringIO(storage.read_bytes(path).decode("utf-8-sig"), newline="")
+        else:
+            f = open(storage.local_path(path), newline="", encoding="utf-8-sig")  # noqa: SIM115
+        with f:
             reader = csv.reader(f, strict=True)
             return [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
     except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
+        raise UserError(f"{shown}: no such file") from None
     except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a CSV file") from None
+        raise UserError(f"{shown}: is a directory, not a CSV file") from None
     except (UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{path}: not a readable CSV file ({e})") from None
+        raise UserError(f"{shown}: not a readable CSV file ({e})") from None
