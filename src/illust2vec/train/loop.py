@@ -58,6 +58,8 @@ def fit(cfg: TrainConfig, resume: bool = False, console: Console | None = None) 
     d = distributed.setup(cfg.device)
     try:
         state, ctx = setup_run(cfg, resume, console, d)
+        if d.enabled and d.main:
+            console.print(distributed.describe(d, cfg.out))
         return train_epochs(state, ctx)
     finally:
         distributed.teardown(d)
@@ -66,8 +68,8 @@ def fit(cfg: TrainConfig, resume: bool = False, console: Console | None = None) 
 def train_epochs(state: TrainState, ctx: Context) -> TrainSummary:
     """Epochs until `cfg.epochs`: train, validate, select, checkpoint, log."""
     cfg, main = ctx.cfg, ctx.dist.main
-    book = Logbook(ctx.run, ctx.console, enabled=main, title=f"{cfg.arch} on {ctx.ds.root.name}")
-    book.start(run_config(ctx, state.model), ctx.ds.root / ctx.ds.info.vocab)
+    book = Logbook(ctx.run, ctx.console, enabled=main, title=f"{cfg.arch} on {ctx.ds.name}")
+    book.start(run_config(ctx, state.model), ctx.ds.vocab_file)
     with progress_bar(ctx.console, disable=not main) as progress:
         while state.epoch < cfg.epochs:
             t0 = time.perf_counter()

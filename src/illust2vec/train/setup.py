@@ -78,11 +78,11 @@ class Context:
 def setup_run(cfg: TrainConfig, resume: bool, console: Console, d: distributed.Dist) -> tuple[TrainState, Context]:
     """Open the dataset, check the run directory, build (or rebuild) the model, choose precision, wrap it for DDP,
     make the optimizer, and restore the latest checkpoint when resuming."""
-    ds = open_dataset(Path(cfg.data))
+    ds = open_dataset(cfg.data)  # a directory or a URL, whose shards the loader streams
     # Shards cut short or changed since the build are named now, not hours into the run.
     ds.check_shards([s for s in ("train", "val") if s in ds.info.splits], cfg.verify)
-    run, done = prepare_run(cfg, resume) if d.main else (Path(cfg.out), run_dir.list_checkpoints(Path(cfg.out)))
-    saved = run_dir.read_config(run) if resume and (run / run_dir.CONFIG).exists() else None
+    # Rank 0 alone reads the run directory (on several nodes, the others may not see it) and tells the rest.
+    run, done, saved = distributed.on_main(d, lambda: _run_plan(cfg, resume))
     if saved and saved["vocab_hash"] != ds.vocab.hash:
         raise UserError(f"{run} was trained on another vocabulary than {cfg.data}'s")
     seed_everything(cfg.seed)
@@ -112,12 +112,20 @@ def setup_run(cfg: TrainConfig, resume: bool, console: Console, d: distributed.D
     )
     state = TrainState(model, make_optimizer(model, cfg))
     if done:
-        restored = run_dir.load_checkpoint(run, done[-1], model, state.optimizer)
+        restored = distributed.on_main(d, lambda: run_dir.load_checkpoint(run, done[-1], model, state.optimizer))
+        distributed.sync_state(d, model, state.optimizer)
         state.epoch, state.step = restored["epoch"], restored["step"]
         state.best, state.best_epoch, state.history = restored["best"], restored["best_epoch"], restored["history"]
         if d.main:
             console.print(f"resuming {run} after epoch {state.epoch}")
     return state, ctx
+
+
+def _run_plan(cfg: TrainConfig, resume: bool) -> tuple[Path, list[int], dict | None]:
+    """The run directory, its finished epochs and, resuming, its saved config.json."""
+    run, done = prepare_run(cfg, resume)
+    saved = run_dir.read_config(run) if resume and (run / run_dir.CONFIG).exists() else None
+    return run, done, saved
 
 
 def prepare_run(cfg: TrainConfig, resume: bool) -> tuple[Path, list[int]]:
