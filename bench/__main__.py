@@ -2,11 +2,12 @@
 
 import sys
 
-from . import crawl, data, fakebooru, quality, search, serve, tag, train
+from . import capacity, crawl, data, fakebooru, quality, search, serve, tag, train
 
 # name -> entry point taking the remaining arguments
 BENCHMARKS = {
     "fakebooru": lambda argv: fakebooru.main(),
+    "capacity": capacity.main,
     "crawl": crawl.main,
     "data": data.main,
     "loader": data.loader_vs_model,
