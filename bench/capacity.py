@@ -9,7 +9,8 @@ runs one process per core (crawl decoders, build workers, loader workers, the ba
 - originals: the board's own files (the synthetic board's; the real Danbooru API pages' `file_size`, real uploads);
 - crawl at 512 px: `util.images.shrink`, what `i2v crawl --image-size 512` does to each file, and the bytes it keeps;
 - build at 448 px: decode, pad, resize and JPEG q95 encoding of a 512 px crawl image (`data.build.process_chunk`);
-- training loader at 448 px: `formats.loader` with augmentation, in this process (workers 0);
+- training loader at 448 px: `formats.loader` with augmentation, in this process (workers 0), and each
+  augmentation step alone;
 - tag at 448 px: `infer.engine.decode` of an original, what feeds the model in `i2v tag`.
 """
 
@@ -151,6 +152,23 @@ def synthetic(posts: int, tmp: Path) -> None:
     _report("synthetic loader at 448 px without augmentation (decode, batch)", (time.process_time() - t0) / n)
 
 
+def augmentation_parts(size: int = 448) -> None:
+    """What each step of the training augmentation costs on one uint8 image of `size` pixels."""
+    import torch
+    from torchvision.transforms import v2
+
+    from illust2vec.formats.loader import LoaderConfig, augmentation
+
+    cfg = LoaderConfig()
+    steps = augmentation(size, cfg).transforms
+    x = torch.randint(0, 255, (3, size, size), dtype=torch.uint8)
+    for step in steps:
+        per, _ = _rate(lambda _, step=step: step(x), [b""] * 20)
+        name = type(step).__name__
+        print(f"capacity: augmentation step {name} at {size} px: {per * 1000:.1f} CPU ms per image")
+    assert any(isinstance(s, v2.ColorJitter) for s in steps)
+
+
 def real(real: Path) -> None:
     """The real Danbooru API pages' file sizes, and the real pictures through the same steps."""
     from illust2vec.infer.engine import decode
@@ -187,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         synthetic(args.posts, Path(tmp))
+    augmentation_parts()
     if args.real.is_dir():
         real(args.real)
     else:
