@@ -1,0 +1,195 @@
+"""Incremental `i2v tag`: a rerun over a grown or edited collection tags only the files that are new or changed.
+
+Each tagged folder keeps a catalogue (`formats.catalogue`, the dot-file `.i2v-catalogue.sqlite`) per destination.
+A file is unchanged when its catalogue row names the same content (the size and modification time as recorded, or
+else the same sha256), the same model weights and the same settings; `overwrite` tags every file again. The
+catalogue is written as each file's output is written, so a run stopped half-way resumes where it stopped. Rows of
+files that are gone are dropped when a run covers the whole folder.
+
+Not incremental: records on stdout (`--out` not given), the table, and the members of tar shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ..formats.catalogue import Catalogue, CatalogueError, Entry, file_hash
+from ..util.cores import cores
+from .engine import Item
+
+log = logging.getLogger(__name__)
+
+
+def destination(fmt: str, out: str | None, xmp_name: str = "ext", embed: bool = False) -> str | None:
+    """What a run writes, as the catalogue names it; None when a rerun cannot add to it (stdout, the table)."""
+    if fmt == "xmp":
+        return "embed" if embed else f"xmp:{xmp_name}"
+    if fmt in ("txt", "hydrus"):
+        return fmt
+    if out is not None and fmt != "table":
+        return f"{fmt}:{os.path.abspath(out)}"
+    return None
+
+
+def settings_hash(*parts: Any) -> str:
+    """A short hash of what decides the tags besides the model (thresholds, rules, naming), as JSON."""
+    text = json.dumps(parts, sort_keys=True, default=_plain, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plain(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: getattr(obj, k) for k in obj.__dataclass_fields__ if not k.startswith("_")}
+    if isinstance(obj, set | frozenset):
+        return sorted(obj)
+    return repr(obj)
+
+
+def root_of(item: Item) -> Path | None:
+    """The folder an item was found under (or, for a file named alone, its folder); None for a shard's member."""
+    if item.member is not None or item.error is not None:
+        return None
+    depth = len(PurePosixPath(item.key).parts)
+    return item.path.parents[depth - 1] if depth else None
+
+
+@dataclass
+class Pending:
+    """A file to tag, and what it was when it was looked at."""
+
+    root: Path
+    key: str
+    sha256: str | None  # None: not read yet (no catalogue row to compare with)
+    st: os.stat_result
+
+
+@dataclass
+class Plan:
+    """Which files a run tags, and the catalogues it records them in."""
+
+    todo: list[Item]
+    unchanged: int = 0
+    books: dict[Path, Catalogue] = field(default_factory=dict)
+    pending: dict[Path, Pending] = field(default_factory=dict)
+    model: str = ""
+    settings: str = ""
+    kept: list[str] = field(default_factory=list)  # keys of unchanged files (for --out records carried over)
+
+    def added_before(self, image: Path) -> tuple[str, ...]:
+        """The tags this tool added to the image's caption or sidecar the last time (for merging)."""
+        p = self.pending.get(image)
+        book = self.books.get(p.root) if p else None
+        entry = book.get(p.key) if book else None
+        return entry.added if entry else ()
+
+    def record(self, image: Path, added: Sequence[str] = (), rehash: bool = False) -> None:
+        """The image's output is written: its row now says so. `rehash`: the file itself changed (embedded tags),
+        so its new size, time and hash are recorded."""
+        p = self.pending.get(image)
+        if p is None or p.root not in self.books:
+            return
+        st, sha = p.st, p.sha256
+        if rehash or sha is None:
+            st, sha = image.stat(), file_hash(image)
+        entry = Entry(p.key, st.st_size, st.st_mtime_ns, sha, self.model, self.settings, tuple(added))
+        try:
+            self.books[p.root].put(entry)
+        except CatalogueError as e:
+            log.warning("%s; the next run tags this folder again", e)
+            self.books.pop(p.root).close()
+
+    def close(self) -> None:
+        for book in self.books.values():
+            try:
+                book.close()
+            except CatalogueError as e:
+                log.warning("%s", e)
+        self.books.clear()
+
+
+def plan(
+    items: Sequence[Item],
+    dest: str | None,
+    model: str,
+    settings: str,
+    overwrite: bool = False,
+    whole: bool = True,
+    workers: int | None = None,
+) -> Plan:
+    """Split `items` into those to tag and those unchanged since the catalogue's record of `dest`.
+
+    `whole`: the items are every file of their folders (no --shard), so rows of files not among them are dropped.
+    Files are hashed in threads, and only those whose size or time differ from their row."""
+    result = Plan(list(items), model=model, settings=settings)
+    if dest is None:
+        return result
+    roots = {item.path: root_of(item) for item in items}
+    for root in {r for r in roots.values() if r is not None}:
+        try:
+            result.books[root] = Catalogue(root, dest)
+        except CatalogueError as e:
+            log.warning("no catalogue: %s; every file in %s is tagged", e, root)
+    looked = [(it, roots[it.path]) for it in items if roots[it.path] in result.books]
+    with ThreadPoolExecutor(workers or cores()) as pool:
+        states = list(pool.map(lambda pair: _state(result, *pair, overwrite), looked))
+    fresh = {it.path for (it, _), (pending, same) in zip(looked, states, strict=True) if same}
+    for (item, _), (pending, _) in zip(looked, states, strict=True):
+        if pending is not None:
+            result.pending[item.path] = pending
+    result.todo = [it for it in items if it.path not in fresh]
+    result.unchanged = len(fresh)
+    result.kept = [str(p) for p in fresh]
+    if whole:
+        _forget_gone(result, looked)
+    return result
+
+
+def _state(result: Plan, item: Item, root: Path, overwrite: bool) -> tuple[Pending | None, bool]:
+    """(what the file is now, whether its row says it is tagged as it is)."""
+    try:
+        st = item.path.stat()
+    except OSError:
+        return None, False  # the engine reports it
+    entry = result.books[root].get(item.key)
+    if entry is None:
+        return Pending(root, item.key, None, st), False
+    same_model = entry.model == result.model and entry.settings == result.settings
+    if entry.same_stat(st):
+        return Pending(root, item.key, entry.sha256, st), same_model and not overwrite
+    try:
+        sha = file_hash(item.path)
+    except OSError:
+        return None, False
+    return Pending(root, item.key, sha, st), sha == entry.sha256 and same_model and not overwrite
+
+
+def _forget_gone(result: Plan, looked: Iterable[tuple[Item, Path]]) -> None:
+    present: dict[Path, set[str]] = {root: set() for root in result.books}
+    for item, root in looked:
+        present[root].add(item.key)
+    for root, book in result.books.items():
+        gone = book.keys() - present[root]
+        if gone:
+            book.forget(gone)
+
+
+class RecordingWriter:
+    """A writer whose every written image is recorded in the plan's catalogues (with what it added, for merging)."""
+
+    def __init__(self, inner: Any, result: Plan, rehash: bool = False):
+        self.inner, self.plan, self.rehash = inner, result, rehash
+
+    def write(self, record: dict, image: Path) -> None:
+        self.inner.write(record, image)
+        self.plan.record(image, getattr(self.inner, "added", ()), rehash=self.rehash)
+
+    def close(self) -> None:
+        self.inner.close()
