@@ -226,6 +226,28 @@ def read_text(loc: Location) -> str:
     return read_bytes(loc).decode("utf-8")
 
 
+def read_range(loc: Location, start: int, length: int) -> bytes:
+    """`length` bytes of `loc` from offset `start` (fewer at its end): one ranged request for a remote file, so
+    reading a tar member or sniffing a file's header never fetches a whole block of the object around it."""
+    if is_local(loc):
+        with open(local_path(loc), "rb") as f:
+            f.seek(start)
+            return f.read(length)
+    if length <= 0:
+        return b""
+    fs, path = filesystem(loc)
+    with errors(loc, "cannot read"):
+        for attempt in range(_RETRIES + 1):
+            try:
+                return fs.cat_file(path, start=start, end=start + length)
+            except Exception as e:  # a connection lost (past the filesystem's own retries) is tried again
+                lost = isinstance(e, OSError) or _is_store_error(e)
+                if not lost or isinstance(e, (FileNotFoundError, PermissionError)) or attempt == _RETRIES:
+                    raise
+                time.sleep(min(0.2 * 2**attempt, 5))
+    raise AssertionError("unreachable")
+
+
 class _Resuming:
     """A remote file read sequentially or with seeks that reopens itself where it was when the connection drops.
 
@@ -335,6 +357,17 @@ def check_writable_root(loc: Location) -> None:
     fs, path = filesystem(loc)
     bucket = path.split("/", 1)[0]
     with errors(loc, "cannot write"):
+        fs.ls(bucket, refresh=True)
+
+
+def check_readable_root(loc: Location) -> None:
+    """For a remote input found empty or missing: its bucket exists and can be listed, so that a missing bucket or
+    wrong credentials are named as such, not taken for an empty directory."""
+    if is_local(loc):
+        return
+    fs, path = filesystem(loc)
+    bucket = path.split("/", 1)[0]
+    with errors(loc, "cannot read"):
         fs.ls(bucket, refresh=True)
 
 
