@@ -1,5 +1,10 @@
 """WebDataset-style tar shards: a writer that never leaves a half shard looking whole, readers, and the crawl's
-raw image shards (`images/NNNNNN.tar`, each post as `{md5}.{ext}` and `{md5}.json`)."""
+raw image shards (`images/NNNNNN.tar`, each post as `{md5}.{ext}` and `{md5}.json`).
+
+The readers take a local path or a URL (`s3://`, `gs://`, `http(s)://`, through `util.storage`): a remote shard is
+streamed (`iter_samples`, `scan_shard`, `index_shard` read it front to back, never to disk) and a member is one
+ranged read (`read_member`), so a shard is never downloaded whole to tag a few of its images.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..util import storage
 
 TMP = ".tmp"  # a shard being written is NAME.tmp until it is whole
 IMAGES_DIR = "images"  # in a crawl directory
@@ -121,7 +127,7 @@ def split_name(member: str) -> tuple[str, str]:
 class Member:
     """Where one file lies inside a tar: enough to read it back without reading the tar."""
 
-    shard: Path
+    shard: Path | str  # a local path, or the shard's URL
     key: str
     ext: str
     offset: int
@@ -132,7 +138,21 @@ class ShardError(UserError):
     """A shard that cannot be read to its end (cut short, not a tar): one line naming it."""
 
 
-def iter_samples(paths: Iterable[Path], exts: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+@contextlib.contextmanager
+def _open_tar(loc: Path | str, stream: bool = False) -> Iterator[tarfile.TarFile]:
+    """A tar open for reading: a local file as tarfile opens it; a remote one through `storage.open_read`, read in
+    order (`stream`: tarfile's streaming mode, no seeks at all) or with forward seeks past the members' data."""
+    if storage.is_local(loc):
+        with tarfile.open(storage.local_path(loc)) as tar:
+            yield tar
+        return
+    with storage.open_read(loc) as f, tarfile.open(fileobj=f, mode="r|*" if stream else "r") as tar:
+        yield tar
+
+
+def iter_samples(
+    paths: Iterable[Path | str], exts: Iterable[str] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Every sample of these shards in order, as (key, {ext: bytes}); members of one sample are adjacent.
 
     With `exts`, only those members are read (e.g. the labels without the images). A shard that is cut short or not
@@ -142,7 +162,7 @@ def iter_samples(paths: Iterable[Path], exts: Iterable[str] | None = None) -> It
     for path in paths:
         n = 0
         try:
-            with tarfile.open(path) as tar:
+            with _open_tar(path, stream=True) as tar:
                 key, files = None, {}
                 for member in tar:
                     if not member.isfile():
@@ -168,18 +188,19 @@ class ShardScan:
     problem: str = ""
 
 
-def scan_shard(path: Path) -> ShardScan:
+def scan_shard(path: Path | str) -> ShardScan:
     """The members of a shard whose bytes all lie in the file (reads only the headers), and, for a shard cut short (a
     half-copied file, a broken stream) or not a tar at all, what is wrong: a whole tar ends with a zero block after
     its last member, so a shard cut anywhere, even between two members, is told from a whole one."""
-    size = Path(path).stat().st_size
+    size = storage.size(path)
+    shard = storage.local_path(path) if storage.is_local(path) else str(path)
     members: list[Member] = []
     try:
-        with tarfile.open(path) as tar:
+        with _open_tar(path) as tar:
             try:
                 for m in tar:
                     if m.isfile() and m.offset_data + m.size <= size:
-                        members.append(Member(Path(path), *split_name(m.name), m.offset_data, m.size))
+                        members.append(Member(shard, *split_name(m.name), m.offset_data, m.size))
                 error = None
             except (tarfile.TarError, EOFError) as e:
                 error = e
@@ -191,25 +212,25 @@ def scan_shard(path: Path) -> ShardScan:
     return ShardScan(members)
 
 
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file, hex: what `sha256sum` prints."""
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a file (local, or a URL read as a stream), hex: what `sha256sum` prints."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def index_shard(path: Path) -> list[Member]:
+def index_shard(path: Path | str) -> list[Member]:
     """The files of a shard and their byte offsets (reads only the headers)."""
-    with tarfile.open(path) as tar:
+    with _open_tar(path) as tar:
         return [Member(path, *split_name(m.name), m.offset_data, m.size) for m in tar if m.isfile()]
 
 
 def read_member(member: Member) -> bytes:
-    with open(member.shard, "rb") as f:
-        f.seek(member.offset)
-        return f.read(member.size)
+    """A member's bytes, read at its offset (one ranged request for a remote shard); fewer than `member.size` when
+    the shard has been cut short inside it."""
+    return storage.read_range(member.shard, member.offset, member.size)
 
 
 def sample_json(record: dict) -> bytes:

@@ -12,16 +12,23 @@ The schema's metadata (`illust2vec` key) names the format, the model and the vec
 refuses to mix vectors of different models.
 
 A run writes rows in parts under `OUT.parts/` (each part written under a temporary name and renamed into place when
-whole); `merge_parts` streams OUT and the parts into a new OUT and removes the parts.
+whole); `merge_parts` streams OUT and the parts into a new OUT and removes the parts. `i2v embed --ray` writes its
+parts `part-NNNNN.parquet` straight under its `--out` folder or prefix and merges nothing: `read_vectors` reads such
+a folder as it reads a file.
+
+Every file here may be a URL (`s3://`, `gs://`; `util.storage`): parts and the merged file are written whole (one
+PUT, or an upload of a finished local file), and are read in ranges (a Parquet footer, then its columns).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +36,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import UserError
+from ..util import storage
+
+Loc = Path | str  # a local path, or a URL
 
 FORMAT = "illust2vec-vectors"
 FORMAT_VERSION = 1
@@ -137,21 +147,34 @@ def tags_json(tags: dict[str, dict[str, float]]) -> str:
 # ---- reading
 
 
-def file_meta(path: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def _source(path: Loc) -> Iterator[Any]:
+    """What pyarrow reads: a local path as it is, a URL as a file read in ranges through `util.storage`."""
+    if storage.is_local(path):
+        yield storage.local_path(path)
+        return
+    with storage.open_read(path) as f, storage.errors(path, "cannot read"):
+        yield f
+
+
+def file_meta(path: Loc) -> dict[str, Any]:
     """The `illust2vec` metadata of a vectors file; UserError when it is not one."""
     import pyarrow.parquet as pq
 
     try:
-        schema = pq.read_schema(path)
+        with _source(path) as src:
+            schema = pq.read_schema(src)
+    except UserError:
+        raise
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise UserError(f"{path}: not a Parquet file ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{storage.display(path)}: not a Parquet file ({str(e).splitlines()[0]})") from None
     raw = (schema.metadata or {}).get(META_KEY)
     try:
         meta = json.loads(raw) if raw else {}
     except ValueError:
         meta = {}
     if meta.get("format") != FORMAT or "vector" not in schema.names:
-        raise UserError(f"{path}: not a vectors file of `i2v embed`")
+        raise UserError(f"{storage.display(path)}: not a vectors file of `i2v embed`")
     return meta
 
 
@@ -167,25 +190,26 @@ class Vectors:
     duplicates: int = 0  # ids met again in a later file, left out
 
 
-def vector_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files given, and the *.parquet files in folders given (e.g. a shard's unfinished `OUT.parts/`)."""
-    files: list[Path] = []
+def vector_files(inputs: Sequence[str | os.PathLike]) -> list[Loc]:
+    """Files given, and the *.parquet files in folders (or URL prefixes) given (e.g. a shard's unfinished
+    `OUT.parts/`, or the parts of `i2v embed --ray`)."""
+    files: list[Loc] = []
     for arg in inputs:
-        p = Path(arg)
-        if p.is_dir():
-            found = sorted(q for q in p.glob("*.parquet") if not q.name.startswith("."))
+        p = storage.location(arg, "vectors")
+        if storage.isdir(p):
+            found = [q for q in storage.listing(p, "*.parquet") if not storage.name(q).startswith(".")]
             if not found:
-                raise UserError(f"{p}: no .parquet files in this folder")
+                raise UserError(f"{storage.display(p)}: no .parquet files in this folder")
             files += found
-        elif p.is_file():
+        elif storage.exists(p):
             files.append(p)
         else:
-            raise UserError(f"{arg}: no such file or folder")
+            raise UserError(f"{storage.display(arg)}: no such file or folder")
     return files
 
 
 def read_vectors(inputs: Sequence[str | os.PathLike]) -> Vectors:
-    """Every row of the vectors files (or folders of them), in order, each id once (the first).
+    """Every row of the vectors files (or folders of them; local or URLs), in order, each id once (the first).
 
     Raises:
         UserError: a file that is not a vectors file, or files from different models.
@@ -204,9 +228,11 @@ def read_vectors(inputs: Sequence[str | os.PathLike]) -> Vectors:
         meta = file_meta(f)
         if not same_model(meta, meta0):
             raise UserError(
-                f"{f}: vectors of another model than {files[0]} ({describe_model(meta)} vs {describe_model(meta0)})"
+                f"{storage.display(f)}: vectors of another model than {storage.display(files[0])} "
+                f"({describe_model(meta)} vs {describe_model(meta0)})"
             )
-        table = pq.read_table(f)
+        with _source(f) as src:
+            table = pq.read_table(src)
         fid = table.column("id").to_pylist()
         keep = [i for i, x in enumerate(fid) if x not in seen and not seen.add(x)]
         out.duplicates += len(fid) - len(keep)
@@ -226,44 +252,67 @@ def read_vectors(inputs: Sequence[str | os.PathLike]) -> Vectors:
 # ---- writing: parts while running, one file at the end
 
 
-def parts_dir(out: Path) -> Path:
+PARTS = "part-*.parquet"  # the parts in a folder or prefix
+
+
+def parts_dir(out: Loc) -> Loc:
     """Where a run writing `out` keeps its parts."""
-    return out.with_name(out.name + ".parts")
+    return Path(out).with_name(Path(out).name + ".parts") if storage.is_local(out) else f"{out}.parts"
 
 
-def written_files(out: Path) -> list[Path]:
+def written_files(out: Loc) -> list[Loc]:
     """`out` (when it exists) and its parts: every file a rerun resumes from."""
-    return ([out] if out.is_file() else []) + sorted(parts_dir(out).glob("part-*.parquet"))
+    return ([out] if storage.exists(out) else []) + storage.listing(parts_dir(out), PARTS)
 
 
-def done_ids(out: Path) -> set[str]:
+def done_ids(out: Loc) -> set[str]:
     """The ids already written to `out` or its parts."""
+    return ids_in(written_files(out))
+
+
+def ids_in(files: Sequence[Loc]) -> set[str]:
+    """The ids of these vectors files (each checked to be one)."""
     import pyarrow.parquet as pq
 
     done: set[str] = set()
-    for f in written_files(out):
+    for f in files:
         file_meta(f)
-        done.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+        with _source(f) as src:
+            done.update(pq.read_table(src, columns=["id"]).column("id").to_pylist())
     return done
 
 
-def check_same_model(out: Path, meta: dict) -> None:
-    """A rerun must use the model of the rows already written: vectors of two models do not compare."""
-    for f in written_files(out)[:2]:
+def check_same_model(out: Loc, meta: dict, files: Sequence[Loc] | None = None) -> None:
+    """A rerun must use the model of the rows already written (`out` and its parts, or `files`): vectors of two
+    models do not compare."""
+    for f in list(written_files(out) if files is None else files)[:2]:
         old = file_meta(f)
         if not same_model(old, meta):
-            raise UserError(f"{f}: written with another model ({describe_model(old)}); choose another --out")
+            raise UserError(
+                f"{storage.display(f)}: written with another model ({describe_model(old)}); choose another --out"
+            )
+
+
+def table_bytes(table: Any) -> bytes:
+    """A table as the bytes of a Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 class PartWriter:
-    """Rows into numbered Parquet parts of `size` rows under `parts_dir(out)`, each written under a temporary name
-    and renamed; `close` writes the last part and merges everything into `out`."""
+    """Rows into numbered Parquet parts of `size` rows under `folder` (default `parts_dir(out)`), each written whole
+    (a local file under a temporary name, then renamed; an object in one PUT); `close` writes the last part and
+    merges everything into `out`, `finish` writes the last part only (`--ray`: the parts are the output)."""
 
-    def __init__(self, out: Path, meta: dict, size: int):
-        self.out, self.meta, self.size = out, meta, size
-        self.folder = parts_dir(out)
-        self.folder.mkdir(exist_ok=True)
-        numbers = [int(p.stem.split("-")[1]) for p in self.folder.glob("part-*.parquet")]
+    def __init__(self, out: Loc, meta: dict, size: int, folder: Loc | None = None, digits: int = 6):
+        self.out, self.meta, self.size, self.digits = out, meta, size, digits
+        self.folder = parts_dir(out) if folder is None else folder
+        storage.makedirs(self.folder)
+        numbers = [int(storage.name(p).split("-")[1].split(".")[0]) for p in storage.listing(self.folder, PARTS)]
         self.next = max(numbers, default=-1) + 1
         self.rows: list[tuple[str, str, np.ndarray, str]] = []
 
@@ -273,18 +322,16 @@ class PartWriter:
             self.flush()
 
     def flush(self) -> None:
-        import pyarrow.parquet as pq
-
         if not self.rows:
             return
         ids, paths, vectors, tags = zip(*self.rows, strict=True)
         table = vectors_table(list(ids), list(paths), np.stack(vectors), list(tags), self.meta)
-        final = self.folder / f"part-{self.next:06d}.parquet"
-        tmp = self.folder / f".{final.name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
+        storage.write_bytes(storage.join(self.folder, f"part-{self.next:0{self.digits}d}.parquet"), table_bytes(table))
         self.next += 1
         self.rows.clear()
+
+    def finish(self) -> None:
+        self.flush()
 
     def close(self) -> int:
         """Write the last part and merge the parts into `out`; returns the rows in `out`."""
@@ -292,24 +339,51 @@ class PartWriter:
         return merge_parts(self.out, self.meta)
 
 
-def merge_parts(out: Path, meta: dict) -> int:
-    """OUT (if any) and the parts -> a new OUT, streamed in batches; then the parts go. Returns its rows."""
+def merge_parts(out: Loc, meta: dict) -> int:
+    """OUT (if any) and the parts -> a new OUT, streamed in batches; then the parts go. Returns its rows.
+
+    A local OUT is written beside it under a temporary name and renamed; a remote one is written to a local temporary
+    file and uploaded (an object appears whole), then its parts are removed."""
+    import pyarrow.parquet as pq
+
+    files = written_files(out)
+    parts = files[1:] if files and files[0] == out else files
+    if not parts and files:
+        _remove_parts(out, parts)
+        with _source(out) as src:
+            return pq.ParquetFile(src).metadata.num_rows
+    if storage.is_local(out):
+        local = storage.local_path(out)
+        tmp = local.with_name(f".{local.name}.tmp")
+        rows = _merge_into(tmp, files, meta)
+        os.replace(tmp, local)
+    else:
+        with tempfile.TemporaryDirectory(prefix="i2v-merge-") as folder:
+            tmp = Path(folder) / storage.name(out)
+            rows = _merge_into(tmp, files, meta)
+            storage.upload(tmp, out)
+    _remove_parts(out, parts)
+    return rows
+
+
+def _merge_into(tmp: Path, files: Sequence[Loc], meta: dict) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parts = parts_dir(out)
-    files = sorted(parts.glob("part-*.parquet"))
-    if not files and out.is_file():
-        shutil.rmtree(parts, ignore_errors=True)
-        return pq.ParquetFile(out).metadata.num_rows
-    tmp = out.with_name(f".{out.name}.tmp")
     rows = 0
     schema = vectors_schema(int(meta["model"]["feature_dim"]), meta)
     with pq.ParquetWriter(tmp, schema) as w:
-        for f in written_files(out):
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=65536):
-                w.write_table(pa.Table.from_batches([batch]).cast(schema))
-                rows += batch.num_rows
-    os.replace(tmp, out)
-    shutil.rmtree(parts, ignore_errors=True)
+        for f in files:
+            with _source(f) as src:
+                for batch in pq.ParquetFile(src).iter_batches(batch_size=65536):
+                    w.write_table(pa.Table.from_batches([batch]).cast(schema))
+                    rows += batch.num_rows
     return rows
+
+
+def _remove_parts(out: Loc, parts: Sequence[Loc]) -> None:
+    if storage.is_local(out):
+        shutil.rmtree(parts_dir(out), ignore_errors=True)
+        return
+    for p in parts:
+        storage.remove(p)

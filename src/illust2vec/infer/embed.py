@@ -6,6 +6,10 @@ Resumable: rows are written as they come, in parts under `OUT.parts/` (each part
 a rerun skips every id already in OUT or in a part, and the end of a run merges the parts into OUT. A job array
 runs `--shard I/N` on each machine (the same paths everywhere; files are dealt out by a hash of their path relative
 to the folder given, as `i2v tag` deals them) and `i2v index build` takes all the outputs together.
+
+Inputs and `--out` may be URLs (`s3://`, `gs://`): the parts and the merged file are then objects, each written
+whole. With `ray` (`--ray`), the job runs on a Ray cluster (`distributed.py`) and `--out` is a folder or prefix of
+parts `part-NNNNN.parquet`, which `i2v index build` reads as they are.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from rich.console import Console
 
 from ..errors import UserError
 from ..formats.vectors import PartWriter, check_same_model, done_ids, file_metadata, model_meta, tags_json
+from ..util import storage
 from ..util.shard import in_shard
-from .engine import Batch, BatchSummary, Engine, Item, check_job, discover
+from .engine import Batch, BatchSummary, Engine, Item, RayOptions, check_job, discover, full_path, is_shard
 from .tagger import Tagger
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,7 @@ class EmbedConfig:
     device: str = "auto"
     backend: str = "auto"
     workers: int | None = None  # decoding threads; None: one per core
+    ray: RayOptions | None = None  # --ray: a Ray Data pipeline writing parts under `out`, a folder or prefix
 
     def __post_init__(self) -> None:
         check_job(self)
@@ -52,13 +58,19 @@ class EmbedConfig:
             raise UserError(f"--ids must be one of {', '.join(ID_KINDS)}, not {self.ids!r}")
         if not isinstance(self.part_size, int) or self.part_size < 1:
             raise UserError(f"EmbedConfig.part_size must be at least 1, not {self.part_size!r}")
-        out = Path(self.out)
-        if out.suffix != ".parquet":
-            raise UserError(f"--out {out}: the output is a Parquet file; name it *.parquet")
+        storage.location(self.out, "--out", write=True)
+        parquet = self.out.endswith(".parquet")
+        if self.ray is None and not parquet:
+            raise UserError(f"--out {self.out}: the output is a Parquet file; name it *.parquet")
+        if self.ray is not None and parquet:
+            raise UserError(f"--out {self.out}: --ray writes parts into a folder or prefix; give one, not *.parquet")
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path | str) -> None:
     """Where the output goes: checked when the run starts (the folder may be made after the config)."""
+    if storage.is_remote(out):
+        storage.check_writable_root(out)
+        return
     if out.is_dir():
         raise UserError(f"--out {out}: is a folder; give a file name such as vectors.parquet")
     if not out.parent.is_dir():
@@ -66,12 +78,18 @@ def _check_out(out: Path) -> None:
 
 
 def item_id(item: Item, ids: str) -> str:
-    return Path(item.key).stem if ids == "stem" else item.key
+    return key_id(item.key, ids)
 
 
-def _items(cfg: EmbedConfig, summary: BatchSummary) -> list[Item]:
-    """This shard's files; two that would share an id are the user's mistake."""
-    items = [it for it in discover(cfg.paths, cfg.recursive, summary) if in_shard(it.key, cfg.shard)]
+def key_id(key: str, ids: str) -> str:
+    """A row's id from an item's key (its path relative to the argument it was found under)."""
+    return Path(key).stem if ids == "stem" else key
+
+
+def _items(cfg: EmbedConfig, summary: BatchSummary, expand: bool = True) -> list[Item]:
+    """This shard's files (tar shards whole, without `expand`); two that would share an id are the user's mistake."""
+    found = discover(cfg.paths, cfg.recursive, summary, expand)
+    items = [it for it in found if in_shard(it.key, cfg.shard) or is_shard(it)]  # members are dealt out later
     by_id: dict[str, Item] = {}
     for it in items:
         first = by_id.setdefault(item_id(it, cfg.ids), it)
@@ -89,7 +107,11 @@ def embed_files(cfg: EmbedConfig, console: Console | None = None, tagger: Tagger
     Returns the summary; `summary.n_failed` > 0 means some image could not be embedded (each is named on the console).
     """
     console = console or Console(stderr=True)
-    out = Path(cfg.out)
+    if cfg.ray is not None:
+        from .distributed import embed_on_ray
+
+        return embed_on_ray(cfg, console)
+    out = storage.location(cfg.out, "--out", write=True)
     _check_out(out)
     summary = BatchSummary("embedded")
     items = _items(cfg, summary)
@@ -107,7 +129,7 @@ def embed_files(cfg: EmbedConfig, console: Console | None = None, tagger: Tagger
         probs, feats = tagger.run(np.stack([x for _, x in batch]))
         feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
         for (item, _), p, f in zip(batch, probs, feats, strict=True):
-            writer.add(item_id(item, cfg.ids), str(item.path.resolve()), f, tags_json(tagger.select(p)))
+            writer.add(item_id(item, cfg.ids), full_path(item.path), f, tags_json(tagger.select(p)))
         summary.done += len(batch)
 
     Engine(summary, tagger.image_size, console, cfg.batch_size, cfg.workers).run(todo, consume, "embedding")

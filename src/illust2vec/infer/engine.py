@@ -6,6 +6,10 @@ in place: each of their members is an item named `SHARD/MEMBER`, read by its off
 read-ahead, never unpacked to disk. A member cut short or undecodable is a bad item; a shard that cannot be listed at
 all is one bad item, named.
 
+Inputs may be URLs (`util.storage`): every file under an `s3://` or `gs://` prefix (its subfolders with
+`recursive`), a single `http(s)://` file, and tar shards at any of them. An item's path is then the URL as given,
+and its bytes are read in the same read-ahead (one request per file; a member of a remote shard is one ranged read).
+
 Images are recognised by their content, in any format Pillow reads, whatever their name. A file that cannot be
 used is named on stderr with its reason, counted and skipped; the summary says how many. Files met in a folder
 that are not images at all (captions, JSON, videos...) are counted apart, quietly (-v lists them): they are not
@@ -36,6 +40,7 @@ from rich.progress import Progress
 
 from ..errors import UserError
 from ..formats.shards import Member, read_member, scan_shard
+from ..util import storage
 from ..util.cores import cores
 from ..util.images import DRAFT_INFO, BadImage
 from ..util.progress import progress_bar as util_progress_bar
@@ -58,6 +63,26 @@ def reason_of(e: BadImage) -> str:
 
 
 SHARD_SUFFIX = ".tar"  # a file so named, given or found in a folder, is a WebDataset shard: its members are items
+SNIFF = 1 << 20  # bytes of a remote file without an image suffix read to tell whether it is an image at all
+
+Loc = Path | str  # a local path, or a URL (`s3://...`) as a string
+
+
+def suffix(loc: Loc) -> str:
+    """A path's or URL's suffix, lower case (".jpg"; "" for none)."""
+    name = storage.name(loc)
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot > 0 else ""
+
+
+def shown(loc: Loc) -> str:
+    """How an item's path appears in records and messages: a local path as given, a URL without any secret."""
+    return storage.display(loc)
+
+
+def full_path(loc: Loc) -> str:
+    """An item's path made absolute (embed's `path` column): a local path resolved, a URL as shown."""
+    return storage.display(loc) if storage.is_remote(loc) else str(Path(loc).resolve())
 
 
 @dataclass(frozen=True)
@@ -65,14 +90,14 @@ class Item:
     """A file, or a member of a tar shard: where it is, the name it is sharded by, and whether the user named it
     (not found in a walk)."""
 
-    path: Path  # a member's is SHARD/MEMBER: the shard's path as found, then its name inside the shard
+    path: Loc  # a URL is a str; a member's is SHARD/MEMBER: the shard's path as found, then its name inside it
     key: str  # its path relative to the argument it was found under: the same on every machine of a job array
     named: bool
     member: Member | None = None  # where a shard member's bytes lie
     error: tuple[str, str] | None = None  # (message, reason): a shard that could not be listed, failed in turn
 
     @property
-    def shard(self) -> Path | None:
+    def shard(self) -> Loc | None:
         """The tar shard this item lies in (or is, when it could not be listed); None for a plain file."""
         if self.member is not None:
             return self.member.shard
@@ -121,6 +146,24 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+@dataclass(frozen=True)
+class RayOptions:
+    """`--ray`: run a batch job as a Ray Data pipeline (`infer/distributed.py`) that writes parts under `--out`."""
+
+    address: str | None = None  # --ray-address (or RAY_ADDRESS); None: a local cluster for this run
+    actors: int | None = None  # model actors; None: util.cluster.default_actors
+    gpus_per_actor: float | None = None  # None: 1 on a cluster with GPUs, else 0
+    part_size: int = 1024  # records per part: the most a stopped run redoes
+
+    def __post_init__(self) -> None:
+        if self.actors is not None and (not isinstance(self.actors, int) or self.actors < 1):
+            raise UserError(f"--actors must be at least 1, not {self.actors!r}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise UserError(f"--gpus-per-actor must be at least 0, not {self.gpus_per_actor!r}")
+        if not isinstance(self.part_size, int) or self.part_size < 1:
+            raise UserError(f"--part-size must be at least 1, not {self.part_size!r}")
+
+
 def check_job(cfg: Any) -> None:
     """The options every batch job's config shares (`paths`, `shard`, `batch_size`, `workers`, `backend`): checked
     alike, UserError naming the option; `paths` made a tuple and `shard` ("I/N" or (I, N)) a pair of ints, in place
@@ -141,9 +184,12 @@ def check_job(cfg: Any) -> None:
 # ---- discovery
 
 
-def discover(paths: Sequence[str], recursive: bool, summary: BatchSummary | None = None) -> list[Item]:
-    """Every file under the paths, in a stable order (files as given, folders sorted), each once; subfolders not
-    entered (without `recursive`) are counted in `summary`.
+def discover(
+    paths: Sequence[str], recursive: bool, summary: BatchSummary | None = None, expand: bool = True
+) -> list[Item]:
+    """Every file under the paths (local, or URLs), in a stable order (files as given, folders sorted), each once;
+    subfolders not entered (without `recursive`) are counted in `summary`. Tar shards are replaced by their members
+    unless `expand` is false (`--ray` lists shards and reads them in its tasks).
 
     Hidden files and folders (a leading dot) are passed over in folders, as `ls` does. A path that does not exist
     is the user's mistake.
@@ -151,20 +197,51 @@ def discover(paths: Sequence[str], recursive: bool, summary: BatchSummary | None
     items: list[Item] = []
     seen: set[str] = set()
     for arg in paths:
-        root = Path(arg)
-        if root.is_file():
-            found: Iterable[Item] = [Item(root, root.name, True)]
-        elif root.is_dir():
-            found = _walk(root, recursive, summary)
-        elif root.exists():
-            raise UserError(f"{arg}: neither a file nor a folder")
+        if storage.is_remote(arg):
+            found: Iterable[Item] = _remote(arg, recursive, summary)
         else:
-            raise UserError(f"{arg}: no such file or folder")
-        for item in _expand_shards(found):
-            ident = os.path.normpath(os.path.abspath(item.path))
+            found = _local(arg, recursive, summary)
+        for item in _expand_shards(found) if expand else found:
+            ident = str(item.path) if storage.is_remote(item.path) else os.path.normpath(os.path.abspath(item.path))
             if ident not in seen:
                 seen.add(ident)
                 items.append(item)
+    return items
+
+
+def _local(arg: str, recursive: bool, summary: BatchSummary | None) -> Iterable[Item]:
+    root = storage.local_path(arg)
+    if root.is_file():
+        return [Item(root, root.name, True)]
+    if root.is_dir():
+        return _walk(root, recursive, summary)
+    if root.exists():
+        raise UserError(f"{arg}: neither a file nor a folder")
+    raise UserError(f"{arg}: no such file or folder")
+
+
+def _remote(arg: str, recursive: bool, summary: BatchSummary | None) -> list[Item]:
+    """A URL: one file, or every file under a prefix (sorted; hidden names and, without `recursive`, subfolders
+    passed over as in a local folder). An http(s) URL is one file (such servers cannot be listed)."""
+    loc = str(storage.location(arg, "input"))
+    if storage.scheme(loc) in storage.READ_ONLY:
+        return [Item(loc, storage.name(loc), True)]
+    if not storage.isdir(loc):
+        if not storage.exists(loc):
+            raise UserError(f"{storage.display(arg)}: no such file or folder")
+        return [Item(loc, storage.name(loc), True)]
+    items, subdirs = [], set()
+    for url in storage.walk_files(loc):
+        rel = str(url)[len(loc) + 1 :]
+        parts = rel.split("/")
+        if not rel or rel.endswith("/") or any(p.startswith(".") for p in parts):
+            continue
+        if len(parts) > 1 and not recursive:
+            subdirs.add(parts[0])
+            continue
+        items.append(Item(str(url), rel, False))
+    if summary is not None:
+        summary.subfolders_skipped += len(subdirs)
     return items
 
 
@@ -182,10 +259,15 @@ def _walk(root: Path, recursive: bool, summary: BatchSummary | None) -> Iterator
                 yield Item(path, path.relative_to(root).as_posix(), False)
 
 
+def is_shard(item: Item) -> bool:
+    """Whether an item is a whole tar shard, not yet replaced by its members (`discover(..., expand=False)`)."""
+    return item.member is None and item.error is None and suffix(item.path) == SHARD_SUFFIX
+
+
 def _expand_shards(found: Iterable[Item]) -> Iterator[Item]:
     """Files as they are; a tar shard -> its members (json, txt... among them, passed over later as non-images)."""
     for item in found:
-        if item.path.suffix.lower() == SHARD_SUFFIX:
+        if suffix(item.path) == SHARD_SUFFIX:
             yield from shard_items(item)
         else:
             yield item
@@ -197,15 +279,23 @@ def shard_items(shard: Item) -> list[Item]:
     listed at all (not a tar, unreadable) is one failing item, named."""
     try:
         scan = scan_shard(shard.path)
-    except OSError as e:
-        return [Item(shard.path, shard.key, True, error=(f"cannot read ({e.strerror or e})", "unreadable"))]
+    except (OSError, UserError) as e:
+        return [Item(shard.path, shard.key, True, error=(f"cannot read ({why(e, shard.path)})", "unreadable"))]
     items = []
     for m in scan.members:
         name = f"{m.key}.{m.ext}" if m.ext else m.key
-        items.append(Item(shard.path / name, f"{shard.key}/{name}", False, member=m))
+        items.append(Item(storage.join(shard.path, name), f"{shard.key}/{name}", False, member=m))
     if scan.problem:  # "not a readable tar (...)", or "cut short at N bytes, after M readable members"
         items.append(Item(shard.path, shard.key, True, error=(scan.problem, "corrupt")))
     return items
+
+
+def why(e: OSError | UserError, loc: Loc) -> str:
+    """What went wrong reading `loc`, without its name (the report line names it already)."""
+    if isinstance(e, OSError):
+        return str(e.strerror or e)
+    text, prefix = str(e), storage.display(loc) + ": "
+    return text[len(prefix) :] if text.startswith(prefix) else text
 
 
 # ---- decoding
@@ -255,6 +345,8 @@ def load(item: Item, size: int, image_exts: frozenset[str], keep_captions: bool 
     """
     if item.member is not None or item.error is not None:
         return _load_member(item, size, image_exts)
+    if storage.is_remote(item.path):
+        return _load_remote(item, size, image_exts)
     if not item.named and item.path.suffix.lower() not in image_exts:
         # Sniff the header before reading the whole file: a folder may hold large videos or archives.
         try:
@@ -271,6 +363,32 @@ def load(item: Item, size: int, image_exts: frozenset[str], keep_captions: bool 
     return decode(item.path, size).x
 
 
+def _load_remote(item: Item, size: int, image_exts: frozenset[str]) -> np.ndarray:
+    """A file at a URL -> the model's input for it. One without an image suffix met under a prefix is first sniffed
+    from its first SNIFF bytes, so that a bucket's videos and archives are not fetched whole to be passed over."""
+    try:
+        if not item.named and suffix(item.path) not in image_exts:
+            head = storage.read_range(item.path, 0, SNIFF)
+            _sniff(head)
+            data = head if len(head) < SNIFF else storage.read_bytes(item.path)
+        else:
+            data = storage.read_bytes(item.path)
+    except (OSError, UserError) as e:
+        raise BadImage(f"cannot read ({why(e, item.path)})", "unreadable") from None
+    return decode(data, size).x
+
+
+def _sniff(data: bytes) -> None:
+    """NotImage unless Pillow recognises the bytes' header (a broken or too large image passes: decode names it)."""
+    try:
+        with Image.open(io.BytesIO(data)):
+            pass
+    except (UnidentifiedImageError, ValueError) as e:
+        raise NotImage(str(e)) from None
+    except (Image.DecompressionBombError, OSError):
+        pass  # an image after all; decode names the problem
+
+
 def _load_member(item: Item, size: int, image_exts: frozenset[str]) -> np.ndarray:
     """A tar shard's member -> the model's input for it, read by its offset (the shard is never unpacked). A member
     without an image suffix that Pillow does not recognise (a sample's .json, .txt) is passed over as NotImage."""
@@ -279,18 +397,12 @@ def _load_member(item: Item, size: int, image_exts: frozenset[str]) -> np.ndarra
     member = item.member
     try:
         data = read_member(member)
-    except OSError as e:
-        raise BadImage(f"cannot read ({e.strerror or e})", "unreadable") from None
+    except (OSError, UserError) as e:
+        raise BadImage(f"cannot read ({why(e, member.shard)})", "unreadable") from None
     if len(data) < member.size:  # the shard ends inside this member: a half-copied file, a broken stream
         raise BadImage(f"cut short: {len(data)} of {member.size} bytes in the shard", "corrupt")
-    if item.path.suffix.lower() not in image_exts:
-        try:
-            with Image.open(io.BytesIO(data)):
-                pass
-        except (UnidentifiedImageError, ValueError) as e:
-            raise NotImage(str(e)) from None
-        except (Image.DecompressionBombError, OSError):
-            pass  # an image after all; decode names the problem
+    if suffix(item.path) not in image_exts:
+        _sniff(data)
     return decode(data, size).x
 
 
@@ -340,7 +452,7 @@ class Engine:
     def fail(self, item: Item, message: str, reason: str) -> None:
         """The one bad-item policy: the file is named on stderr with the message, and counted by its reason."""
         self.summary.failed[reason] += 1
-        self.console.print(f"{item.path}: {message}", highlight=False, markup=False, soft_wrap=True)
+        self.console.print(f"{shown(item.path)}: {message}", highlight=False, markup=False, soft_wrap=True)
 
     def run(self, items: Sequence[Item], consume: Callable[[Batch], None], label: str) -> None:
         """Decode `items` ahead in threads and feed `consume` whole batches (the last one shorter), in order."""

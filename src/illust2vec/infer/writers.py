@@ -11,12 +11,14 @@ import contextlib
 import csv
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TextIO
 
 from ..errors import UserError
+from ..util import storage
 
 FORMATS = ("table", "json", "jsonl", "csv", "txt")
 RECORD_FORMATS = ("json", "jsonl", "csv")  # what --out FILE takes: machine-readable records
@@ -173,8 +175,12 @@ class TableWriter:
 
 
 def check_output(path: str) -> None:
-    """Where `--out` records go: a file in a folder that exists (checked when the run starts), UserError if not."""
-    out = Path(path)
+    """Where `--out` records go: a file in a folder that exists, or a URL in a bucket that exists and can be written
+    (checked when the run starts), UserError if not."""
+    if storage.is_remote(path):
+        storage.check_writable_root(storage.location(path, "--out", write=True))
+        return
+    out = storage.local_path(path)
     if out.is_dir():
         raise UserError(f"--out {out}: is a folder; give a file name such as tags.jsonl")
     if not out.parent.is_dir():
@@ -185,11 +191,19 @@ def check_output(path: str) -> None:
 def output(path: str | None, default: TextIO) -> Iterator[TextIO]:
     """Where records go: `default` (stdout) without a path; else the file, written whole as `PATH.tmp` and renamed
     to PATH once the run has finished, so a crash or Ctrl-C never leaves a file that looks complete (a stopped
-    run removes its .tmp; only kill -9 leaves one, under that name)."""
+    run removes its .tmp; only kill -9 leaves one, under that name). A URL: the same file in a local temporary
+    folder, uploaded when the run has finished (an object appears whole or not at all)."""
     if path is None:
         yield default
         return
-    target = Path(path)
+    if storage.is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="i2v-out-") as tmp:
+            local = Path(tmp) / storage.name(path)
+            with output(str(local), default) as f:
+                yield f
+            storage.upload(local, path)
+        return
+    target = storage.local_path(path)
     tmp = target.with_name(target.name + ".tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
