@@ -51,6 +51,7 @@ def test_save_load_gives_identical_outputs(synth_run, synth_bundle, run_copy, tm
     assert summary.epoch == resolve_epoch(synth_run, "best") == 2
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
+        "extra_tags.csv",
         "model.safetensors",
         "selected_tags.csv",
         "thresholds.json",
@@ -74,12 +75,12 @@ def test_a_newer_format_or_another_vocabulary_is_refused(synth_bundle, tmp_path)
     shutil.copytree(synth_bundle, bundle)
     config = json.loads((bundle / "config.json").read_text())
     (bundle / "config.json").write_text(json.dumps({**config, "format_version": 99}))
-    with pytest.raises(UserError, match="bundle format 99 is newer than this illust2vec reads \\(1\\); upgrade"):
+    with pytest.raises(UserError, match="bundle format 99 is newer than this illust2vec reads \\(2\\); upgrade"):
         Tagger.load(bundle)
     (bundle / "config.json").write_text(json.dumps(config))
     tags = (bundle / "selected_tags.csv").read_text()
     (bundle / "selected_tags.csv").write_text(tags.replace(",1girl,", ",1boy_,", 1))
-    with pytest.raises(UserError, match="selected_tags.csv is not the vocabulary the model was trained on"):
+    with pytest.raises(UserError, match="selected_tags.csv and extra_tags.csv are not the vocabulary the model was"):
         Tagger.load(bundle, backend="onnx")
     (bundle / "selected_tags.csv").write_text(tags)
     (bundle / "thresholds.json").write_text(json.dumps({"heads": {"general": 3}}))
@@ -173,7 +174,7 @@ def test_onnx_matches_torch_with_a_dynamic_batch_in_selected_tags_order(synth_ru
     assert info.onnx_path == synth_bundle / "model.onnx"
     assert {k: info.config["onnx"][k] for k in ("input", "outputs", "layout", "channel_order", "dtype", "range")} == {
         "input": "input",
-        "outputs": ["output", "features"],
+        "outputs": ["output", "copyright", "features"],  # WD's heads first; the copyright head its own output
         "layout": "NHWC",
         "channel_order": "BGR",
         "dtype": "float32",
@@ -184,13 +185,19 @@ def test_onnx_matches_torch_with_a_dynamic_batch_in_selected_tags_order(synth_ru
     (inp,) = session.get_inputs()
     assert inp.name == "input" and inp.type == "tensor(float)"
     assert isinstance(inp.shape[0], str) and inp.shape[1:] == [SIZE, SIZE, 3]  # dynamic batch, fixed H and W
-    assert [o.name for o in session.get_outputs()] == ["output", "features"]
+    assert [o.name for o in session.get_outputs()] == ["output", "copyright", "features"]
+    wd_rows = (synth_bundle / "selected_tags.csv").read_text().splitlines()[1:]
+    assert {row.split(",")[2] for row in wd_rows} == {"9", "0", "4"}  # WD v3's categories, and only those
+    extra_rows = (synth_bundle / "extra_tags.csv").read_text().splitlines()[1:]
+    assert {row.split(",")[2] for row in extra_rows} == {"3"} and len(wd_rows) + len(extra_rows) == len(info.vocab)
 
     model = run_model(synth_run, 2)
     for n in (1, 5):
         x = batch(n, seed=n)
-        probs, feats = session.run(None, {"input": x})
-        assert probs.shape == (n, len(info.vocab)) and feats.shape == (n, info.config["feature_dim"])
+        wd, copyright, feats = session.run(None, {"input": x})
+        assert wd.shape == (n, len(wd_rows)) and copyright.shape == (n, len(extra_rows))
+        assert feats.shape == (n, info.config["feature_dim"])
+        probs = np.concatenate([wd, copyright], axis=1)  # the vocabulary's order: selected_tags, then extra_tags
         # Directly: our model takes RGB NCHW; its heads' probabilities go where selected_tags.csv lists them.
         with torch.no_grad():
             rgb = torch.from_numpy(x[:, :, :, ::-1].copy()).permute(0, 3, 1, 2)
@@ -216,7 +223,7 @@ def test_a_wd_tool_reads_our_onnx_file_as_it_reads_wds(synth_bundle, synth_image
     preds = model.run([label_name], {input_name: x})[0]
     tags = (synth_bundle / "selected_tags.csv").read_text().splitlines()[1:]
     assert preds.shape == (1, len(tags)) and preds.min() >= 0 and preds.max() <= 1
-    assert np.allclose(preds[0], Tagger.load(synth_bundle, backend="torch").predict(image)[0], atol=1e-4)
+    assert np.allclose(preds[0], Tagger.load(synth_bundle, backend="torch").predict(image)[0][: len(tags)], atol=1e-4)
 
 
 # ---- the command

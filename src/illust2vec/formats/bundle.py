@@ -1,10 +1,17 @@
 """The model bundle on disk: written whole by `save_bundle`, opened by `open_bundle`, without torch for reading.
 
 A bundle is a directory: `config.json` (format version, the tagger config, the vocabulary's hash, how inputs are
-prepared), `model.safetensors`, `selected_tags.csv`, `thresholds.json` and optionally `model.onnx`. `i2v export` and
-`i2v convert keras` both write through `save_bundle`, which decides every file name and swaps the new bundle in
-atomically. `open_bundle` reads the JSON and CSV parts only, so that the ONNX path (`i2v tag` with onnxruntime) never
-imports torch; the torch backend loads `BundleInfo.weights_path` itself.
+prepared, the model's outputs and their label files), `model.safetensors`, `selected_tags.csv`, `extra_tags.csv`,
+`thresholds.json` and optionally `model.onnx`. `i2v export` and `i2v convert keras` both write through `save_bundle`,
+which decides every file name and swaps the new bundle in atomically.
+
+The labels follow the WD taggers' layout (format 2): `selected_tags.csv` holds exactly the rating, general and
+character rows, in that order, as WD v3's does, and they are the ONNX file's first output; every other head
+(copyright, artist) is a further output named after the head, with its rows in `extra_tags.csv` (same columns).
+Format 1 kept every head in `selected_tags.csv` and in the first output; `open_bundle` reads both.
+
+`open_bundle` reads the JSON and CSV parts only, so that the ONNX path (`i2v tag` with onnxruntime) never imports
+torch; the torch backend loads `BundleInfo.weights_path` itself.
 """
 
 from __future__ import annotations
@@ -22,16 +29,22 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import UserError
+from .categories import CATEGORY_NAMES
 from .vocab import Vocab, read_vocab, write_vocab
 
 FORMAT = "illust2vec-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: WD's three heads in selected_tags.csv and output 0, the others in extra_tags.csv and outputs
 # What users of the WD taggers expect when nothing was calibrated: 0.35 general, 0.85 character (the WD Space).
 DEFAULT_THRESHOLDS = {"rating": 0.0, "general": 0.35, "character": 0.85, "copyright": 0.85, "artist": 0.85}
 # The ONNX file follows the WD taggers: NHWC float32, 0..255, BGR, white-padded square, bicubic resize.
 ONNX_INPUT = {"layout": "NHWC", "channel_order": "BGR", "dtype": "float32", "range": [0, 255]}
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
+WD_LABELS = "selected_tags.csv"  # the heads WD's front ends read, and the ONNX file's first output
+EXTRA_LABELS = "extra_tags.csv"  # every other head, each a further output of the ONNX file named after it
+WD_HEADS = ("rating", "general", "character")  # the categories of WD v3's selected_tags.csv (9, 0, 4), in its order
+WD_OUTPUT = "output"  # the first output's name
+FEATURES_OUTPUT = "features"  # the pooled feature vector, ours (WD files have none)
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,35 @@ class Labels:
         return len(self.names)
 
 
+def split_vocab(vocab: Vocab) -> tuple[Vocab, Vocab]:
+    """The vocabulary's WD rows (rating, general, character: selected_tags.csv) and the rest (extra_tags.csv).
+
+    The vocabulary's rows go by head in HEAD_ORDER, which starts with WD's three heads, so the WD rows are a prefix
+    and the two parts, one after the other, are the whole vocabulary again (`join_vocab`)."""
+    n = sum(1 for c in vocab.categories if CATEGORY_NAMES[c] in WD_HEADS)
+    columns = (vocab.tag_ids, vocab.names, vocab.categories, vocab.counts)
+    return Vocab(*(c[:n] for c in columns)), Vocab(*(c[n:] for c in columns))
+
+
+def join_vocab(wd: Vocab, extra: Vocab) -> Vocab:
+    """selected_tags.csv's rows, then extra_tags.csv's: the model's whole vocabulary, in the order of its heads."""
+    return Vocab(
+        wd.tag_ids + extra.tag_ids, wd.names + extra.names, wd.categories + extra.categories, wd.counts + extra.counts
+    )
+
+
+def model_outputs(vocab: Vocab, feature_dim: int) -> list[dict]:
+    """config.json's "outputs": each output of the model (the ONNX file's, in order), its heads and label file.
+
+    The first, "output", holds WD's heads (the rows of selected_tags.csv); each other head is an output of its own,
+    named after the head, whose rows are that head's in extra_tags.csv; last comes "features", the feature vector."""
+    wd, extra = split_vocab(vocab)
+    outputs = [{"name": WD_OUTPUT, "labels": WD_LABELS, "heads": list(wd.heads), "size": len(wd)}]
+    for head, rows in extra.heads.items():
+        outputs.append({"name": head, "labels": EXTRA_LABELS, "heads": [head], "size": len(rows)})
+    return [*outputs, {"name": FEATURES_OUTPUT, "size": int(feature_dim)}]
+
+
 @dataclass(frozen=True)
 class BundleInfo:
     """A bundle's description, without its weights."""
@@ -112,6 +154,14 @@ class BundleInfo:
     @property
     def weights_path(self) -> Path:
         return self.root / WEIGHTS_FILE
+
+    @property
+    def onnx_outputs(self) -> tuple[list[str], str | None]:
+        """The ONNX file's outputs that hold probabilities, in the vocabulary's order (their concatenation is one
+        probability per tag), and the feature vector's output (None when the file has none)."""
+        names = list(self.config.get("onnx", {}).get("outputs", [WD_OUTPUT]))
+        features = FEATURES_OUTPUT if FEATURES_OUTPUT in names else None
+        return [n for n in names if n != FEATURES_OUTPUT], features
 
 
 def is_bundle(path: Path) -> bool:
@@ -169,7 +219,8 @@ def save_bundle(
         model: the tagger, whose config, feature width and weights are saved.
         source: where the model came from (a run and epoch, a converted file), kept in config.json.
         feature_center: each feature's median, which `extract_binary_feature` thresholds at.
-        onnx: writes model.onnx at the path it is given and returns config.json's "onnx" entry (`models.onnx`).
+        onnx: writes model.onnx at the path it is given and returns config.json's "onnx" entry (`models.onnx`),
+            whose outputs are config.json's "outputs" (`model_outputs`).
     """
     from safetensors.torch import save_file  # the writer needs torch anyway; the reader stays free of it
 
@@ -187,7 +238,10 @@ def save_bundle(
         if onnx is not None:
             config["onnx"] = onnx(tmp / ONNX_FILE)
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        write_vocab(vocab, tmp / "selected_tags.csv")
+        wd, extra = split_vocab(vocab)
+        write_vocab(wd, tmp / WD_LABELS)
+        if len(extra):
+            write_vocab(extra, tmp / EXTRA_LABELS)
         write_thresholds(thresholds, tmp / "thresholds.json")
         # safetensors writes its file readable by its owner only; a bundle is for sharing, so every file gets the
         # mode (umask included) of the files written beside it.
@@ -219,6 +273,8 @@ def _bundle_config(
             "resize": "bicubic",
         },
         "source": dict(source or {}),
+        # What each output of the model holds, and where its labels are: WD's heads first (selected_tags.csv).
+        "outputs": model_outputs(vocab, feature_dim),
     }
 
 
@@ -262,7 +318,10 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def open_bundle(path: str | os.PathLike) -> BundleInfo:
-    """Open a bundle's JSON and CSV, checking the format version and that the vocabulary is the one trained on."""
+    """Open a bundle's JSON and CSV, checking the format version and that the vocabulary is the one trained on.
+
+    Format 2 keeps WD's heads in selected_tags.csv and the others in extra_tags.csv; format 1 kept every head in
+    selected_tags.csv. Either way the vocabulary comes back whole, in the order of the model's heads."""
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
@@ -273,14 +332,16 @@ def open_bundle(path: str | os.PathLike) -> BundleInfo:
         raise UserError(f"{cfg_path}: not JSON ({e})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise UserError(f"{path}: config.json is not an illust2vec bundle's")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+    version = int(config.get("format_version", 0))
+    if version > FORMAT_VERSION:
         raise UserError(
             f"{path}: bundle format {config.get('format_version')} is newer than this illust2vec reads "
             f"({FORMAT_VERSION}); upgrade illust2vec"
         )
-    vocab = read_vocab(path / "selected_tags.csv")
+    vocab = _read_labels(path, version)
     if vocab.hash != config.get("vocab_hash"):
-        raise UserError(f"{path}: selected_tags.csv is not the vocabulary the model was trained on (hash differs)")
+        files = WD_LABELS if version < 2 else f"{WD_LABELS} and {EXTRA_LABELS}"
+        raise UserError(f"{path}: {files} are not the vocabulary the model was trained on (hash differs)")
     try:
         heads = config["model"]["heads"]
         activations = {h["name"]: h["activation"] for h in heads}
@@ -289,5 +350,24 @@ def open_bundle(path: str | os.PathLike) -> BundleInfo:
         raise UserError(f"{cfg_path}: the model's heads are not readable ({type(e).__name__}: {e})") from None
     labels = Labels.from_vocab(vocab, activations)
     if {h: len(ix) for h, ix in labels.heads.items()} != sizes:
-        raise UserError(f"{path}: the heads in config.json do not match selected_tags.csv")
+        raise UserError(f"{path}: the heads in config.json do not match {WD_LABELS}")
     return BundleInfo(path, config, vocab, labels, read_thresholds(path / "thresholds.json"))
+
+
+def _read_labels(path: Path, version: int) -> Vocab:
+    """The whole vocabulary of a bundle: selected_tags.csv (format 1: every head; format 2: WD's three), then
+    extra_tags.csv (format 2, when the model has other heads)."""
+    wd = read_vocab(path / WD_LABELS)
+    if version < 2:
+        return wd
+    stray = sorted({CATEGORY_NAMES[c] for c in wd.categories} - set(WD_HEADS))
+    if stray:
+        raise UserError(f"{path}/{WD_LABELS}: holds {', '.join(stray)} rows; those belong in {EXTRA_LABELS}")
+    extra_path = path / EXTRA_LABELS
+    extra = read_vocab(extra_path) if extra_path.exists() else Vocab((), (), (), ())
+    if set(CATEGORY_NAMES[c] for c in extra.categories) & set(WD_HEADS):
+        raise UserError(f"{extra_path}: holds rating, general or character rows; those belong in {WD_LABELS}")
+    try:
+        return join_vocab(wd, extra)
+    except ValueError as e:
+        raise UserError(f"{path}: {WD_LABELS} and {EXTRA_LABELS} together are not a vocabulary ({e})") from None

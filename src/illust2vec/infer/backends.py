@@ -21,13 +21,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class OnnxBackend:
-    """onnxruntime on the CPU, or on CUDA when onnxruntime-gpu is installed and asked for."""
+    """onnxruntime on the CPU, or on CUDA when onnxruntime-gpu is installed and asked for.
+
+    `prob_outputs` are the outputs whose concatenation is one probability per tag (a WD file's first output; ours:
+    "output" for rating, general and character, then one per other head), `feature_output` the feature vector's."""
 
     session: Any
     input_name: str
-    has_features: bool
+    prob_outputs: list[str]
+    feature_output: str | None = None
     name: str = "onnx"
     fixed_batch: int | None = None  # a file exported with a fixed batch size (some older WD ones take 1 image)
+
+    @property
+    def has_features(self) -> bool:
+        return self.feature_output is not None
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
@@ -46,18 +54,37 @@ class OnnxBackend:
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         # Only the outputs used: a WD file may carry others (logits, embeddings) that cost nothing to skip.
-        names = self._outputs[:2] if self.has_features else self._outputs[:1]
+        names = [*self.prob_outputs, *([self.feature_output] if self.feature_output else [])]
         outputs = self.session.run(names, {self.input_name: batch})
-        probs = np.asarray(outputs[0], dtype=np.float32)
-        return probs, (np.asarray(outputs[1], dtype=np.float32) if self.has_features else None)
-
-    @property
-    def _outputs(self) -> list[str]:
-        return [o.name for o in self.session.get_outputs()]
+        k = len(self.prob_outputs)
+        probs = np.concatenate([np.asarray(o, dtype=np.float32) for o in outputs[:k]], axis=1)
+        return probs, (np.asarray(outputs[k], dtype=np.float32) if self.has_features else None)
 
 
-def onnx_backend(path: Path, device: str = "cpu", threads: int = 0) -> OnnxBackend:
-    """Open an ONNX tagger (ours, or a WD tagger's: same input, probabilities first)."""
+CUDA_ONNX_HELP = (
+    "install onnxruntime-gpu with the CUDA 12 and cuDNN 9 libraries (pip uninstall onnxruntime; "
+    "pip install 'onnxruntime-gpu[cuda,cudnn]'), or run torch (--backend torch)"
+)
+
+
+def describe(backend: OnnxBackend | TorchBackend) -> str:
+    """Where a backend runs, for the summary line: "cpu (onnxruntime CPUExecutionProvider)", "cuda:0 (torch)"."""
+    if isinstance(backend, OnnxBackend):
+        provider = backend.session.get_providers()[0]
+        return f"{'cuda' if provider == 'CUDAExecutionProvider' else 'cpu'} (onnxruntime {provider})"
+    return f"{backend.device} (torch)"
+
+
+def onnx_backend(
+    path: Path, device: str = "cpu", threads: int = 0, outputs: tuple[list[str], str | None] | None = None
+) -> OnnxBackend:
+    """Open an ONNX tagger (ours, or a WD tagger's: same input, probabilities first).
+
+    Args:
+        outputs: the probability outputs and the feature output, as a bundle's config.json names them
+            (`BundleInfo.onnx_outputs`); None: the first output holds every probability (a WD file), and an
+            output named "features", if any, the feature vector.
+    """
     try:
         import onnxruntime as ort
     except ImportError:
@@ -69,21 +96,29 @@ def onnx_backend(path: Path, device: str = "cpu", threads: int = 0) -> OnnxBacke
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise UserError("--device cuda with ONNX needs onnxruntime-gpu; or use the torch backend")
-        providers.insert(0, "CUDAExecutionProvider")
+            raise UserError(f"--device {device} with the ONNX backend: {CUDA_ONNX_HELP}")
+        index = device.partition(":")[2]
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(index)} if index.isdigit() else {}))
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own types for a broken or foreign file
         raise UserError(f"{path}: cannot open the ONNX model ({e})") from None
+    if device.startswith("cuda") and "CUDAExecutionProvider" not in session.get_providers():
+        # onnxruntime-gpu falls back to the CPU, with a log line only, when CUDA's or cuDNN's libraries do not load.
+        raise UserError(f"--device {device}: onnxruntime's CUDA execution provider did not load; {CUDA_ONNX_HELP}")
     inputs = session.get_inputs()
     shape = inputs[0].shape
     if len(shape) != 4 or shape[3] != 3:
         raise UserError(f"{path}: expected an NHWC input with 3 channels (the WD taggers'), found {shape}")
     batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
-    # Ours name the second output "features"; a WD file's extra outputs, if any, are not feature vectors.
-    outputs = [o.name for o in session.get_outputs()]
-    has_features = len(outputs) > 1 and outputs[1] == "features"
-    return OnnxBackend(session, inputs[0].name, has_features=has_features, fixed_batch=batch)
+    names = [o.name for o in session.get_outputs()]
+    if outputs is None:
+        # Ours name an output "features"; a WD file's extra outputs, if any, are not feature vectors.
+        outputs = ([names[0]], "features" if "features" in names[1:] else None)
+    missing = [n for n in [*outputs[0], outputs[1]] if n is not None and n not in names]
+    if missing:
+        raise UserError(f"{path}: the ONNX file has no output {', '.join(missing)} (it has {', '.join(names)})")
+    return OnnxBackend(session, inputs[0].name, list(outputs[0]), outputs[1], fixed_batch=batch)
 
 
 def onnx_input_size(backend: OnnxBackend) -> int | None:

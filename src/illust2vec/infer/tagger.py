@@ -228,7 +228,7 @@ def _looks_like_repo_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
 
 
-SMALL_FILES = ["config.json", "selected_tags.csv", "thresholds.json"]
+SMALL_FILES = ["config.json", "selected_tags.csv", "extra_tags.csv", "thresholds.json"]
 
 
 def download(repo_id: str, backend: str = "auto") -> Path:
@@ -265,7 +265,8 @@ def _load_bundle(root: Path, backend: str, device: str) -> Tagger:
     if use_onnx:
         if info.onnx_path is None:
             raise UserError(f"{root}: --backend onnx, but the bundle has no model.onnx (i2v export --onnx)")
-        runner: OnnxBackend | TorchBackend = onnx_backend(info.onnx_path, "cpu" if device == "auto" else device)
+        where = "cpu" if device == "auto" else device
+        runner: OnnxBackend | TorchBackend = onnx_backend(info.onnx_path, where, outputs=info.onnx_outputs)
     else:
         runner = torch_backend(_bundle_module(info), device)
     dim = int(info.config["feature_dim"])
@@ -358,6 +359,7 @@ def _load_wd_onnx(root: Path, device: str) -> Tagger:
     n = runner.session.get_outputs()[0].shape[-1]
     if isinstance(n, int) and n != len(labels):
         raise UserError(f"{root}: model.onnx gives {n} outputs, selected_tags.csv has {len(labels)} tags")
-    dim = runner.session.get_outputs()[1].shape[-1] if runner.has_features else None
+    shapes = {o.name: o.shape for o in runner.session.get_outputs()}
+    dim = shapes[runner.feature_output][-1] if runner.feature_output else None
     dim = dim if isinstance(dim, int) else None
     return Tagger(runner, labels, _wd_thresholds(root), size, str(root), "wd-onnx", dim)

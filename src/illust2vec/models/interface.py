@@ -1,16 +1,20 @@
-"""The WD taggers' interface as a module: NHWC BGR images in 0..255 in, probabilities in selected_tags.csv order out.
+"""The WD taggers' interface as a module: NHWC BGR images in 0..255 in, probabilities in the vocabulary's order out.
 
 Both the torch backend and the ONNX export run these modules, so the two backends compute the same function. The
 WD ONNX taggers take float32 NHWC images with values 0..255 in BGR order (the image composited onto white, padded to a
-white square and resized with bicubic) and give one output of probabilities; tools written for them read the first
-output. The second output, the pooled feature vector, is ours (for `extract_feature` and similar-image search).
+white square and resized with bicubic) and give one output of probabilities of the rating, general and character
+tags (selected_tags.csv); tools written for them read the first output. `WDOutputs`, what the ONNX file holds, gives
+that first output, then one output per other head (copyright, artist: extra_tags.csv), then the pooled feature
+vector, which is ours (for `extract_feature` and similar-image search).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..formats.bundle import WD_HEADS
 from .tagger import TaggerNet
 
 
@@ -27,12 +31,40 @@ class WDInterface(nn.Module):
         super().__init__()
         self.tagger = tagger
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def heads(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Each head's probabilities, and the feature vector, of an NHWC BGR batch."""
         features = self.tagger.forward_features(_to_nchw_rgb(x))
         pooled = self.tagger.forward_head(features, pre_logits=True)
         logits = self.tagger.forward_head(features)
-        probs = self.tagger.activate({k: v.float() for k, v in logits.items()})
-        return torch.cat([probs[h.name] for h in self.tagger.cfg.heads], dim=1), pooled.float()
+        return self.tagger.activate({k: v.float() for k, v in logits.items()}), pooled.float()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        probs, pooled = self.heads(x)
+        return torch.cat([probs[h.name] for h in self.tagger.cfg.heads], dim=1), pooled
+
+
+class WDOutputs(nn.Module):
+    """What the ONNX file computes: the WD heads' probabilities (rating, general, character, concatenated: output 0,
+    what WD front ends read), then each other head's (copyright, artist) as an output of its own, then the feature
+    vector. Their concatenation is `WDInterface`'s probabilities.
+
+    With `input_size` other than the model's, the file takes images of that size and resizes them to the model's
+    inside the graph (bicubic, antialiased): for front ends that fix the size (kohya's tagger feeds 448 px)."""
+
+    def __init__(self, tagger: TaggerNet, input_size: int | None = None):
+        super().__init__()
+        self.interface = WDInterface(tagger)
+        self.wd = [h.name for h in tagger.cfg.heads if h.name in WD_HEADS]
+        self.extra = [h.name for h in tagger.cfg.heads if h.name not in WD_HEADS]
+        self.size = tagger.cfg.image_size
+        self.input_size = input_size or self.size
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        if self.input_size != self.size:
+            nchw = F.interpolate(x.permute(0, 3, 1, 2), size=(self.size, self.size), mode="bicubic", antialias=True)
+            x = nchw.clamp(0, 255).permute(0, 2, 3, 1)
+        probs, pooled = self.interface.heads(x)
+        return torch.cat([probs[h] for h in self.wd], dim=1), *(probs[h] for h in self.extra), pooled
 
 
 class TimmWD(nn.Module):
