@@ -392,22 +392,42 @@ def _print_report(report: dict) -> None:
 @app.command("export")
 def export_bundle(
     run: Path = typer.Argument(..., help="Run directory of `i2v train`."),
-    out: Path = typer.Option(..., help="Bundle directory to write."),
+    out: Path = typer.Option(..., help="Bundle directory to write; with --for, the front end's models folder."),
     epoch: str = typer.Option("best", help="An epoch number, best or last."),
     onnx: bool = typer.Option(False, "--onnx", help="Also write model.onnx in the WD taggers' convention."),
-    overwrite: bool = typer.Option(False, help="Replace an existing bundle in --out."),
+    target: str = typer.Option(
+        None,
+        "--for",
+        help="Files as a WD front end expects them: wd (the bundle, with ONNX), kohya, comfyui, webui or taggui.",
+    ),
+    name: str = typer.Option(None, help="The model's name in the front end (default: the run directory's name)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing bundle in --out (or the front end's files)."),
     workers: int = workers_option("Data loader processes.", 2, minimum=0),
     device: str = device_option(", for the calibration pass"),
 ) -> None:
-    """Write a model bundle (weights, config, labels, thresholds; optionally ONNX) from one epoch of a run."""
+    """Write a model bundle (weights, config, labels, thresholds; optionally ONNX) from one epoch of a run, or with
+    --for the ONNX file and its labels where kohya, ComfyUI, the webui tagger or taggui look for them."""
     from .export import ExportConfig, export
 
     cfg = ExportConfig(
-        run=str(run), out=str(out), epoch=epoch, onnx=onnx, overwrite=overwrite, workers=workers, device=device
+        run=str(run),
+        out=str(out),
+        epoch=epoch,
+        onnx=onnx,
+        overwrite=overwrite,
+        workers=workers,
+        device=device,
+        target=target,
+        name=name,
     )
     s = export(cfg, console=err)
     onnx_note = f", ONNX within {s.onnx_max_abs_diff:.1e} of torch" if s.onnx_max_abs_diff is not None else ""
-    err.print(f"wrote {out} from epoch {s.epoch} (thresholds: {s.thresholds}{onnx_note})", highlight=False)
+    for warning in s.warnings:
+        err.print(f"warning: {warning}", highlight=False, markup=False)
+    wrote = ", ".join(s.files) if s.files else str(out)
+    err.print(f"wrote {wrote} from epoch {s.epoch} (thresholds: {s.thresholds}{onnx_note})", highlight=False)
+    if s.instructions:
+        err.print(f"in {s.target}: {s.instructions}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
