@@ -61,6 +61,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not verbose:  # the object store libraries tell at INFO where they found credentials: noise, on every command
+        for name in ("botocore", "aiobotocore", "s3fs", "gcsfs", "fsspec", "google"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @app.command()
@@ -127,7 +130,7 @@ def fakebooru_serve(
 @app.command()
 def crawl(
     url: str = typer.Option(..., help="The board's address, e.g. https://danbooru.donmai.us."),
-    out: Path = typer.Option(..., help="Crawl directory: posts/*.parquet, images/*.tar, crawl.sqlite."),
+    out: str = typer.Option(..., help="Crawl directory or URL (s3://, gs://, file://): posts/*.parquet, images/*.tar."),
     site: str = typer.Option("danbooru", help="danbooru, moebooru (yande.re, konachan) or gelbooru."),
     tags: str = typer.Option("", help="Search query that every post must match (the board's syntax)."),
     ids: str = typer.Option(None, help="Only posts with ids A..B (both ends included)."),
@@ -144,6 +147,15 @@ def crawl(
     key_file: Path = typer.Option(None, help="File holding login:api_key on its first line."),
     user_agent: str = typer.Option(None, help="User-Agent header (default: illust2vec's own)."),
     dry_run: bool = typer.Option(False, help="List the posts and count them; download and write nothing."),
+    state_dir: Path = typer.Option(
+        None, help="Local resume state (default: OUT itself when local, else a cache folder named after the URL)."
+    ),
+    ray: bool = typer.Option(False, "--ray", help="Crawl blocks of ids as tasks on a Ray cluster."),
+    ray_address: str = typer.Option(
+        None, help="Ray cluster: auto or ray://host:10001 (default: RAY_ADDRESS, else a local one)."
+    ),
+    block_size: int = typer.Option(100_000, min=1, help="With --ray: ids per block."),
+    ray_tasks: int = typer.Option(None, min=1, help="With --ray: blocks crawled at once (default: one per CPU)."),
 ) -> None:
     """Crawl a board: posts to Parquet, images verified and written to tar shards; resumable."""
     from .booru.crawl import CrawlConfig, print_summary
@@ -166,6 +178,11 @@ def crawl(
         keep_non_images=keep_non_images,
         shard_size=shard_size,
         dry_run=dry_run,
+        state_dir=state_dir,
+        ray=ray or ray_address is not None,
+        ray_address=ray_address,
+        block_size=block_size,
+        ray_tasks=ray_tasks,
     )
     auth = load_auth(login, api_key, key_file=key_file)
     result = run_crawl(cfg, auth, console=err)
@@ -179,17 +196,23 @@ def crawl(
 
 @app.command("export-csv")
 def export_csv(
-    dirs: list[Path] = typer.Argument(..., help="Crawl directories."),
-    out: Path = typer.Option(None, help="CSV file to write (default: stdout)."),
+    dirs: list[str] = typer.Argument(..., help="Crawl directories or URLs (s3://, gs://, https://)."),
+    out: str = typer.Option(None, help="CSV file or URL to write (default: stdout)."),
 ) -> None:
     """Write the crawled posts as the seed's tags.csv: id, md5, rating, tags per category."""
-    from .formats.posts import export_csv as write_csv
+    import io
 
+    from .formats.posts import export_csv as write_csv
+    from .util import storage
+
+    crawls = [storage.location(d, "crawl") for d in dirs]
     if out is None:
-        rows = write_csv(dirs)
+        rows = write_csv(crawls)
     else:
-        with open(out, "w", newline="") as f:
-            rows = write_csv(dirs, f)
+        dest = storage.location(out, "--out", write=True)
+        text = io.StringIO(newline="")
+        rows = write_csv(crawls, text)
+        storage.write_text(dest, text.getvalue())  # whole or absent
     err.print(f"{rows} posts written")
 
 

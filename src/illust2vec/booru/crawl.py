@@ -8,8 +8,11 @@ loss-free under kill -9 (writer.py). This module holds the configuration, runs t
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import os
+import re
 import time
 from collections import Counter
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -22,6 +25,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..errors import UserError, is_disk_full
+from ..util import storage
 from ..util.cores import cores
 from ..util.images import Stored
 from ..util.progress import progress_bar
@@ -31,12 +35,14 @@ from .fetcher import Failed, fetch, skip
 from .lister import Lister
 from .sites import SITES, Auth, Site, post_record
 from .state import State
-from .writer import Writer, recover, write_failed
+from .writer import Target, Writer, clear_failed, reconcile, write_failed
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "crawl-config.json"  # the crawl's options, beside its output (credentials never are)
 SUMMARY_FILE = "crawl.json"  # the last run's summary
+BLOCKS_DIR = "blocks"  # in the state directory of `crawl --ray`: one state directory per block
+RESERVED = 1_000_000  # file numbers per block of `crawl --ray`: block k names its files k*RESERVED, k*RESERVED+1...
 
 
 class DiskFull(UserError):
@@ -89,33 +95,50 @@ def _check_number(name: str, value, low: float, *, whole: bool = False, above: b
     raise UserError(f"{name} must be {'a whole number' if whole else 'a number'} {bound}, not {value!r}")
 
 
+def default_state_dir(out: storage.Location) -> Path:
+    """The local state directory of a crawl into a remote `out`: a cache folder named after the URL,
+    `$XDG_CACHE_HOME/illust2vec/crawl/NAME` (or under ~/.cache)."""
+    shown = storage.display(out)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", shown).strip("_")[:80]
+    digest = hashlib.sha1(shown.encode()).hexdigest()[:8]  # two URLs that sanitise alike stay apart
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "illust2vec" / "crawl" / f"{name}-{digest}"
+
+
 @dataclass(frozen=True)
 class CrawlConfig:
     """What to crawl and how; saved as crawl-config.json beside the output (credentials never are).
 
     `ids` may be given as `A..B`, `shard` as `I/N` and `image_size` as a number or 'original', as on the command
-    line; they are kept as (A, B), (I, N) and pixels or None. A bad value is a UserError naming it.
+    line; they are kept as (A, B), (I, N) and pixels or None. `out` is a local directory (a `Path`) or a URL
+    (`s3://`, `gs://`; kept as a string). A bad value is a UserError naming it.
     """
 
     url: str
-    out: Path
+    out: str | Path
     site: str = "danbooru"
     tags: str = ""
     ids: tuple[int, int] | None = None  # inclusive range
     shard: tuple[int, int] = (0, 1)  # (I, N): this crawler takes part I of N, 0 <= I < N
     limit: int | None = None  # posts to list at most
-    concurrency: int = 16  # downloads in flight
+    concurrency: int = 16  # downloads in flight (per task with --ray)
     api_rate: float | None = None  # requests/s; None takes the site's default
     file_rate: float | None = None
     image_size: int | None = None  # longer side to resize to; None keeps the original
     user_agent: str | None = USER_AGENT  # None: illust2vec's own
     keep_non_images: bool = False  # store zip/mp4/... files too (as is)
     shard_size: int = 1000  # images per tar shard
-    flush_seconds: float = 60.0  # finished posts reach disk at least this often
+    flush_seconds: float = 60.0  # finished posts reach the output at least this often
     attempts: int = 6
     backoff: float = 1.0  # first retry wait in seconds (doubles each time)
     decoders: int | None = None  # decoding and resizing threads; None: one per core
     dry_run: bool = False
+    state_dir: Path | None = None  # the local resume state; None: `out` when local, else default_state_dir(out)
+    ray: bool = False  # distribute blocks of ids over a Ray cluster (booru/distribute.py)
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local cluster for this run
+    block_size: int = 100_000  # ids per block with --ray
+    ray_tasks: int | None = None  # blocks crawled at once with --ray; None: one per CPU of the cluster
+    block: int | None = None  # set by --ray in the config of each block's task: which block this crawl is
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: the normalised values are set once, here
@@ -124,7 +147,9 @@ class CrawlConfig:
             raise UserError(f"--url takes a board's address, e.g. https://danbooru.donmai.us, not {self.url!r}")
         if self.site not in SITES:
             raise UserError(f"--site must be one of {', '.join(SITES)}, not {self.site!r}")
-        set_(self, "out", Path(self.out))
+        set_(self, "out", storage.location(self.out, "--out", write=True))
+        if self.state_dir is not None:
+            set_(self, "state_dir", Path(self.state_dir))
         set_(self, "ids", _ids(self.ids))
         set_(self, "shard", check_shard(self.shard))
         set_(self, "image_size", _image_size(self.image_size))
@@ -141,10 +166,20 @@ class CrawlConfig:
         _check_number("backoff", self.backoff, 0)
         if self.decoders is not None:
             _check_number("decoders", self.decoders, 1, whole=True)
+        self._check_ray()
+
+    def _check_ray(self) -> None:
+        _check_number("--block-size", self.block_size, 1, whole=True)
+        if self.ray_tasks is not None:
+            _check_number("--ray-tasks", self.ray_tasks, 1, whole=True)
+        if self.block is not None:
+            _check_number("block", self.block, 0, whole=True)
+        if self.ray and self.limit is not None and not self.dry_run:
+            raise UserError("--limit takes the newest posts first, which cannot be split into blocks: drop --ray or it")
 
     def identity(self) -> dict:
         """The fields that define the crawl: a directory holds one crawl, resumed only with the same ones."""
-        return {
+        identity = {
             "url": self.url,
             "site": self.site,
             "tags": self.tags,
@@ -153,10 +188,35 @@ class CrawlConfig:
             "image_size": self.image_size,
             "keep_non_images": self.keep_non_images,
         }
+        if self.ray:  # a crawl in blocks numbers its files apart from a plain crawl's: the two never share --out
+            identity["ray_block_size"] = self.block_size
+        return identity
+
+    def home(self) -> Path:
+        """The local directory that holds the resume state (of the whole crawl, or of this block)."""
+        home = self.state_dir or (self.out if storage.is_local(self.out) else default_state_dir(self.out))
+        return home / BLOCKS_DIR / f"{self.block:06d}" if self.block is not None else home
+
+    def target(self) -> Target:
+        """Where the files are written: in place in a local --out, else in the state directory and uploaded."""
+        remote = storage.is_remote(self.out)
+        root = self.home() if remote else self.out
+        if self.block is None:
+            return Target(root, self.out if remote else None)
+        first = self.block * RESERVED
+        return Target(root, self.out if remote else None, first, first + RESERVED)
 
     def to_json(self) -> dict:
+        """As crawl-config.json holds it (the URL as `storage.display` shows it)."""
+        d = self.plain()
+        d["out"] = storage.display(self.out)
+        return d
+
+    def plain(self) -> dict:
+        """Plain data that `CrawlConfig(**d)` makes again: what a Ray task is given."""
         d = asdict(self)
         d["out"] = str(self.out)
+        d["state_dir"] = str(self.state_dir) if self.state_dir is not None else None
         return d
 
 
@@ -173,6 +233,7 @@ class CrawlSummary:
     retries: int = 0
     rate_limited: int = 0
     failures: list[str] = field(default_factory=list)
+    blocks: dict[str, int] | None = None  # with --ray: blocks in all, skipped (finished before), crawled now
 
     @property
     def failed(self) -> int:
@@ -231,11 +292,11 @@ class _Display:
 class _Run:
     """One run of the crawl: the lister, the download workers and the writer, sharing a client and a pool."""
 
-    def __init__(self, cfg: CrawlConfig, state: State, auth: Auth | None, progress: Progress | None):
-        self.cfg, self.state = cfg, state
+    def __init__(self, cfg: CrawlConfig, state: State, auth: Auth | None, progress: Progress | None, target: Target):
+        self.cfg, self.state, self.target = cfg, state, target
         self.site: Site = SITES[cfg.site]
         self.lister = Lister(self.site, cfg.url, cfg.tags, auth, state)
-        self.writer = Writer(cfg.out, state, cfg.shard_size, cfg.flush_seconds)
+        self.writer = Writer(target, state, cfg.shard_size, cfg.flush_seconds)
         self.stats: Counter[str] = Counter()
         self.failures: list[str] = []
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.concurrency * 4)
@@ -306,16 +367,18 @@ class _Run:
         workers = [asyncio.create_task(self.worker(client, pool)) for _ in range(self.cfg.concurrency)]
         tasks = [asyncio.create_task(self.produce(client, len(workers))), *workers]
         ticker = asyncio.create_task(self.ticker())
+        together = asyncio.gather(*tasks)
         try:
-            # Fail fast: a refusal in any task must not leave the others waiting on a full queue.
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            # Fail fast: a refusal in any task, or an upload that fails in the ticker's flush, must not leave the
+            # others waiting on a full queue or fetching on. The ticker only ever ends by an error.
+            done, _ = await asyncio.wait([together, ticker], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task.exception() is not None:
                     raise task.exception()
         finally:
             for task in (*tasks, ticker):
                 task.cancel()
-            await asyncio.gather(*tasks, ticker, return_exceptions=True)
+            await asyncio.gather(together, *tasks, ticker, return_exceptions=True)
             self.stats.update({k: client.stats[k] for k in ("requests", "retries", "rate_limited")})
 
     async def run(self) -> None:
@@ -340,7 +403,8 @@ class _Run:
             if is_disk_full(e):
                 self.writer.abort()
                 raise DiskFull(
-                    f"the disk under {cfg.out} is full ({e}); free some space and run the same command to resume"
+                    f"the disk under {self.target.root} is full ({e}); free some space and run the same command "
+                    "to resume"
                 ) from e
             # Anything else (a refusal, Ctrl-C): keep what is finished, then stop.
             try:
@@ -371,24 +435,53 @@ async def _dry_run(cfg: CrawlConfig, auth: Auth | None) -> ListingCounts:
     return counts
 
 
+@dataclass
+class Finished:
+    """What one crawl (a whole one, or a block of `crawl --ray`) ends with: its summary, the files it recorded and
+    the posts that failed."""
+
+    summary: CrawlSummary
+    files: list[str]
+    failed: list[dict]
+
+
 def crawl(cfg: CrawlConfig, auth: Auth | None = None, console: Console | None = None) -> CrawlSummary | ListingCounts:
-    """Run (or resume) a crawl into cfg.out; returns the summary. A dry run only lists, and returns counts."""
+    """Run (or resume) a crawl into cfg.out; returns the summary. A dry run only lists, and returns counts; with
+    `cfg.ray` the crawl is distributed in blocks over a Ray cluster (booru/distribute.py)."""
     if cfg.dry_run:
         return asyncio.run(_dry_run(cfg, auth))
     console = console or Console(stderr=True)
-    state = State.open(cfg.out, cfg.identity())
+    if cfg.ray:
+        from .distribute import crawl_ray
+
+        return crawl_ray(cfg, auth, console)
+    with progress_bar(console) as progress:
+        return run_crawl(cfg, auth, progress).summary
+
+
+def run_crawl(cfg: CrawlConfig, auth: Auth | None, progress: Progress | None) -> Finished:
+    """One crawl into cfg.out with its state in cfg.home(): reconcile, fetch, write; what `crawl` and each block of
+    `crawl --ray` run. A block leaves the files of the whole crawl (config, summary, failed.parquet) to the driver."""
+    with storage.errors(cfg.out, "cannot write"):
+        storage.makedirs(cfg.out)  # a missing bucket or wrong credentials: one line before any work
+    target = cfg.target()
+    state = State.open(cfg.home(), cfg.identity())
+    whole = cfg.block is None
     try:
-        (cfg.out / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=1))
-        recover(cfg.out, state)
-        with progress_bar(console) as progress:
-            run = _Run(cfg, state, auth, progress)
-            try:
-                asyncio.run(run.run())
-            finally:
-                write_failed(cfg.out, state)
+        if whole:
+            storage.write_text(storage.join(cfg.out, CONFIG_FILE), json.dumps(cfg.to_json(), indent=1))
+            clear_failed(target)
+        reconcile(target, state)
+        run = _Run(cfg, state, auth, progress, target)
+        try:
+            asyncio.run(run.run())
+        finally:
+            if whole:
+                write_failed(target, state.failed_records())
         summary = run.summary()
-        (cfg.out / SUMMARY_FILE).write_text(json.dumps(summary.as_dict(), indent=1))
-        return summary
+        text = json.dumps(summary.as_dict(), indent=1)
+        storage.write_text(storage.join(cfg.out, SUMMARY_FILE) if whole else cfg.home() / SUMMARY_FILE, text)
+        return Finished(summary, sorted(state.files()), state.failed_records())
     finally:
         state.close()
 
@@ -400,6 +493,9 @@ def print_summary(summary: CrawlSummary, console: Console) -> None:
         table.add_column(status)
     table.add_row(*(str(n) for n in summary.statuses.values()))
     console.print(table)
+    if summary.blocks:
+        b = summary.blocks
+        console.print(f"blocks: {b['total']} in all, {b['skipped']} finished before, {b['crawled']} crawled now")
     rate = summary.images / summary.seconds if summary.seconds else 0.0
     console.print(
         f"this run: {summary.listed} posts listed, {summary.images} images ({summary.bytes / 1e6:.1f} MB) in "
@@ -413,11 +509,16 @@ def print_summary(summary: CrawlSummary, console: Console) -> None:
 
 
 __all__ = [
+    "BLOCKS_DIR",
+    "RESERVED",
     "CrawlConfig",
     "CrawlSummary",
     "DiskFull",
+    "Finished",
     "ListingCounts",
     "crawl",
+    "default_state_dir",
     "parse_ids",
     "print_summary",
+    "run_crawl",
 ]

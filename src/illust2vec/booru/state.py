@@ -34,7 +34,7 @@ class State:
 
     @classmethod
     def open(cls, out: Path, identity: dict) -> State:
-        """The state of the crawl in `out` (created if new); a UserError if `out` holds a crawl of other options."""
+        """The state kept in directory `out` (created if new); a UserError if it holds a crawl of other options."""
         try:
             out.mkdir(parents=True, exist_ok=True)
             state = cls(out / STATE)
@@ -118,6 +118,28 @@ class State:
 
     def files(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT name FROM files")}
+
+    def forget(self, missing: set[str]) -> set[str]:
+        """Files recorded but gone from the output: the posts of their batches go back to pending, to be fetched
+        again, and the batches' records go. Returns the other file of each batch (a shard's part, a part's shard),
+        which is still in the output and must go too, or its posts would be there twice."""
+        names = sorted(missing)
+        batches: set[str] = set()
+        for i in range(0, len(names), 400):
+            chunk = names[i : i + 400]
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT DISTINCT part, shard FROM posts WHERE part IN ({marks}) OR shard IN ({marks})"
+            for part, shard in self.db.execute(q, chunk + chunk):
+                batches |= {n for n in (part, shard) if n}
+        batches |= set(names)
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "UPDATE posts SET status='pending', reason='', part=NULL, shard=NULL WHERE part=?",
+                [(n,) for n in sorted(batches)],
+            )
+            self.db.executemany("DELETE FROM files WHERE name=?", [(n,) for n in sorted(batches)])
+        return batches - set(names)
 
     def next_index(self, prefix: str) -> int:
         """The number after the highest committed file under `prefix/` (`images`, `posts`); 0 if none."""
