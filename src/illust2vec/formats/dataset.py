@@ -133,6 +133,7 @@ def read_info(root: storage.Location) -> DatasetInfo:
     where = storage.display(path)
     try:
         if storage.is_remote(path) and not storage.exists(path):
+            storage.check_readable_root(root)  # a missing bucket or wrong credentials, named as such
             raise FileNotFoundError(path)
         d = json.loads(storage.read_text(path))
     except FileNotFoundError:
@@ -211,11 +212,9 @@ class Dataset:
                 )
 
     def labels(self, split: str) -> Iterator[Sample]:
-        """The split's samples in shard order, labels only (the images are not decoded)."""
-        for shard in self.shards(split):
-            with storage.local_copy(shard) as path:  # a remote shard: one at a time, removed once read
-                for _, files in iter_samples([path], exts=("json",)):
-                    yield Sample.from_json(files["json"])
+        """The split's samples in shard order, labels only (the images are not kept; remote shards are streamed)."""
+        for _, files in iter_samples(self.shards(split), exts=("json",)):
+            yield Sample.from_json(files["json"])
 
 
 def sha256(loc: storage.Location) -> str:

@@ -6,7 +6,9 @@
                   model (where the vectors came from), center (binary kind: the per-dimension threshold)
 
 Each file is written under a temporary name and renamed into place, index.json last: its presence says the other
-two are whole. The vector index itself (building, searching) is search/index.py's; this module only stores it.
+two are whole. The directory may be a URL (`s3://bucket/index`, `gs://...`): the files are written locally and
+uploaded, index.json last, after the old index.json (if any) was removed. The vector index itself (building,
+searching) is search/index.py's; this module only stores it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..util import storage
 
 FORMAT = "illust2vec-index"
 FORMAT_VERSION = 1
@@ -67,21 +70,36 @@ def import_faiss() -> Any:
 
 
 def is_index(path: str | os.PathLike) -> bool:
-    """Whether a path is an index directory (it has index.json)."""
-    return (Path(path) / "index.json").is_file()
+    """Whether a path (or URL) is an index directory (it has index.json)."""
+    if storage.is_remote(path):
+        return storage.exists(storage.join(path, "index.json"))
+    return (storage.local_path(path) / "index.json").is_file()
 
 
-def write_index(path: str | os.PathLike, stored: StoredIndex) -> Path:
-    """Write the index directory; each file replaced atomically, index.json last.
+def write_index(path: str | os.PathLike, stored: StoredIndex) -> storage.Location:
+    """Write the index directory (or URL); each file replaced atomically, index.json last.
 
     Raises:
         UserError: the path is a file, or a non-empty directory that is not an index (nothing is overwritten).
     """
+    out = storage.location(path, "--out", write=True)
+    if storage.is_local(out):
+        return _write_files(out, stored)
+    if storage.listing(out) and not is_index(out):
+        raise UserError(f"{storage.display(out)}: a non-empty prefix that is not an index; choose another --out")
+    storage.check_writable_root(out)
+    storage.remove(storage.join(out, "index.json"))  # until the new one is up, this is not an index
+    with storage.staged_dir(out, last=("index.json",)) as local:
+        _write_files(local, stored)
+    return out
+
+
+def _write_files(out: Path, stored: StoredIndex) -> Path:
+    """The three files into a local directory, each under a temporary name and renamed, index.json last."""
     faiss = import_faiss()
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not is_index(out):

@@ -2,6 +2,10 @@
 
 Stages over sample dicts, each testable alone: shards -> this reader's part -> tar samples -> (shuffle) -> decode the
 image and the labels -> (augment) -> targets.
+
+Shards are local files or URLs (`s3://`, `gs://`, `https://`): each is opened through `util/storage.open_read` and
+streamed, never copied whole; a connection lost mid-stream is reopened where it was, and a shard that still ends
+early is counted in the bad samples, as a local shard cut short is.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import itertools
 import multiprocessing
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +26,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from ..errors import UserError
+from ..util import storage
 from .dataset import SPLITS, Dataset, Sample
 
 
@@ -151,6 +156,52 @@ def _splitters(n_shards: int):
     return shards, samples
 
 
+def open_shards(src: Iterable[dict], handler) -> Iterator[dict]:
+    """webdataset's url_opener through `util/storage`: each {"url": ...} given an open `stream` (a local file, or a
+    remote object read as a stream that survives a lost connection), closed once its tar has been read. A shard that
+    cannot be opened goes to the handler, which counts it and goes on."""
+    for sample in src:
+        url = sample["url"]
+        try:
+            stream = storage.open_read(url)
+        except Exception as exn:  # a missing object, a store that cannot be reached: counted, and the next shard
+            exn.args = (*exn.args, url)
+            if handler(exn):
+                continue
+            raise
+        try:
+            yield {**sample, "stream": _Named(stream, url)}
+        finally:
+            stream.close()
+
+
+class _Named:
+    """A shard's stream whose repr names the shard: webdataset puts the stream's repr in the errors of a tar cut
+    short, and a remote stream's own repr would name nothing."""
+
+    def __init__(self, stream, url: str):
+        self._stream, self._url = stream, url
+
+    def read(self, n: int = -1) -> bytes:
+        return self._stream.read(n)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __repr__(self) -> str:
+        return f"<{storage.display(self._url)}>"
+
+
+def tar_samples(handler):
+    """Stage: shard URLs -> samples ({"__key__", "__url__", ext: bytes}), every read error given to `handler`."""
+
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        files = wds.tariterators.tar_file_expander(open_shards(src, handler), handler=handler)
+        return wds.tariterators.group_by_keys(files, handler=handler)
+
+    return stage
+
+
 def make_pipeline(
     ds: Dataset, split: str, cfg: LoaderConfig, train: bool, epoch: int = 0, bad: BadSamples | None = None
 ) -> wds.DataPipeline:
@@ -189,7 +240,7 @@ def make_pipeline(
         return image, make_targets(labels, heads)
 
     shards, samples = _splitters(len(urls))
-    stages = [wds.SimpleShardList(urls), shards, wds.tarfile_to_samples(handler=handler), samples]
+    stages = [wds.SimpleShardList(urls), shards, tar_samples(handler), samples]
     if train:
         stages.append(wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 200), seed=cfg.seed + epoch))
     stages.append(wds.map(to_example, handler=handler))

@@ -94,6 +94,7 @@ def post_files(dirs: Iterable[storage.Location]) -> list[storage.Location]:
     for d in dirs:
         found = storage.listing(storage.join(d, POSTS_DIR), "*.parquet")
         if not found and not storage.exists(storage.join(d, STATE)):
+            storage.check_readable_root(d)  # a missing bucket or wrong credentials, named as such
             raise UserError(f"{storage.display(d)}: no posts/*.parquet here; is it a directory that `i2v crawl` wrote?")
         files += found
     return files

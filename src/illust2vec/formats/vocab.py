@@ -214,6 +214,7 @@ def _read_csv(path: storage.Location) -> list[tuple[int, list[str]]]:
     try:
         if storage.is_remote(path):
             if not storage.exists(path):
+                storage.check_readable_root(path)  # a missing bucket or wrong credentials, named as such
                 raise UserError(f"{shown}: no such file")
             f = io.StringIO(storage.read_bytes(path).decode("utf-8-sig"), newline="")
         else:

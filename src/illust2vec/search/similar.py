@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..formats.vectors import read_vectors
+from ..util import storage
 from .index import IndexParams, VectorIndex
 
 # Cosine. Halved, re-encoded copies scored 0.9967 and up with the demo model (bench/search.py --quality), while
@@ -63,16 +64,19 @@ class BuildSummary:
 
 
 def build_index(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, params: IndexParams) -> BuildSummary:
-    """Vectors files of `i2v embed` (one per shard of a job array, or folders of them) -> an index saved in `out`.
+    """Vectors files of `i2v embed` (one per shard of a job array, or folders of them; paths or URLs) -> an index
+    saved in `out` (a directory or a URL such as `s3://bucket/index`).
 
     Rows whose id was already in an earlier file are left out (and counted)."""
     t0 = time.perf_counter()
+    out = storage.location(out, "--out", write=True)
+    storage.check_writable_root(out)  # a missing bucket is named before the vectors are read
     v = read_vectors(inputs)
     if not v.ids:
         raise UserError("the vectors files hold no rows: nothing to index")
     index = VectorIndex.build(v.vectors, v.ids, v.paths, v.tags, params, model=v.meta.get("model", {}))
     index.save(out)
-    return BuildSummary(index, str(out), v.duplicates, time.perf_counter() - t0)
+    return BuildSummary(index, storage.display(out), v.duplicates, time.perf_counter() - t0)
 
 
 # ---- tag filters
