@@ -218,8 +218,8 @@ def export_csv(
 
 @app.command()
 def vocab(
-    dirs: list[Path] = typer.Argument(..., help="Crawl directories."),
-    out: Path = typer.Option(Path("selected_tags.csv"), help="File to write (WD's selected_tags.csv columns)."),
+    dirs: list[str] = typer.Argument(..., help="Crawl directories or URLs (s3://bucket/crawl, gs://, https://)."),
+    out: str = typer.Option("selected_tags.csv", help="File or URL to write (WD's selected_tags.csv columns)."),
     top: int = typer.Option(512, min=0, help="Most frequent tags to keep per category (the seed's 512)."),
     top_general: int = typer.Option(None, min=0, help="General tags to keep (default: --top)."),
     top_character: int = typer.Option(None, min=0, help="Character tags to keep (default: --top)."),
@@ -227,11 +227,15 @@ def vocab(
     top_artist: int = typer.Option(None, min=0, help="Artist tags to keep, with --artist (default: --top)."),
     min_count: int = typer.Option(1, min=1, help="Leave out tags on fewer posts than this."),
     artist: bool = typer.Option(False, help="Give artists a head too (left out by default, as WD does)."),
-    aliases: Path = typer.Option(None, help="CSV of tag renames old,new (or Danbooru's tag_aliases)."),
+    aliases: str = typer.Option(None, help="CSV of tag renames old,new (or Danbooru's tag_aliases); a path or URL."),
 ) -> None:
     """Choose the tag vocabulary: the most frequent tags of each category in the crawled posts, as selected_tags.csv."""
     from .data.vocab import VocabConfig, build_vocab
     from .formats.vocab import read_aliases, write_vocab
+    from .util import storage
+
+    out = storage.location(out, "--out", write=True)
+    storage.check_writable_root(out)  # a missing bucket is named before the posts are read
 
     given = {"general": top_general, "character": top_character, "copyright": top_copyright, "artist": top_artist}
     cfg = VocabConfig(
@@ -246,14 +250,14 @@ def vocab(
     for head, rows in result.heads.items():
         counts = [result.counts[i] for i in rows]
         err.print(f"{head}: {len(rows)} tags, on {max(counts)} down to {min(counts)} posts each", highlight=False)
-    err.print(f"{out}: {len(result)} tags, vocabulary hash {result.hash[:12]}", highlight=False)
+    err.print(f"{storage.display(out)}: {len(result)} tags, vocabulary hash {result.hash[:12]}", highlight=False)
 
 
 @app.command("build")
 def build_shards(
-    dirs: list[Path] = typer.Argument(..., help="Crawl directories."),
-    vocab: Path = typer.Option(..., help="selected_tags.csv from `i2v vocab`."),
-    out: Path = typer.Option(..., help="Directory for the shards and dataset.json."),
+    dirs: list[str] = typer.Argument(..., help="Crawl directories or URLs (s3://bucket/crawl, gs://, https://)."),
+    vocab: str = typer.Option(..., help="selected_tags.csv from `i2v vocab` (a path or URL)."),
+    out: str = typer.Option(..., help="Directory or URL (s3://bucket/built) for the shards and dataset.json."),
     size: int = typer.Option(256, min=16, help="Side of the square training images, in pixels."),
     val_fraction: float = typer.Option(0.05, min=0.0, max=0.9, help="Share of posts held out for validation."),
     test_fraction: float = typer.Option(0.05, min=0.0, max=0.9, help="Share of posts held out for the final test."),
@@ -261,10 +265,11 @@ def build_shards(
     quality: int = typer.Option(95, min=1, max=100, help="JPEG/WebP quality."),
     workers: int = workers_option("Decoding processes (default: one per core)."),
     shard_size: int = typer.Option(1000, min=1, help="Samples per shard."),
-    aliases: Path = typer.Option(None, help="Old tag name -> new CSV, as given to `i2v vocab`."),
+    aliases: str = typer.Option(None, help="Old tag name -> new CSV, as given to `i2v vocab` (a path or URL)."),
 ) -> None:
     """Build training shards: padded, resized images with their labels, split train/val/test."""
     from .data.build import BuildConfig, build
+    from .util import storage
 
     cfg = BuildConfig(
         dirs=tuple(dirs),
@@ -279,17 +284,20 @@ def build_shards(
         shard_size=shard_size,
         aliases=aliases,
     )
-    info = build(cfg, console=err).info
+    summary = build(cfg, console=err)
+    info = summary.info
     for split, stat in info.splits.items():
         err.print(f"{split}: {stat.samples} samples in {len(stat.shards)} shards", highlight=False)
     skipped = ", ".join(f"{n} {reason}" for reason, n in info.skipped.items()) or "none"
-    err.print(f"skipped: {skipped}; wrote {out / 'dataset.json'} in {info.seconds:.1f} s", highlight=False)
+    err.print(f"skipped: {skipped}; wrote {storage.display(summary.path)} in {info.seconds:.1f} s", highlight=False)
 
 
 @app.command()
 def train(
-    data: Path = typer.Argument(..., help="Directory written by `i2v build`."),
-    out: Path = typer.Option(..., help="Run directory: config.json, checkpoints/, metrics.csv, curves.png."),
+    data: str = typer.Argument(
+        ..., help="Directory written by `i2v build`, or its URL (s3://bucket/built: shards are streamed)."
+    ),
+    out: str = typer.Option(..., help="Run directory (local): config.json, checkpoints/, metrics.csv, curves.png."),
     arch: str = typer.Option("i2v_small", help="A preset (i2v_vgg16, i2v_small, ...) or any timm model name."),
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(32, min=1),
@@ -357,7 +365,7 @@ def train(
 def evaluate(
     run: Path = typer.Argument(..., help="Run directory of `i2v train`."),
     epoch: str = typer.Option("best", help="An epoch number, best (as --select-by chose) or last."),
-    data: Path = typer.Option(None, help="Built dataset to evaluate on (default: the run's own)."),
+    data: str = typer.Option(None, help="Built dataset (a directory or URL) to evaluate on (default: the run's own)."),
     split: str = typer.Option("val", help="val or test."),
     per_tag: bool = typer.Option(False, help="Also calibrate one threshold per tag."),
     mode: str = typer.Option("f1", help="Thresholds that maximise F1 (f1) or make precision equal recall (pr_equal)."),
@@ -594,8 +602,10 @@ def embed(
 
 @index_app.command("build")
 def index_build(
-    vectors: list[Path] = typer.Argument(..., help="Vectors files of `i2v embed` (e.g. one per shard), or folders."),
-    out: Path = typer.Option(..., help="Index directory to write."),
+    vectors: list[str] = typer.Argument(
+        ..., help="Vectors files of `i2v embed` (e.g. one per shard), or folders; paths or URLs (s3://...)."
+    ),
+    out: str = typer.Option(..., help="Index directory to write, or a URL (s3://bucket/index)."),
     kind: str = typer.Option("auto", help="auto, flat (exact), hnsw, ivf (approximate) or binary (Hamming)."),
     nlist: int = typer.Option(None, min=1, help="ivf: k-means cells (default about 4 sqrt(N))."),
     nprobe: int = typer.Option(16, min=1, help="ivf: cells searched per query (more: better recall, slower)."),
