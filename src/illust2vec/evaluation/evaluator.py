@@ -175,7 +175,7 @@ def run_dataset(run: Path, data: str | None, split: str = "val", verify: str = "
     """The dataset to evaluate on (by default the run's own), checked to carry the run's vocabulary and `split`, and
     its shards of `split` checked against dataset.json (`Dataset.check_shards`) before any is read."""
     config = run_dir.read_config(run)
-    ds = open_dataset(Path(data or config["dataset"]))
+    ds = open_dataset(data or config["dataset"])  # a directory or a URL
     if ds.vocab.hash != config["vocab_hash"]:
         raise UserError(f"{ds.root} has another vocabulary than the run {run} was trained on")
     splits = ds.info.splits

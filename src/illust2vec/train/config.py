@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..formats.categories import HEAD_ORDER
 from ..formats.dataset import VERIFY
 from ..models.tagger import TaggerConfig
+from ..util import storage
 from ..util.cores import cores
 from .losses import LossConfig
 
@@ -111,6 +112,8 @@ def _check(cfg: TrainConfig) -> None:
     for name in ("data", "out", "arch", "select_by"):
         if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
             raise UserError(f"{name} must be a non-empty string, not {getattr(cfg, name)!r}")
+    if storage.is_remote(cfg.out):  # the data may be a URL; the run directory is a local folder
+        raise UserError(f"out: the run directory must be a local folder, not {storage.display(cfg.out)}")
     for name, allowed in (("amp", AMP), ("channels_last", SWITCH), ("device", DEVICES), ("verify", VERIFY)):
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")

@@ -4,12 +4,12 @@ curves.png, TensorBoard and a line on the console, and best.json at the end. Onl
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from rich.console import Console
 
 from ..formats import run as run_dir
+from ..util import storage
 from .plots import plot_curves
 
 log = logging.getLogger(__name__)
@@ -23,12 +23,12 @@ class Logbook:
         self.run, self.console, self.enabled, self.title = Path(run), console, enabled, title
         self._tb = None
 
-    def start(self, config: dict, vocab: Path) -> None:
+    def start(self, config: dict, vocab: storage.Location) -> None:
         """config.json, the vocabulary beside it, and the TensorBoard writer."""
         if not self.enabled:
             return
         self.run.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(vocab, run_dir.vocab_path(self.run))
+        storage.download(vocab, run_dir.vocab_path(self.run))  # a copy, also from a dataset given as a URL
         run_dir.write_config(self.run, config)
         self._tb = _tensorboard(self.run)
 
