@@ -15,16 +15,12 @@ from rich.console import Console
 
 from .errors import UserError
 from .evaluation.calibration import calibrate, check_mode, per_tag_rows
-from .evaluation.evaluator import (
-    PredictOptions,
-    by_head,
-    compute_metrics,
-    predict_split,
-    run_dataset,
-)
+from .evaluation.evaluator import PredictOptions, by_head, run_dataset
+from .evaluation.vocab_map import head_names, mapped_metrics, predict_mapped, restrict
 from .formats import run as run_dir
 from .formats.bundle import Thresholds, write_thresholds
 from .formats.dataset import VERIFY
+from .formats.vocab import read_vocab
 from .models import load_tagger
 from .util.device import resolve_device
 
@@ -43,6 +39,7 @@ class EvalConfig:
     workers: int = 2
     device: str = "auto"
     verify: str = "auto"  # the split's shards against dataset.json: auto, sizes or checksums (formats.dataset)
+    out: str | None = None  # where to write; None: RUN/eval/epoch-NNN/
 
     def __post_init__(self) -> None:
         for name in ("run", "split", "device"):
@@ -83,15 +80,20 @@ def evaluate_run(cfg: EvalConfig, console: Console | None = None) -> EvalReport:
     model = load_tagger(run_dir.read_config(run)["model"], run_dir.weights_path(run, epoch))
     device = resolve_device(cfg.device)
     opts = PredictOptions(cfg.batch_size, cfg.workers, autocast="bfloat16" if device.type == "cuda" else None)
-    preds = predict_split(model, ds, cfg.split, device, opts, console=console or Console(stderr=True))
-    if not preds.images:
+    console = console or Console(stderr=True)
+    # An extended run (i2v train --init) is also measured on data sets of another vocabulary: over the tags both have.
+    full, vmap = predict_mapped(model, read_vocab(run_dir.vocab_path(run)), ds, cfg.split, device, opts, console)
+    if not full.images:
         raise UserError(f"{ds.root}: the {cfg.split} split has no images")
-    names = {h: list(ds.vocab.head_names(h)) for h in preds.probs}
+    if not vmap.identical:
+        console.print(f"counting the {vmap.shared} tags of {ds.root} that the model has", highlight=False)
+    preds = restrict(full, vmap.known)
+    names = head_names(vmap.model, vmap.known, preds.probs)
     got = calibrate(preds, names, cfg.mode, cfg.per_tag)
     thresholds = Thresholds(got.heads, got.tags, f"{cfg.mode} on {cfg.split} of {run.name} epoch {epoch}, {ds.root}")
     activations = {h.name: h.activation for h in model.cfg.heads}
-    metrics = run_dir.json_finite(compute_metrics(preds, activations, thresholds.heads))
-    out = run_dir.eval_dir(run, epoch)
+    metrics = run_dir.json_finite(mapped_metrics(full, vmap.known, activations, thresholds.heads))
+    out = Path(cfg.out) if cfg.out else run_dir.eval_dir(run, epoch)
     report = EvalReport(str(run), epoch, cfg.split, str(ds.root), metrics["loss"], by_head(metrics), str(out))
     written = {k: v for k, v in report.as_dict().items() if k != "out"}
     run_dir.write_eval_metrics(out, {**written, "config": asdict(cfg)})

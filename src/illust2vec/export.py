@@ -26,7 +26,8 @@ from rich.console import Console
 
 from .errors import UserError
 from .evaluation.calibration import calibrate
-from .evaluation.evaluator import PredictOptions, predict_split, run_dataset
+from .evaluation.evaluator import PredictOptions, run_dataset
+from .evaluation.vocab_map import head_names, original_thresholds, predict_mapped, restrict
 from .formats.bundle import ONNX_FILE, WD_LABELS, BundleInfo, Thresholds, check_out, read_thresholds, save_bundle
 from .formats.run import check_epoch, eval_dir, read_config, read_history, resolve_epoch, vocab_path, weights_path
 from .formats.vocab import Vocab, read_vocab
@@ -181,7 +182,12 @@ def _write_bundle(
         model,
         vocab,
         cal.thresholds,
-        source={"run": str(run), "epoch": epoch, "val": val},
+        source={
+            "run": str(run),
+            "epoch": epoch,
+            "val": val,
+            **({"init": run_config["init"]} if "init" in run_config else {}),
+        },
         feature_center=cal.center,
         onnx=write_onnx if with_onnx else None,
         overwrite=cfg.overwrite,
@@ -281,14 +287,17 @@ def _calibration(
         device = resolve_device(cfg.device)
         autocast = "bfloat16" if device.type == "cuda" else None
         opts = PredictOptions(workers=cfg.workers, autocast=autocast, features=True, max_samples=CALIBRATION_SAMPLES)
-        preds = predict_split(model, ds, "val", device, opts, console=console)
+        # An extended run's data set labels only some of its tags (i2v train --init): calibrated on those.
+        full, vmap = predict_mapped(model, vocab, ds, "val", device, opts, console)
+        preds = restrict(full, vmap.known)
         if not preds.images:
             raise UserError(f"{ds.root}: the val split has no images")
         center = np.median(preds.features, axis=0).astype(np.float32)
         if thresholds is None:
-            names = {h: list(vocab.head_names(h)) for h in preds.probs}
+            names = head_names(vocab, vmap.known, preds.probs)
             got = calibrate(preds, names, "f1", per_tag=False)
             thresholds = Thresholds(got.heads, got.tags, f"f1 on val of {run.name} epoch {epoch} (export)")
+            thresholds = original_thresholds(run, thresholds, vocab, full)  # tags val never shows: the original's
     except UserError as e:  # the dataset moved or has no validation split: the usual defaults
         log.warning("no calibration (%s); using the default thresholds", e)
         if thresholds is None:

@@ -6,7 +6,7 @@ Training's validation (every epoch, into metrics.csv) and `i2v evaluate` (into m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,20 +109,22 @@ def predict_split(
     device: torch.device,
     opts: PredictOptions,
     console: Console | None = None,
+    transform: Callable[[tuple], tuple] | None = None,
 ) -> Predictions:
     """Probabilities and targets per head over one split, in shard order (under DDP: this rank's share of the
     shards); with a console, a transient progress bar on it. Samples that cannot be read are skipped and counted in
-    `bad_samples`."""
+    `bad_samples`. `transform` maps each (images, targets) batch first (`vocab_map`: into a model's vocabulary)."""
     model = model.to(device)
     bad = BadSamples()
     loader = make_loader(ds, split, LoaderConfig(batch_size=opts.batch_size, workers=opts.workers), False, bad=bad)
+    batches: Iterable = loader if transform is None else map(transform, loader)
     if console is None:
-        preds = predict(model, loader, device, opts)
+        preds = predict(model, batches, device, opts)
     else:
         total = ds.samples(split) if opts.max_samples is None else min(opts.max_samples, ds.samples(split))
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"{split} images", total=total)
-            preds = predict(model, loader, device, opts, lambda seen: bar.update(task, completed=min(seen, total)))
+            preds = predict(model, batches, device, opts, lambda seen: bar.update(task, completed=min(seen, total)))
     preds.bad_samples = bad.count
     if bad.count and console is not None:
         console.print(
@@ -176,7 +178,8 @@ def run_dataset(run: Path, data: str | None, split: str = "val", verify: str = "
     its shards of `split` checked against dataset.json (`Dataset.check_shards`) before any is read."""
     config = run_dir.read_config(run)
     ds = open_dataset(data or config["dataset"])  # a directory or a URL
-    if ds.vocab.hash != config["vocab_hash"]:
+    # An extended run (i2v train --init) is measured on other vocabularies too, over the tags they share.
+    if ds.vocab.hash != config["vocab_hash"] and "init" not in config:
         raise UserError(f"{ds.root} has another vocabulary than the run {run} was trained on")
     splits = ds.info.splits
     if split not in splits:

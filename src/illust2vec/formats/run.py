@@ -9,6 +9,7 @@ RUN/metrics.csv            one row per epoch, one column per metric ("train/loss
 RUN/best.json              the best epoch by --select-by, its value, and the last epoch's row
 RUN/curves.png, RUN/tb/    the same metrics as a picture and as TensorBoard events
 RUN/eval/epoch-NNN/        metrics.json, per_tag.csv, thresholds.json (written by `i2v evaluate`)
+RUN/init/                  an extended run's original model, as a bundle (`i2v train --init`)
 ```
 
 Checkpoints hold no pickle: tensors in safetensors, everything else in JSON. A checkpoint is written under a
@@ -43,6 +44,7 @@ PREFIX = "epoch-"
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
+INIT = "init"
 EVAL_METRICS = "metrics.json"
 PER_TAG = "per_tag.csv"
 PER_TAG_HEADER = ("head", "tag", "support", "ap", "threshold", "precision", "recall", "f1")
@@ -65,6 +67,11 @@ def write_config(run: Path, config: dict) -> None:
 
 def vocab_path(run: Path) -> Path:
     return Path(run) / VOCAB
+
+
+def init_path(run: Path) -> Path:
+    """An extended run's original model (`i2v train --init`), kept as a bundle."""
+    return Path(run) / INIT
 
 
 # Checkpoints

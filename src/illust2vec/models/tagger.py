@@ -59,6 +59,9 @@ class TaggerConfig:
     freeze: str | None = None  # freeze every backbone parameter up to and including this module (seed: "block4_conv1")
     head_hidden: int = 0  # 0: one linear layer per head; >0: Linear(hidden) + ReLU + Linear (the seed: 512)
     global_pool: str = ""  # timm's pooling of the last feature map ("avg", "max", "avgmax", ...); "": the model's own
+    # More keyword arguments for timm.create_model, as a WD tagger v3 snapshot's config.json gives them ("model_args":
+    # class_token, fc_norm, act_layer, ...): they change the backbone's layout. {}: the model's own.
+    backbone_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # JSON and keyword overrides bring lists and dicts; the config keeps tuples and HeadConfigs, so that it
@@ -68,6 +71,7 @@ class TaggerConfig:
             object.__setattr__(self, "heads", heads)
             object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
             object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+            object.__setattr__(self, "backbone_args", dict(self.backbone_args))
         except (TypeError, ValueError) as e:  # a head that is not one, a mean that is no number
             raise UserError(f"{self.name}: heads, mean or std malformed ({e})") from None
         for attr, kind in (
@@ -234,7 +238,9 @@ class TaggerNet(nn.Module):
             pcfg = get_pretrained_cfg(cfg.backbone)
             # Models whose input size is fixed (a ViT's position embeddings) are built for ours; timm resamples
             # pretrained position embeddings to match.
-            sized = {"img_size": cfg.image_size} if pcfg is not None and pcfg.fixed_input_size else {}
+            sized = dict(cfg.backbone_args)
+            if pcfg is not None and pcfg.fixed_input_size:
+                sized["img_size"] = cfg.image_size
             if cfg.global_pool:
                 sized["global_pool"] = cfg.global_pool
             try:

@@ -21,7 +21,10 @@ SWITCH = ("auto", "on", "off")
 DEVICES = ("auto", "cuda", "cpu")
 # TaggerConfig fields a run does not override: the preset or timm name gives the backbone, the dataset the image
 # size, and the vocabulary (with `softmax` and `rating_head`) the heads.
-NOT_OVERRIDDEN = ("name", "backbone", "heads", "image_size")
+NOT_OVERRIDDEN = ("name", "backbone", "heads", "image_size", "backbone_args")
+VOCAB_MODES = ("union", "data")  # --init: the model's tags and the data's, or the data's alone
+# --init's model overrides: the rest (pooling, head layout, normalisation) would change the model being extended.
+INIT_OVERRIDES = ("freeze", "drop_rate")
 # Fields that config.json's "train" held before TaggerConfig overrides moved into `model`.
 _OLD_MODEL_FIELDS = ("freeze", "global_pool")
 
@@ -42,7 +45,7 @@ class TrainConfig:
 
     data: str
     out: str
-    arch: str = "i2v_small"
+    arch: str | None = None  # None: i2v_small, or with `init` the init model's own architecture
     epochs: int = 10
     batch_size: int = 32
     lr: float = 3e-3
@@ -71,11 +74,26 @@ class TrainConfig:
     # one epoch's training (or validation) the run stops with one line. 0: stop at the first.
     max_bad_samples: int = 100
     verify: str = "auto"  # shards against dataset.json before training: auto, sizes or checksums (formats.dataset)
+    # Extending a trained tagger (train/init.py): a run (RUN or RUN@EPOCH), a bundle, a WD tagger v3 timm snapshot
+    # or a Hugging Face repo id. Its architecture, input size, normalisation and heads' rows carry over.
+    init: str | None = None
+    vocab: str = "union"  # with init: the init model's tags plus the data's (union), or the data's alone (data)
+    freeze_backbone: bool = False  # train the heads only
+    backbone_lr_scale: float | None = None  # the backbone's learning rate over the heads'; None: 0.1 with init, else 1
+    # With init: weight of the original model's outputs for its own tags as soft targets (learning without
+    # forgetting); None: 1 with init, else 0 (no original model to keep).
+    keep_old: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", dict(self.model))
         if self.softmax is not None:
             object.__setattr__(self, "softmax", tuple(self.softmax))
+        if self.arch is None and self.init is None:
+            object.__setattr__(self, "arch", "i2v_small")
+        if self.backbone_lr_scale is None:
+            object.__setattr__(self, "backbone_lr_scale", 0.1 if self.init else 1.0)
+        if self.keep_old is None:
+            object.__setattr__(self, "keep_old", 1.0 if self.init else 0.0)
         if isinstance(self.loss, Mapping):  # from JSON
             try:
                 object.__setattr__(self, "loss", LossConfig(**self.loss))
@@ -109,7 +127,9 @@ class TrainConfig:
 
 def _check(cfg: TrainConfig) -> None:
     """One line naming the field, for the first setting that cannot work."""
-    for name in ("data", "out", "arch", "select_by"):
+    for name in ("data", "out", "arch", "select_by", "init"):
+        if name in ("arch", "init") and getattr(cfg, name) is None:
+            continue
         if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
             raise UserError(f"{name} must be a non-empty string, not {getattr(cfg, name)!r}")
     if storage.is_remote(cfg.out):  # the data may be a URL; the run directory is a local folder
@@ -141,3 +161,27 @@ def _check(cfg: TrainConfig) -> None:
         raise UserError(f"softmax: unknown heads {', '.join(wrong)}; heads are {', '.join(HEAD_ORDER)}")
     if not isinstance(cfg.loss, LossConfig):
         raise UserError(f"loss must be a LossConfig, not {type(cfg.loss).__name__}")
+    _check_init(cfg)
+
+
+def _check_init(cfg: TrainConfig) -> None:
+    """The settings of extending a model (`init`), and those that --init decides itself."""
+    for name in ("backbone_lr_scale", "keep_old"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise UserError(f"{name} must be a number of at least 0, not {value!r}")
+    if cfg.vocab not in VOCAB_MODES:
+        raise UserError(f"vocab must be one of {', '.join(VOCAB_MODES)}, not {cfg.vocab!r}")
+    if not isinstance(cfg.freeze_backbone, bool):
+        raise UserError(f"freeze_backbone must be true or false, not {cfg.freeze_backbone!r}")
+    if cfg.init is None:
+        if cfg.keep_old:
+            raise UserError("keep_old needs init: it keeps the outputs of the model that --init names")
+        if cfg.vocab != "union":
+            raise UserError("vocab needs init: without it the vocabulary is the data's")
+        return
+    taken = [name for name, value in (("pretrained", cfg.pretrained), ("softmax", cfg.softmax)) if value]
+    taken += ["rating_head"] if cfg.rating_head is not None else []
+    taken += [f"model {k}" for k in cfg.model if k not in INIT_OVERRIDES]
+    if taken:
+        raise UserError(f"init: {', '.join(taken)} come from the init model, not from options")

@@ -9,11 +9,14 @@ from pathlib import Path
 from rich.console import Console
 
 from ..formats import run as run_dir
+from ..formats.vocab import Vocab, write_vocab
 from ..util import storage
 from .plots import plot_curves
 
 log = logging.getLogger(__name__)
 CONSOLE_KEYS = ("train/loss", "val/loss", "val/general/mAP", "val/character/top1", "val/character/mAP")
+# An extended run's (i2v train --init) figures for the original model's tags and the new ones.
+EXTENDED_KEYS = ("val/old/character/top1", "val/new/character/top1", "val/old/general/mAP")
 
 
 class Logbook:
@@ -23,12 +26,16 @@ class Logbook:
         self.run, self.console, self.enabled, self.title = Path(run), console, enabled, title
         self._tb = None
 
-    def start(self, config: dict, vocab: storage.Location) -> None:
-        """config.json, the vocabulary beside it, and the TensorBoard writer."""
+    def start(self, config: dict, vocab: storage.Location | Vocab) -> None:
+        """config.json, the vocabulary beside it (a copy of the dataset's file, or an extended run's merged one), and
+        the TensorBoard writer."""
         if not self.enabled:
             return
         self.run.mkdir(parents=True, exist_ok=True)
-        storage.download(vocab, run_dir.vocab_path(self.run))  # a copy, also from a dataset given as a URL
+        if isinstance(vocab, Vocab):
+            write_vocab(vocab, run_dir.vocab_path(self.run))
+        else:
+            storage.download(vocab, run_dir.vocab_path(self.run))  # a copy, also from a dataset given as a URL
         run_dir.write_config(self.run, config)
         self._tb = _tensorboard(self.run)
 
@@ -56,7 +63,8 @@ class Logbook:
 
 
 def epoch_line(row: dict, select_key: str) -> str:
-    shown = ", ".join(f"{k} {row[k]:.4f}" for k in dict.fromkeys((*CONSOLE_KEYS, select_key)) if k in row)
+    keys = dict.fromkeys((*CONSOLE_KEYS, *EXTENDED_KEYS, select_key))
+    shown = ", ".join(f"{k} {row[k]:.4f}" for k in keys if k in row)
     bad = int(row.get("train/bad_samples", 0) + row.get("val/bad_samples", 0))
     skipped = f", {bad} unreadable samples skipped" if bad else ""
     return (

@@ -68,8 +68,9 @@ def fit(cfg: TrainConfig, resume: bool = False, console: Console | None = None) 
 def train_epochs(state: TrainState, ctx: Context) -> TrainSummary:
     """Epochs until `cfg.epochs`: train, validate, select, checkpoint, log."""
     cfg, main = ctx.cfg, ctx.dist.main
-    book = Logbook(ctx.run, ctx.console, enabled=main, title=f"{cfg.arch} on {ctx.ds.name}")
-    book.start(run_config(ctx, state.model), ctx.ds.vocab_file)
+    book = Logbook(ctx.run, ctx.console, enabled=main, title=f"{cfg.arch or state.model.cfg.name} on {ctx.ds.name}")
+    # An extended run's vocabulary is the merged one, not the dataset's.
+    book.start(run_config(ctx, state.model), ctx.extension.vocab if ctx.extension else ctx.ds.vocab_file)
     with progress_bar(ctx.console, disable=not main) as progress:
         while state.epoch < cfg.epochs:
             t0 = time.perf_counter()
@@ -77,7 +78,7 @@ def train_epochs(state: TrainState, ctx: Context) -> TrainSummary:
             seed_everything(cfg.seed * 1_000_003 + state.epoch)
             row = {"epoch": state.epoch + 1, **train_one_epoch(state, ctx, progress if main else None)}
             row.update(validate(state, ctx))
-            row["lr"] = state.optimizer.param_groups[0]["lr"]
+            row["lr"] = state.optimizer.param_groups[-1]["lr"]  # the heads' (the backbone's may be scaled)
             row["seconds"] = time.perf_counter() - t0
             state.epoch += 1
             if cfg.select_key not in row:
@@ -142,16 +143,21 @@ def train_one_epoch(state: TrainState, ctx: Context, progress: Progress | None) 
         # Schedule: the learning rate is a pure function of the step.
         lr = get_lr(state.step, ctx.total_steps, ctx.warmup_steps, cfg.lr, cfg.lr * cfg.min_lr_ratio)
         for group in state.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # --backbone-lr-scale
         # Forward and loss (mixed precision where it pays: bf16 on a GPU).
         images = images.to(device, non_blocking=True)
         if ctx.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+        original = None
+        if ctx.extension is not None:  # --init: the model's input size and vocabulary; the original model's outputs
+            images, targets, original = ctx.extension.batch(images, targets)
         with torch.autocast(device.type, dtype=getattr(torch, ctx.autocast)) if ctx.autocast else nullcontext():
             logits = net(images)
         logits = {k: v.float() for k, v in logits.items()}
         loss, parts = multitask_loss(logits, targets, ctx.activations, cfg.loss, ctx.weights, ctx.pairs)
+        if ctx.extension is not None:  # learning without forgetting: the original's outputs as soft targets
+            loss, parts = ctx.extension.keep(logits, original, loss, parts)
         # Backward and clip.
         state.optimizer.zero_grad(set_to_none=True)
         if ctx.scaler is not None:
@@ -195,7 +201,8 @@ def validate(state: TrainState, ctx: Context, split: str = "val") -> dict[str, f
     opts = PredictOptions(cfg.batch_size, cfg.workers, autocast=ctx.autocast, channels_last=ctx.channels_last)
     # The bare model, not the DDP wrapper: ranks may hold different numbers of validation batches, and DDP's forward
     # would wait for the others at every batch.
-    preds = predict_split(state.model, ctx.ds, split, ctx.dist.device, opts)
+    ext = ctx.extension  # --init: batches moved into the model's vocabulary, figures for old and new tags too
+    preds = predict_split(state.model, ctx.ds, split, ctx.dist.device, opts, transform=ext and ext.transform())
     bad = preds.bad_samples
     if bad > cfg.max_bad_samples:
         raise UserError(
@@ -208,7 +215,10 @@ def validate(state: TrainState, ctx: Context, split: str = "val") -> dict[str, f
         {k[2:]: v for k, v in gathered.items() if k.startswith("t:")},
     )
     pairs = ctx.pairs["general"].cpu().numpy() if "general" in ctx.pairs else None
-    metrics = compute_metrics(preds, ctx.activations, {h: cfg.threshold for h in ctx.activations}, pairs)
+    if ext is not None:
+        metrics = ext.metrics(preds, ctx.activations, cfg.threshold, pairs)
+    else:
+        metrics = compute_metrics(preds, ctx.activations, {h: cfg.threshold for h in ctx.activations}, pairs)
     return {**{f"{split}/{k}": v for k, v in metrics.items()}, f"{split}/bad_samples": float(bad)}
 
 

@@ -1,4 +1,9 @@
-"""Training losses for a multi-head tagger: BCE or ASL, softmax over multi-hot targets, rating, tag exclusivity."""
+"""Training losses for a multi-head tagger: BCE or ASL, softmax over multi-hot targets, rating, tag exclusivity, and
+keeping an original model's outputs (learning without forgetting, for `i2v train --init`).
+
+A NaN target means "no label": that entry is left out of a sigmoid head's loss (an extended model's tag that the new
+data set does not label, when no original model stands in for it), and counts as 0 in a softmax head's.
+"""
 
 from __future__ import annotations
 
@@ -48,10 +53,17 @@ def bce_loss(logits: Tensor, targets: Tensor, weights: Tensor | None = None) -> 
         targets: [B, N] multi-hot labels.
         weights: optional [N] per-tag weights (mean 1 keeps the loss's scale, see `tag_weights`).
     """
-    loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    targets = targets.float()
+    known = ~targets.isnan()
+    loss = F.binary_cross_entropy_with_logits(logits.float(), targets.nan_to_num(0.0), reduction="none")
     if weights is not None:
         loss = loss * weights.to(loss)
-    return loss.mean()
+    return _known_mean(loss, known)
+
+
+def _known_mean(loss: Tensor, known: Tensor) -> Tensor:
+    """The mean over the entries whose target is known (all of them: the plain mean); 0 when none is."""
+    return torch.where(known, loss, torch.zeros_like(loss)).sum() / known.sum().clamp(min=1)
 
 
 def _focusing(base: Tensor, gamma: float) -> Tensor:
@@ -93,6 +105,8 @@ def asl_loss(
     """
     logits = logits.float()
     targets = targets.float()
+    known = ~targets.isnan()
+    targets = targets.nan_to_num(0.0)
     p = torch.sigmoid(logits)
     # log p and log(1 - p) from logsigmoid stay finite for any logit, where log(sigmoid(x)) would give -inf.
     log_pos = F.logsigmoid(logits)
@@ -108,7 +122,7 @@ def asl_loss(
     loss = -(loss_pos + loss_neg)
     if weights is not None:
         loss = loss * weights.to(loss)
-    return loss.mean()
+    return _known_mean(loss, known)
 
 
 def softmax_multihot_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -117,7 +131,7 @@ def softmax_multihot_loss(logits: Tensor, targets: Tensor) -> Tensor:
     This is the seed's loss for character and copyright. Rows without a positive label carry no target
     distribution and are left out of the mean; with none at all the loss is 0 (and still has a gradient graph).
     """
-    targets = targets.float()
+    targets = targets.float().nan_to_num(0.0)
     totals = targets.sum(dim=1)
     has_positive = totals > 0
     dist = targets / totals.clamp(min=1e-12).unsqueeze(1)
@@ -288,3 +302,53 @@ def multitask_loss(
     # One host transfer for all the logged values, rather than a device sync per head.
     values = torch.stack([part.detach() for part in parts]).tolist()
     return total, dict(zip(names, values, strict=True))
+
+
+def prior_bias(counts: Sequence[int], samples: int, activation: str) -> Tensor:
+    """Output biases that predict every tag at its frequency: logit(p) for a sigmoid head, log(p) of the smoothed
+    class frequencies for a softmax head (the prior initialisation of RetinaNet's focal loss paper).
+
+    Args:
+        counts: how many of the `samples` training images carry each tag of the head.
+        samples: the training images.
+        activation: the head's, "sigmoid" or "softmax".
+    """
+    n = torch.tensor(list(counts), dtype=torch.float64)
+    if activation == "softmax":
+        return torch.log((n + 1) / (n.sum() + len(n)))
+    p = ((n + 0.5) / (samples + 1)).clamp(1e-4, 1 - 1e-4)
+    return torch.log(p / (1 - p))
+
+
+def keep_old_loss(
+    logits: Mapping[str, Tensor],
+    original: Mapping[str, Tensor],
+    columns: Mapping[str, tuple[Tensor, Tensor]],
+    activations: Mapping[str, str],
+) -> Tensor:
+    """Learning without forgetting (Li and Hoiem 2016): the original model's outputs for its own tags as soft targets.
+
+    A sigmoid head: binary cross-entropy against the original's probabilities, averaged over images and tags. A
+    softmax head: cross-entropy between the original's distribution over its classes and the model's over the same
+    classes. Summed over the heads.
+
+    Args:
+        logits: the model's logits per head.
+        original: the original model's logits per head (no gradient).
+        columns: head -> (the model's columns, the original's columns) of the tags both have, in step.
+        activations: head -> the model's activation ("sigmoid" or "softmax").
+    """
+    total = None
+    for head, (ours, theirs) in columns.items():
+        if head not in logits or head not in original or len(ours) == 0:
+            continue
+        x = logits[head].float().index_select(1, ours)
+        y = original[head].float().index_select(1, theirs)
+        if activations[head] == "softmax":
+            loss = -(y.softmax(dim=1) * F.log_softmax(x, dim=1)).sum(dim=1).mean()
+        else:
+            loss = F.binary_cross_entropy_with_logits(x, torch.sigmoid(y))
+        total = loss if total is None else total + loss
+    if total is None:
+        raise ValueError("keep_old_loss: the model and the original share no tags")
+    return total

@@ -23,9 +23,9 @@ from ..formats import run as run_dir
 from ..formats.dataset import Dataset, open_dataset
 from ..models import create_tagger, default_heads
 from ..models.tagger import PRESETS, TaggerConfig, TaggerNet
-from . import distributed
+from . import distributed, extend
 from .config import TrainConfig
-from .losses import cooccurrence, exclusive_pairs, tag_weights
+from .losses import cooccurrence, exclusive_pairs, prior_bias, tag_weights
 
 # Settings that may change between the sessions of one run: more epochs, other machines, a moved run or dataset (its
 # vocabulary is checked).
@@ -65,6 +65,7 @@ class Context:
     pairs: dict[str, torch.Tensor]
     scaler: torch.amp.GradScaler | None
     console: Console
+    extension: extend.Extension | None = None  # i2v train --init: the original model and the merged vocabulary
 
     @property
     def total_steps(self) -> int:
@@ -83,18 +84,28 @@ def setup_run(cfg: TrainConfig, resume: bool, console: Console, d: distributed.D
     ds.check_shards([s for s in ("train", "val") if s in ds.info.splits], cfg.verify)
     # Rank 0 alone reads the run directory (on several nodes, the others may not see it) and tells the rest.
     run, done, saved = distributed.on_main(d, lambda: _run_plan(cfg, resume))
-    if saved and saved["vocab_hash"] != ds.vocab.hash:
+    if saved and saved.get("data_vocab_hash", saved["vocab_hash"]) != ds.vocab.hash:
         raise UserError(f"{run} was trained on another vocabulary than {cfg.data}'s")
     seed_everything(cfg.seed)
-    # Resuming: the run's own architecture, even if its preset has changed since.
-    model = build_model(cfg, ds, saved["model"] if done and saved else None).to(d.device)
-    if cfg.prior_init and not done:
+    ext = None
+    if cfg.init:  # extending a trained model (train/extend.py): its weights, its rows of the heads, kept beside
+        model, ext = extend.prepare(cfg, ds, run, bool(done), d.device, console if d.main else None)
+        if d.main and not done:
+            ext.save(run)
+    else:  # resuming: the run's own architecture, even if its preset has changed since
+        model = build_model(cfg, ds, saved["model"] if done and saved else None)
+    model = model.to(d.device)
+    if cfg.freeze_backbone:
+        extend.freeze_backbone(model)
+    if cfg.prior_init and not done and ext is None:
         init_head_priors(model, ds.tag_counts("train"), ds.samples("train"))
     autocast, channels_last = precision(cfg, d.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     activations = {h.name: h.activation for h in model.cfg.heads}
     weights, pairs = loss_extras(cfg, ds, activations)
+    if ext is not None:
+        weights, pairs = ext.model_space(weights, pairs)
     ctx = Context(
         cfg=cfg,
         run=run,
@@ -109,6 +120,7 @@ def setup_run(cfg: TrainConfig, resume: bool, console: Console, d: distributed.D
         pairs={k: v.to(d.device) for k, v in pairs.items()},
         scaler=torch.amp.GradScaler() if autocast == "float16" else None,
         console=console,
+        extension=ext,
     )
     state = TrainState(model, make_optimizer(model, cfg))
     if done:
@@ -201,12 +213,20 @@ def wrap_ddp(model: TaggerNet, cfg: TrainConfig, d: distributed.Dist) -> torch.n
 
 
 def make_optimizer(model: TaggerNet, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, without weight decay on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    """AdamW over the trainable parameters, without weight decay on biases and norms; with a backbone learning rate
+    scale other than 1 (`--backbone-lr-scale`), the backbone's groups carry it as "lr_scale" (the loop multiplies)."""
+    scale = cfg.backbone_lr_scale
+    parts = [(model, {})] if scale == 1 else [(model.backbone, {"lr_scale": scale}), (model.heads, {})]
+    groups = []
+    for part, extra in parts:
+        params = [p for p in part.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups += [
+            {"params": decay, "weight_decay": cfg.weight_decay, **extra},
+            {"params": no_decay, "weight_decay": 0.0, **extra},
+        ]
+    return torch.optim.AdamW([g for g in groups if g["params"] or scale == 1], lr=cfg.lr)
 
 
 def steps_per_epoch(cfg: TrainConfig, ds: Dataset, d: distributed.Dist) -> int:
@@ -225,6 +245,7 @@ def run_config(ctx: Context, model: TaggerNet) -> dict:
         "dataset": str(ctx.ds.root),
         "vocab_hash": ctx.ds.vocab.hash,
         "image_size": ctx.ds.image_size,
+        **extend.run_entries(ctx.extension, ctx.ds.vocab.hash),  # --init: the merged vocabulary's hash, and more
         # What "auto" resolved to on this machine: the precision and layout the run actually trained with.
         "runtime": {
             "device": str(ctx.dist.device),
@@ -260,12 +281,7 @@ def init_head_priors(model: TaggerNet, counts: dict[str, list[int]], samples: in
         linears = [m for m in model.heads[h.name].modules() if isinstance(m, torch.nn.Linear)]
         if h.name not in counts or not linears or linears[-1].bias is None:
             continue
-        n = torch.tensor(counts[h.name], dtype=torch.float64)
-        if h.activation == "softmax":
-            bias = torch.log((n + 1) / (n.sum() + len(n)))  # smoothed class frequencies
-        else:
-            p = ((n + 0.5) / (samples + 1)).clamp(1e-4, 1 - 1e-4)
-            bias = torch.log(p / (1 - p))
+        bias = prior_bias(counts[h.name], samples, h.activation)
         linears[-1].bias.copy_(bias.to(linears[-1].bias.dtype))
 
 
