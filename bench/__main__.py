@@ -2,7 +2,7 @@
 
 import sys
 
-from . import capacity, crawl, data, fakebooru, quality, search, serve, tag, train
+from . import capacity, crawl, data, fakebooru, quality, search, serve, storage, tag, train
 
 # name -> entry point taking the remaining arguments
 BENCHMARKS = {
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "quality": quality.main,
     "search": search.main,
     "serve": serve.main,
+    "storage": storage.main,
     "tag": tag.main,
     "train": train.main,
 }
