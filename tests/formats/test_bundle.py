@@ -217,3 +217,118 @@ def test_a_wd_snapshot_is_not_a_bundle_and_still_opens(tmp_path):
         open_bundle(snap)
     tagger = Tagger.load(snap)
     assert (tagger.kind, tagger.image_size, len(tagger.labels)) == ("wd-timm", SIZE, len(vocab()))
+
+
+# ---- format 2: WD's heads in selected_tags.csv and output 0, the others in extra_tags.csv and outputs of their own
+
+
+def full_vocab() -> Vocab:
+    """vocab() with copyright and artist heads."""
+    v = vocab()
+    rows = list(zip(v.tag_ids, v.names, v.categories, v.counts, strict=True))
+    rows += [(tag_id(f"series_{i}"), f"series_{i}", CATEGORY_CODES["copyright"], 30 - i) for i in range(2)]
+    rows += [(tag_id("someone"), "someone", CATEGORY_CODES["artist"], 5)]
+    return Vocab(*(tuple(column) for column in zip(*rows, strict=True)))
+
+
+def full_model(size: int = SIZE):
+    torch.manual_seed(0)
+    sizes = {h: len(ix) for h, ix in full_vocab().heads.items()}
+    return create_tagger("test_resnet", heads=default_heads(sizes), image_size=size).eval()
+
+
+def test_format_2_splits_the_labels_as_wd_v3_does_and_keeps_every_head(tmp_path):
+    from illust2vec.formats.vocab import read_vocab
+
+    net = full_model()
+    info = save_bundle(tmp_path / "b", net, full_vocab(), thresholds())
+    assert sorted(p.name for p in info.root.iterdir()) == sorted([*FILES, "extra_tags.csv"])
+    wd, extra = read_vocab(info.root / "selected_tags.csv"), read_vocab(info.root / "extra_tags.csv")
+    assert set(wd.categories) == {9, 0, 4} and list(wd.heads) == ["rating", "general", "character"]
+    assert list(extra.heads) == ["copyright", "artist"] and extra.names == ("series_0", "series_1", "someone")
+    assert info.config["format_version"] == FORMAT_VERSION == 2
+    assert info.config["outputs"] == [
+        {"name": "output", "labels": "selected_tags.csv", "heads": ["rating", "general", "character"], "size": 13},
+        {"name": "copyright", "labels": "extra_tags.csv", "heads": ["copyright"], "size": 2},
+        {"name": "artist", "labels": "extra_tags.csv", "heads": ["artist"], "size": 1},
+        {"name": "features", "size": net.num_features},
+    ]
+    assert info.vocab == full_vocab() and list(info.labels.heads) == [
+        "rating",
+        "general",
+        "character",
+        "copyright",
+        "artist",
+    ]
+    x = (np.random.default_rng(1).random((2, SIZE, SIZE, 3)) * 255).astype(np.float32)
+    with torch.no_grad():
+        probs, _ = (t.numpy() for t in WDInterface(net)(torch.from_numpy(x)))
+    assert np.array_equal(Tagger.load(info.root, backend="torch").run(x)[0], probs)
+
+
+def test_format_2_rejects_rows_in_the_wrong_file(tmp_path):
+    from illust2vec.formats.bundle import split_vocab
+
+    out = tmp_path / "b"
+    save_bundle(out, full_model(), full_vocab(), thresholds())
+    wd, extra = split_vocab(full_vocab())
+    write_vocab(full_vocab(), out / "selected_tags.csv")  # every head in selected_tags.csv, as format 1 had it
+    with pytest.raises(UserError, match="selected_tags.csv: holds copyright, artist rows; those belong in extra_tags"):
+        open_bundle(out)
+    write_vocab(wd, out / "selected_tags.csv")
+    (out / "extra_tags.csv").unlink()
+    with pytest.raises(UserError, match="selected_tags.csv and extra_tags.csv are not the vocabulary the model was"):
+        open_bundle(out)
+
+
+def write_format_1(bundle: Path, out: Path) -> None:
+    """A bundle as format 1 wrote it, by hand: every head in selected_tags.csv, no "outputs" in config.json, and
+    (with model.onnx) one output holding every probability, then "features"."""
+    info = open_bundle(bundle)
+    out.mkdir()
+    config = {k: v for k, v in info.config.items() if k != "outputs"}
+    config["format_version"] = 1
+    shutil.copy(bundle / "model.safetensors", out / "model.safetensors")
+    shutil.copy(bundle / "thresholds.json", out / "thresholds.json")
+    write_vocab(info.vocab, out / "selected_tags.csv")
+    if info.onnx_path is not None:
+        import onnx
+
+        model = onnx.load(str(info.onnx_path))
+        graph = model.graph
+        probs = [o.name for o in graph.output if o.name != "features"]
+        graph.node.append(onnx.helper.make_node("Concat", probs, ["output_all"], axis=1))
+        first = onnx.helper.make_tensor_value_info("output_all", onnx.TensorProto.FLOAT, ["batch", None])
+        rest = [o for o in graph.output if o.name == "features"]
+        del graph.output[:]
+        graph.output.extend([first, *rest])
+        onnx.save(model, str(out / "model.onnx"))
+        config["onnx"] = {**config["onnx"], "outputs": ["output_all", "features"]}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def test_a_format_1_bundle_still_loads_with_every_head(tmp_path):
+    import functools
+
+    from illust2vec.models.onnx import export_onnx
+
+    net = full_model()
+    new = save_bundle(tmp_path / "new", net, full_vocab(), thresholds(), onnx=functools.partial(export_onnx, net))
+    assert [o.name for o in __import__("onnxruntime").InferenceSession(str(new.onnx_path)).get_outputs()] == [
+        "output",
+        "copyright",
+        "artist",
+        "features",
+    ]
+    write_format_1(new.root, tmp_path / "old")
+    old = open_bundle(tmp_path / "old")
+    assert old.config["format_version"] == 1 and not (tmp_path / "old" / "extra_tags.csv").exists()
+    assert old.vocab == new.vocab and old.labels == new.labels and old.thresholds == new.thresholds
+    x = (np.random.default_rng(2).random((3, SIZE, SIZE, 3)) * 255).astype(np.float32)
+    want = Tagger.load(new.root, backend="torch").run(x)
+    for backend in ("torch", "onnx"):
+        for root in (new.root, old.root):
+            probs, feats = Tagger.load(root, backend=backend).run(x)
+            assert np.abs(probs - want[0]).max() < 1e-4 and np.abs(feats - want[1]).max() < 1e-3, (backend, root)
+    tagger = Tagger.load(old.root, backend="onnx")
+    assert set(tagger.estimate_plausible_tags(x[:1], threshold=0.0)[0]) == set(full_vocab().heads)

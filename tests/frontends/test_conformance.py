@@ -246,3 +246,76 @@ def test_export_for_each_front_end(synth_run, synth_images, tmp_path):
     for path, want in zip(at96, ours(bundle, at96, 0.35, 0.85), strict=True):
         got = comfyui_tag(tmp_path / "comfy", "synth", Image.open(path))
         assert names(got.general) == want["general"] and names(got.character) == want["character"]
+
+
+# ---- genuine WD v3 labels: the reference for the layout, and still opened by our loaders
+
+
+def wd_v3() -> Path:
+    if not WD_V3.exists():
+        pytest.skip(f"the WD v3 labels are not here ({WD_V3})")
+    return WD_V3
+
+
+def runs(categories) -> list[tuple[int, int]]:
+    """(category, how many rows in a row): a file's layout."""
+    out: list[tuple[int, int]] = []
+    for c in categories:
+        out[-1:] = [(c, out[-1][1] + 1)] if out and out[-1][0] == c else [*out[-1:], (c, 1)]
+    return out
+
+
+def test_our_selected_tags_has_wd_v3s_layout(bundle448):
+    ref, ours_ = read_vocab(wd_v3()), read_vocab(bundle448 / "selected_tags.csv")
+    assert runs(ref.categories) == [(9, 4), (0, 8106), (4, 2751)]  # the reference: WD v3's three categories only
+    assert [c for c, _ in runs(ours_.categories)] == [9, 0, 4]
+    assert (ours_.names[:4], ours_.tag_ids[:4]) == (ref.names[:4], ref.tag_ids[:4])  # WD's ratings and their ids
+    header = wd_v3().read_text().splitlines()[0]
+    assert (bundle448 / "selected_tags.csv").read_text().splitlines()[0] == header
+
+
+@pytest.fixture(scope="module")
+def wd_v3_dir(tmp_path_factory) -> Path:
+    """A WD v3 directory: the genuine selected_tags.csv beside a tiny model.onnx of WD's interface (448 px NHWC BGR
+    in; one sigmoid output, a probability per row)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = len(read_vocab(wd_v3()))
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array((rng.normal(size=(3, n)) / 40).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.normal(-1.5, 1.5, size=n).astype(np.float32), "b")
+    axes = numpy_helper.from_array(np.array([1, 2], np.int64), "axes")
+    starts = numpy_helper.from_array(np.array([0, 0], np.int64), "starts")
+    ends = numpy_helper.from_array(np.array([SIZE, SIZE], np.int64), "ends")
+    steps = numpy_helper.from_array(np.array([32, 32], np.int64), "steps")
+    nodes = [  # the mean of a 14 x 14 grid of pixels: few enough that float32 sums them alike in any batch
+        helper.make_node("Slice", ["input", "starts", "ends", "axes", "steps"], ["grid"]),
+        helper.make_node("ReduceMean", ["grid", "axes"], ["mean"], keepdims=0),
+        helper.make_node("MatMul", ["mean", "w"], ["logits0"]),
+        helper.make_node("Add", ["logits0", "b"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "wd-v3-like",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", SIZE, SIZE, 3])],
+        [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, ["batch", n])],
+        [weights, bias, axes, starts, ends, steps],
+    )
+    out = tmp_path_factory.mktemp("wd") / "SmilingWolf_wd-vit-tagger-v3"
+    out.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(out / "model.onnx"))
+    shutil.copy(wd_v3(), out / "selected_tags.csv")
+    return out
+
+
+def test_a_genuine_wd_v3_directory_still_opens_and_reads_alike(wd_v3_dir, squares):
+    tagger = Tagger.load(wd_v3_dir)
+    assert tagger.kind == "wd-onnx" and tagger.image_size == SIZE
+    assert {h: len(ix) for h, ix in tagger.labels.heads.items()} == {"rating": 4, "general": 8106, "character": 2751}
+    want = ours(wd_v3_dir, squares[:2], 0.35, 0.35)
+    read = kohya_tag(wd_v3_dir.parent, "SmilingWolf/wd-vit-tagger-v3", squares[:2])
+    assert any(w["general"] for w in want) and any(w["character"] for w in want)
+    for got, w in zip(read, want, strict=True):
+        assert names(got.general) == w["general"] and names(got.character) == w["character"]

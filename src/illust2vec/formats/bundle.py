@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import UserError
-from .categories import CATEGORY_NAMES
+from .categories import CATEGORY_NAMES, HEAD_ORDER
 from .vocab import Vocab, read_vocab, write_vocab
 
 FORMAT = "illust2vec-bundle"
@@ -360,7 +360,7 @@ def _read_labels(path: Path, version: int) -> Vocab:
     wd = read_vocab(path / WD_LABELS)
     if version < 2:
         return wd
-    stray = sorted({CATEGORY_NAMES[c] for c in wd.categories} - set(WD_HEADS))
+    stray = [h for h in HEAD_ORDER if h in {CATEGORY_NAMES[c] for c in wd.categories} and h not in WD_HEADS]
     if stray:
         raise UserError(f"{path}/{WD_LABELS}: holds {', '.join(stray)} rows; those belong in {EXTRA_LABELS}")
     extra_path = path / EXTRA_LABELS
