@@ -54,6 +54,10 @@ def workers_option(help: str, default: int | None = None, minimum: int = 1) -> A
     return typer.Option(default, min=minimum, help=help)
 
 
+def ray_address_option() -> Any:
+    return typer.Option(None, help="--ray's cluster: auto or ray://host:10001 (default: RAY_ADDRESS, else local).")
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages to stderr.")) -> None:
     logging.basicConfig(
@@ -483,14 +487,14 @@ def demo(
 
 @app.command()
 def tag(
-    paths: list[str] = typer.Argument(..., help="Images, folders of images, and WebDataset tar shards (*.tar)."),
+    paths: list[str] = typer.Argument(..., help="Images, folders, WebDataset tar shards (*.tar); paths or URLs."),
     model: str = typer.Option(..., help="A bundle (i2v export), a WD tagger v3 snapshot or a WD ONNX directory."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Enter subfolders too."),
     threshold: float = typer.Option(None, help="General tags' threshold (default: the model's calibrated, or 0.35)."),
     character_threshold: float = typer.Option(None, help="Character tags' threshold (default: calibrated, or 0.85)."),
     mcut: bool = typer.Option(False, "--mcut", help="Thresholds per image by MCut, as the WD Space does."),
     format: str = typer.Option("table", help="table, json, jsonl, csv (on stdout) or txt (captions beside images)."),
-    out: Path = typer.Option(None, help="Write the json/jsonl/csv records to this file instead of stdout."),
+    out: str = typer.Option(None, help="Write the records to this file or URL instead of stdout (--ray: a folder)."),
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     exclude: str = typer.Option(None, help="Comma-separated tags never to output."),
     replace_underscores: bool = typer.Option(False, "--replace-underscores", help="long_hair -> long hair (not ^_^)."),
@@ -501,10 +505,16 @@ def tag(
     backend: str = backend_option(),
     shard: str = shard_option("files"),
     workers: int = workers_option("Decoding threads (default: one per core)."),
+    ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster, jsonl parts under --out (a folder or URL)."),
+    ray_address: str = ray_address_option(),
+    actors: int = typer.Option(None, min=1, help="--ray: model actors (default: one per GPU, or per 2 CPUs)."),
+    gpus_per_actor: float = typer.Option(None, min=0, help="--ray: GPUs per actor (default: 1 if any, else 0)."),
+    part_size: int = typer.Option(1024, min=1, help="--ray: records per part written under --out."),
 ) -> None:
     """Tag images: records on stdout (or captions beside them), a report of bad files on stderr; exit 1 if any."""
     import os
 
+    from .infer.engine import RayOptions
     from .infer.pipeline import TagConfig, parse_exclude, tag_files
     from .infer.writers import CaptionOptions
 
@@ -524,7 +534,8 @@ def tag(
         backend=backend,
         shard=shard,
         workers=workers,
-        out=None if out is None else str(out),
+        out=out,
+        ray=RayOptions(ray_address, actors, gpus_per_actor, part_size) if ray or ray_address else None,
     )
     try:
         summary = tag_files(cfg, out=sys.stdout, console=err)
@@ -568,9 +579,9 @@ app.add_typer(index_app, name="index")
 
 @app.command()
 def embed(
-    paths: list[str] = typer.Argument(..., help="Images, folders of images, and WebDataset tar shards (*.tar)."),
+    paths: list[str] = typer.Argument(..., help="Images, folders, WebDataset tar shards (*.tar); paths or URLs."),
     model: str = typer.Option(..., help="A bundle (i2v export) or a WD tagger v3 snapshot (with feature vectors)."),
-    out: Path = typer.Option(..., help="Vectors file to write (Parquet); a rerun resumes it."),
+    out: str = typer.Option(..., help="Vectors file or URL (Parquet; --ray: a folder of parts); reruns resume."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Enter subfolders too."),
     ids: str = typer.Option("path", help="Row ids: path (relative to the folder given) or stem (e.g. post ids)."),
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
@@ -578,9 +589,15 @@ def embed(
     device: str = device_option(),
     backend: str = backend_option(),
     workers: int = workers_option("Decoding threads (default: one per core)."),
+    ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster, Parquet parts under --out (a folder/URL)."),
+    ray_address: str = ray_address_option(),
+    actors: int = typer.Option(None, min=1, help="--ray: model actors (default: one per GPU, or per 2 CPUs)."),
+    gpus_per_actor: float = typer.Option(None, min=0, help="--ray: GPUs per actor (default: 1 if any, else 0)."),
+    part_size: int = typer.Option(1024, min=1, help="--ray: rows per part written under --out."),
 ) -> None:
     """Feature vectors and predicted tags of images, from one forward pass each, into Parquet; exit 1 if any failed."""
     from .infer.embed import EmbedConfig, embed_files
+    from .infer.engine import RayOptions
 
     cfg = EmbedConfig(
         paths=tuple(paths),
@@ -593,6 +610,7 @@ def embed(
         device=device,
         backend=backend,
         workers=workers,
+        ray=RayOptions(ray_address, actors, gpus_per_actor, part_size) if ray or ray_address else None,
     )
     summary = embed_files(cfg, console=err)
     err.print(f"{out}: {summary.line()}", highlight=False, soft_wrap=True)

@@ -17,8 +17,9 @@ import numpy as np
 from rich.console import Console
 
 from ..errors import UserError, is_disk_full
+from ..util import storage
 from ..util.shard import in_shard
-from .engine import Batch, BatchSummary, Engine, Item, check_job, discover
+from .engine import Batch, BatchSummary, Engine, Item, RayOptions, check_job, discover, shown
 from .tagger import Tagger
 from .thresholds import Selection
 from .writers import (
@@ -55,15 +56,19 @@ class TagConfig:
     backend: str = "auto"
     shard: tuple[int, int] = (0, 1)  # part I of N of the files, for job arrays ("I/N" is taken too)
     workers: int | None = None  # decoding threads; None: one per core
-    out: str | None = None  # json/jsonl/csv records into this file (written whole, then renamed); None: stdout
+    out: str | None = None  # json/jsonl/csv records into this file or URL (written whole at the end); None: stdout
+    ray: RayOptions | None = None  # --ray: a Ray Data pipeline writing jsonl parts under `out`, a folder or prefix
 
     def __post_init__(self) -> None:
         check_job(self)
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.format not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}")
+        if self.ray is not None and (self.out is None or self.format != "jsonl"):
+            raise UserError("--ray writes jsonl parts into a folder or prefix: give --format jsonl and --out DIR|URL")
         if self.out is not None:
             object.__setattr__(self, "out", str(self.out))
+            storage.location(self.out, "--out", write=True)
             if self.format not in RECORD_FORMATS:
                 raise UserError(f"--out writes records: give --format {', '.join(RECORD_FORMATS)}, not {self.format}")
         for name, t in (("--threshold", self.threshold), ("--character-threshold", self.character_threshold)):
@@ -105,14 +110,21 @@ def _own_caption(engine: Engine, item: Item, captions: dict[Path, Path]) -> bool
 
 
 def _items(cfg: TagConfig, summary: BatchSummary) -> list[Item]:
-    """This part's items; txt captions go beside image files only, so a tar shard among the inputs is refused."""
+    """This part's items; txt captions go beside local image files only, so a tar shard or a URL among the inputs
+    is refused."""
     found = discover(cfg.paths, cfg.recursive, summary)
     if cfg.format == "txt":
         shard = next((it.shard for it in found if it.shard is not None), None)
         if shard is not None:
             raise UserError(
-                f"{shard}: a tar shard; --format txt writes captions beside image files only "
+                f"{shown(shard)}: a tar shard; --format txt writes captions beside image files only "
                 "(give --format jsonl --out FILE for its members)"
+            )
+        remote = next((it.path for it in found if storage.is_remote(it.path)), None)
+        if remote is not None:
+            raise UserError(
+                f"{shown(remote)}: a remote file; --format txt writes captions beside local image files only "
+                "(give --format jsonl --out URL|FILE for its records)"
             )
     return [it for it in found if in_shard(it.key, cfg.shard)]
 
@@ -127,6 +139,10 @@ def tag_files(
     """
     out = out or sys.stdout
     console = console or Console(stderr=True)
+    if cfg.ray is not None:
+        from .distributed import tag_on_ray
+
+        return tag_on_ray(cfg, console)
     logging.getLogger("PIL").setLevel(logging.INFO)  # its DEBUG lines (PNG chunks) would bury -v's list of non-images
     summary = BatchSummary("tagged")
     if cfg.out is not None:
@@ -156,7 +172,7 @@ def _tag(
     def consume(batch: Batch) -> None:
         probs, _ = tagger.run(np.stack([x for _, x in batch]))
         for (item, _), p in zip(batch, probs, strict=True):
-            record = make_record(str(item.path), tagger.select(p, selection), cfg.caption)
+            record = make_record(shown(item.path), tagger.select(p, selection), cfg.caption)
             if _write(writer, record, item, engine, cfg.format):
                 summary.done += 1
 
