@@ -7,11 +7,15 @@ its own. Baseline 1 is a plain sequential crawler written below: httpx, one post
 written to a tar; no resize on either side. Baseline 2 is img2dataset, installed in bench/.venv-img2dataset (it
 pins old webdataset and pandas), with the same resize (longer side 512, never enlarged), 2 processes of 32 threads,
 md5 verified as ours does, EXIF left alone as ours leaves it; it gets the board's pictures (800 to 2000 px) twice:
-the same URL list as ours (every format), and the JPEG posts alone. Each contender runs --repeat times, interleaved,
-and its fastest run counts: the machine is shared, and other work only ever slows a run down.
+the same URL list as ours (every format), and the JPEG posts alone. A third contender is `i2v crawl --ray`: the same
+crawl cut into 4 blocks of ids, run as Ray tasks on a local cluster of this machine's cores that the command starts
+and stops itself (its start-up is in its time), 2 blocks at once, each at half the rates and with the same
+--concurrency; its ratio to the plain crawl is printed. Each contender runs --repeat times, interleaved, and its
+fastest run counts: the machine is shared, and other work only ever slows a run down.
 
-    python -m bench crawl            # full: 600 posts, 3 runs each, about 3 minutes on 2 cores
-    python -m bench crawl --quick    # small board, for a smoke test
+    python -m bench crawl              # full: 1500 posts, 3 runs each, about 4 minutes on 2 cores
+    python -m bench crawl --ray-only   # the plain crawl against crawl --ray alone
+    python -m bench crawl --quick      # small board, for a smoke test
 """
 
 from __future__ import annotations
@@ -192,6 +196,23 @@ def ours(board: Board, plan: Plan, out: Path, image_size: int | None) -> Run:
     return Run(name, summary["listed"], summary["images"], wall, cpu, summary["seconds"], board.cpu() - board0)
 
 
+def ours_ray(board: Board, plan: Plan, out: Path, top_id: int) -> Run:
+    """`i2v crawl --ray`: the same crawl in 4 blocks of ids, 2 at a time, on a local Ray cluster it starts itself."""
+    cmd = [sys.executable, "-m", "illust2vec.cli", "crawl", "--url", board.url, "--out", str(out)]
+    cmd += ["--concurrency", str(plan.concurrency), "--api-rate", "1000", "--file-rate", "1000"]
+    cmd += ["--ray", "--ray-tasks", "2", "--block-size", str(top_id // 4 + 1)]
+    board0 = board.cpu()
+    env = {"RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}  # its own local cluster, no telemetry
+    wall, cpu = run_child(cmd, out.with_suffix(".log"), env)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    if summary["statuses"].get("failed"):
+        raise SystemExit(f"crawl --ray failed {summary['statuses']['failed']} posts: {summary['failures'][:3]}")
+    name = f"ours (i2v crawl --ray, {summary['blocks']['total']} blocks, 2 at once, original)"
+    # Ray's workers are not children of the command (the raylet starts them): their CPU is not in `cpu`.
+    work = summary["seconds"] - summary["cluster_seconds"]  # its work once the cluster is up
+    return Run(name, summary["listed"], summary["images"], wall, cpu, work, board.cpu() - board0)
+
+
 def sequential(board: Board, out: Path) -> Run:
     """A plain crawler: one post after another, file fetched, md5 checked, written to a tar with its json."""
     board0, cpu0, t0 = board.cpu(), time.process_time(), time.perf_counter()
@@ -297,12 +318,28 @@ def img2dataset_skip(args: argparse.Namespace) -> str | None:
     return None if why is None else f"could not install it: {why}"
 
 
+def report_ray(runs: dict[str, list[Run]]) -> None:
+    plain, ray = best(runs["ours-original"]), best(runs["ours-ray"])
+    print(
+        ratio("crawl --ray", "posts/s", ray.posts_per_s, plain.posts_per_s, "plain crawl")
+        + " (whole commands, Ray's start included)"
+    )
+    print(
+        ratio("crawl --ray, work time only", "posts/s", ray.posts / ray.work, plain.posts / plain.work, "plain crawl")
+        + " (--ray: from the cluster up to the end; plain: the crawl's own time)"
+    )
+
+
 def report(runs: dict[str, list[Run]]) -> None:
-    seq, orig, resized = best(runs["sequential"]), best(runs["ours-original"]), best(runs["ours-512"])
-    print(f"best of {len(runs['sequential'])} runs each:")
+    print(f"best of {len(runs['ours-original'])} runs each:")
     for runs_of_one in runs.values():
         if runs_of_one:
             print(best(runs_of_one).line())
+    if runs["ours-ray"]:
+        report_ray(runs)
+    if not runs["sequential"]:
+        return
+    seq, orig, resized = best(runs["sequential"]), best(runs["ours-original"]), best(runs["ours-512"])
     print(
         ratio("crawl", "posts/s", orig.posts_per_s, seq.posts_per_s, "sequential")
         + f" (target >= 10x; CPU s/image: ours {orig.cpu_per_image:.4f}, sequential {seq.cpu_per_image:.4f})"
@@ -345,6 +382,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, help="runs of each contender, the best kept (default: 3, 1 quick)")
     parser.add_argument("--no-img2dataset", action="store_true", help="skip the img2dataset comparison")
     parser.add_argument("--install", action="store_true", help="with --quick: install img2dataset if missing")
+    parser.add_argument("--no-ray", action="store_true", help="skip the crawl --ray comparison")
+    parser.add_argument("--ray-only", action="store_true", help="the plain crawl against crawl --ray alone")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.posts:
@@ -365,19 +404,23 @@ def main(argv: list[str] | None = None) -> None:
             f"load average {os.getloadavg()[0]:.2f}",
             flush=True,
         )
-        skip = img2dataset_skip(args)
+        skip = "--ray-only" if args.ray_only else img2dataset_skip(args)
         if skip is not None:
             print(f"img2dataset: skipped ({skip})", flush=True)
         overflows0 = listen_overflows()
-        names = ("sequential", "ours-original", "ours-512", "img2dataset-all", "img2dataset-jpg")
+        names = ("sequential", "ours-original", "ours-512", "ours-ray", "img2dataset-all", "img2dataset-jpg")
         runs: dict[str, list[Run]] = {name: [] for name in names}
         with tempfile.TemporaryDirectory(prefix="bench-crawl-") as tmp:
             for i in range(repeat):
                 where = Path(tmp) / str(i)
                 where.mkdir()
-                runs["sequential"].append(sequential(board, where / "sequential.tar"))
+                if not args.ray_only:
+                    runs["sequential"].append(sequential(board, where / "sequential.tar"))
                 runs["ours-original"].append(ours(board, plan, where / "ours-original", None))
-                runs["ours-512"].append(ours(board, plan, where / "ours-512", plan.image_size))
+                if not args.no_ray:
+                    runs["ours-ray"].append(ours_ray(board, plan, where / "ours-ray", max(p["id"] for p in listed)))
+                if not args.ray_only:
+                    runs["ours-512"].append(ours(board, plan, where / "ours-512", plan.image_size))
                 if skip is None:
                     runs["img2dataset-all"].append(img2dataset(board, plan, files, "all", where / "i2d-all"))
                     runs["img2dataset-jpg"].append(img2dataset(board, plan, jpgs, "JPEG", where / "i2d-jpg"))

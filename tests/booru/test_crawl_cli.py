@@ -36,6 +36,7 @@ def server():
         (["crawl", "--url", "http://127.0.0.1:9", "--out", "x", "--image-size", "big"], "--image-size"),
         (["crawl", "--url", "http://127.0.0.1:9", "--out", "x", "--site", "pixiv"], "--site must be one of"),
         (["crawl", "--url", "http://127.0.0.1:9", "--out", "x", "--login", "me"], "API key"),
+        (["crawl", "--url", "http://127.0.0.1:9", "--out", "x", "--ray", "--limit", "5"], "drop --ray"),
         (["export-csv", "/nonexistent/crawl"], "no posts/*.parquet"),
     ],
 )

@@ -234,6 +234,7 @@ class CrawlSummary:
     rate_limited: int = 0
     failures: list[str] = field(default_factory=list)
     blocks: dict[str, int] | None = None  # with --ray: blocks in all, skipped (finished before), crawled now
+    cluster_seconds: float = 0.0  # with --ray: of `seconds`, those spent connecting to (or starting) the cluster
 
     @property
     def failed(self) -> int:
@@ -495,7 +496,10 @@ def print_summary(summary: CrawlSummary, console: Console) -> None:
     console.print(table)
     if summary.blocks:
         b = summary.blocks
-        console.print(f"blocks: {b['total']} in all, {b['skipped']} finished before, {b['crawled']} crawled now")
+        console.print(
+            f"blocks: {b['total']} in all, {b['skipped']} finished before, {b['crawled']} crawled now "
+            f"(the Ray cluster was up in {summary.cluster_seconds:.1f} s)"
+        )
     rate = summary.images / summary.seconds if summary.seconds else 0.0
     console.print(
         f"this run: {summary.listed} posts listed, {summary.images} images ({summary.bytes / 1e6:.1f} MB) in "

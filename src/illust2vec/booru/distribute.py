@@ -121,6 +121,7 @@ class _Driver:
         self.cfg, self.auth, self.blocks, self.state = cfg, auth, blocks, state
         self.finished: dict = state.get("finished", {})
         self.results: list[dict] = []  # this run's, finished or not
+        self.start_seconds = 0.0  # connecting to (or starting) the cluster
 
     def record(self, k: int, result: dict) -> None:
         self.results.append(result)
@@ -132,7 +133,9 @@ class _Driver:
 
     def run(self, todo: list[int], console: Console) -> None:
         ray = import_ray()
+        t0 = time.monotonic()
         with connect(self.cfg.ray_address) as info:
+            self.start_seconds = time.monotonic() - t0
             running = max(1, min(len(todo), self.cfg.ray_tasks or int(info.cpus) or 1))
             task = ray.remote(crawl_block).options(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)
             auth = dataclasses.asdict(self.auth) if self.auth else None
@@ -230,6 +233,7 @@ def _summary(driver: _Driver, skipped: int, seconds: float) -> CrawlSummary:
         seconds=round(seconds, 2),
         failures=failures[:20],
         blocks={"total": total, "skipped": skipped, "crawled": len(driver.results)},
+        cluster_seconds=round(driver.start_seconds, 2),
     )
 
 
