@@ -124,3 +124,27 @@ def test_reading_a_shard_cut_to_half_is_one_line_naming_it(tmp_path):
     with pytest.raises(UserError, match=r"s-000000\.tar: cannot be read past sample \d+ .*half-copied") as e:
         read.extend(iter_samples([tmp_path / info.name]))
     assert "\n" not in str(e.value) and 0 < len(read) < 10
+
+
+def test_shards_at_a_url_read_as_local_ones(tmp_path, bucket):
+    """Streamed samples, scanned members at the same offsets, one ranged read per member; a cut object said so."""
+    from illust2vec.util import storage
+
+    samples = {f"k{i:03d}": {"jpg": bytes([i]) * (300 + i), "json": b'{"i": %d}' % i} for i in range(12)}
+    writer = ShardWriter(tmp_path)
+    for key, files in samples.items():
+        writer.add(key, files)
+    info = writer.close()
+    url = f"{bucket}/s/{info.name}"
+    storage.upload(tmp_path / info.name, url)
+    assert dict(iter_samples([url])) == samples
+    local, remote = scan_shard(tmp_path / info.name), scan_shard(url)
+    assert remote.problem == "" and [(m.key, m.ext, m.offset) for m in remote.members] == [
+        (m.key, m.ext, m.offset) for m in local.members
+    ]
+    assert [read_member(m) for m in remote.members] == [read_member(m) for m in local.members]
+    assert file_sha256(url) == info.sha256
+    data = (tmp_path / info.name).read_bytes()
+    storage.write_bytes(f"{bucket}/cut.tar", data[: len(data) // 2])
+    cut = scan_shard(f"{bucket}/cut.tar")
+    assert cut.problem.startswith(f"cut short at {len(data) // 2} bytes") and 0 < len(cut.members) < len(local.members)

@@ -117,3 +117,27 @@ def test_model_meta_hashes_the_weights_and_the_vocabulary(tmp_path: Path):
     assert meta["vocab_hash"] == again["vocab_hash"] and meta["weights"] != again["weights"]
     model.labels.names = ["a", "b"]
     assert model_meta(model)["vocab_hash"] != meta["vocab_hash"]
+
+
+def test_parts_and_the_merged_file_round_trip_on_s3(bucket):
+    """Parts and the merge written as objects; read back from the file's URL, and from a prefix of parts (--ray)."""
+    from illust2vec.util import storage
+
+    meta, (ids, paths, v, tags) = _meta(), _rows(7)
+    out = f"{bucket}/v/vectors.parquet"
+    writer = PartWriter(out, meta, size=3)
+    for row in zip(ids, paths, v, tags, strict=True):
+        writer.add(*row)
+    assert len(storage.listing(parts_dir(out), "part-*.parquet")) == 2
+    assert done_ids(out) == set(ids[:6])  # what a rerun would skip: the whole parts
+    assert writer.close() == 7 and storage.listing(parts_dir(out)) == []
+    back = read_vectors([out])
+    assert back.ids == ids and back.paths == paths and back.meta == meta
+    np.testing.assert_array_equal(back.vectors, v)
+    prefix = f"{bucket}/ray"
+    parts = PartWriter(prefix, meta, size=4, folder=prefix, digits=5)
+    for row in zip(ids, paths, v, tags, strict=True):
+        parts.add(*row)
+    parts.finish()
+    assert [storage.name(p) for p in storage.listing(prefix)] == ["part-00000.parquet", "part-00001.parquet"]
+    assert read_vectors([prefix]).ids == ids

@@ -148,3 +148,32 @@ def test_member_names_of_a_remote_shard_keep_their_folders(bucket, tmp_path):
     items = discover([f"{bucket}/nested.tar"], recursive=False)
     assert [str(it.path) for it in items] == [f"{bucket}/nested.tar/{n}" for n in ("a/1.jpg", "a/1.json", "b.png")]
     assert [it.key for it in items] == ["nested.tar/a/1.jpg", "nested.tar/a/1.json", "nested.tar/b.png"]
+
+
+def test_an_http_file_is_one_item_named_by_its_url(i2v, synth_bundle, synth_images):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(synth_images))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        name = sorted(p.name for p in synth_images.iterdir() if p.suffix == ".png")[0]
+        url = f"http://127.0.0.1:{server.server_port}/{name}"
+        code, out, err = i2v("tag", url, "--model", str(synth_bundle), "--format", "jsonl", *ALL)
+        assert code == 0, err
+        code, want, err = i2v("tag", str(synth_images / name), "--model", str(synth_bundle), "--format", "jsonl", *ALL)
+        assert code == 0, err
+        assert list(records(out)) == [url]
+        assert_same_scores(records(out)[url], records(want)[str(synth_images / name)])
+        code, out, err = i2v("tag", url, "--model", str(synth_bundle), "--format", "jsonl", "--out", f"{url}.jsonl")
+        assert code == 2 and err.strip() == f"error: --out {url}.jsonl: http:// URLs can be read but not written"
+    finally:
+        server.shutdown()
+
+
+def test_a_missing_bucket_is_named_as_such(i2v, synth_bundle, s3_server):
+    code, out, err = i2v("tag", "s3://no-such-bucket-h3/pics", "--model", str(synth_bundle), "--format", "jsonl")
+    assert (code, out) == (2, "") and err.strip() == "error: s3://no-such-bucket-h3/pics: cannot read: no such bucket"

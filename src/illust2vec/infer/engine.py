@@ -228,6 +228,7 @@ def _remote(arg: str, recursive: bool, summary: BatchSummary | None) -> list[Ite
         return [Item(loc, storage.name(loc), True)]
     if not storage.isdir(loc):
         if not storage.exists(loc):
+            storage.check_readable_root(loc)  # a missing bucket or wrong credentials, named as such
             raise UserError(f"{storage.display(arg)}: no such file or folder")
         return [Item(loc, storage.name(loc), True)]
     items, subdirs = [], set()
