@@ -281,3 +281,22 @@ def test_bad_urls_are_one_line_and_exit_2(i2v, s3_server, synth_crawl, synth_voc
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
     assert "testing-secret-key" not in err
+
+
+def test_read_ahead_gives_the_objects_bytes_in_any_pieces_and_stops_when_closed(s3_server, bucket):
+    from illust2vec.formats.loader import ReadAhead
+
+    data = np.random.default_rng(0).bytes(700_000)
+    storage.write_bytes(f"{bucket}/blob.tar", data)
+    stream = ReadAhead(f"{bucket}/blob.tar", chunk=65536, depth=2)
+    got = [stream.read(n) for n in (1, 10, 100_000, 65536, 7)] + [stream.read()]
+    assert b"".join(got) == data and stream.read(10) == b""
+    stream.close()
+    early = ReadAhead(f"{bucket}/blob.tar", chunk=1024, depth=1)  # its thread blocks on a full queue
+    assert early.read(5) == data[:5]
+    early.close()
+    assert not early._thread.is_alive()
+    missing = ReadAhead(f"{bucket}/nothing.tar")
+    with pytest.raises(UserError, match=rf"^{bucket}/nothing.tar: cannot open: not found$"):
+        missing.read(10)
+    missing.close()
