@@ -300,3 +300,14 @@ def test_read_ahead_gives_the_objects_bytes_in_any_pieces_and_stops_when_closed(
     with pytest.raises(UserError, match=rf"^{bucket}/nothing.tar: cannot open: not found$"):
         missing.read(10)
     missing.close()
+
+
+def test_a_reader_that_stops_early_leaves_no_read_ahead_behind(remote):
+    import threading
+
+    pipeline = loader_module.make_pipeline(open_dataset(f"{remote}/built"), "train", LoaderConfig(), train=False)
+    samples = iter(pipeline)
+    next(samples)
+    assert any(t.name == "i2v-read-ahead" for t in threading.enumerate())
+    samples.close()  # as a DataLoader does with an epoch cut short
+    assert not any(t.name == "i2v-read-ahead" and t.is_alive() for t in threading.enumerate())

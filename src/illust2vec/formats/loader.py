@@ -163,15 +163,18 @@ def open_shards(src: Iterable[dict], handler) -> Iterator[dict]:
     has been read. A local shard is a file; a remote one is read ahead in a background thread (`ReadAhead`), and the
     next remote shard is opened while this one is read, so the network's latency hides behind decoding. A shard
     that cannot be opened or read goes to the handler, which counts it and goes on."""
-    ahead = None
-    for sample in itertools.chain(src, [None]):
-        opened = None if sample is None else _open(sample, handler)
-        if ahead is not None:
-            try:
+    ahead = opened = None
+    try:
+        for sample in itertools.chain(src, [None]):
+            opened = None if sample is None else _open(sample, handler)
+            if ahead is not None:
                 yield ahead
-            finally:
                 ahead["stream"].close()
-        ahead = opened
+            ahead, opened = opened, None
+    finally:  # also when the reader stops early (a short epoch): no stream, and no thread, is left behind
+        for left in (ahead, opened):
+            if left is not None:
+                left["stream"].close()
 
 
 def _open(sample: dict, handler) -> dict | None:
