@@ -1,7 +1,8 @@
 """Two torchrun "nodes" on this machine: two launchers joined by a c10d rendezvous on a loopback port, gloo, one
-process each. They train like one process with twice the batch (the tolerance of test_ddp.py), rank 0 alone writes
-the run directory (each node runs in its own folder, so a file written by the other rank would show), and a resumed
-run carries on from rank 0's checkpoint although the other node never saw it."""
+process each, streaming the training shards from the S3-compatible test server. They train like one process with
+twice the batch (the tolerance of test_ddp.py), rank 0 alone writes the run directory (each node runs in its own
+folder, so a file written by the other rank would show), and a resumed run carries on from rank 0's checkpoint
+although the other node never saw it."""
 
 import csv
 import json
@@ -15,6 +16,7 @@ import pytest
 import typer
 
 from illust2vec.cli import app
+from illust2vec.util import storage
 from s3server import free_port
 from train.test_ddp import TOLERANCE
 
@@ -49,11 +51,12 @@ def _two_nodes(data: str, tmp_path, run_id: str, *args: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_nodes_train_like_one_and_resume(synth_build, tmp_path):
-    data = str(synth_build)
+def test_two_nodes_streaming_from_s3_train_like_one_and_resume(synth_build, bucket, tmp_path):
+    data = f"{bucket}/build"
+    storage.upload_tree(synth_build, data)  # the nodes inherit AWS_ENDPOINT_URL and the keys from s3_server
     single = subprocess.run(
-        [sys.executable, "-m", "illust2vec.cli", "train", data, *COMMON, "--epochs", "3", "--batch-size", "32"]
-        + ["--out", str(tmp_path / "one")],
+        [sys.executable, "-m", "illust2vec.cli", "train", str(synth_build), *COMMON]
+        + ["--epochs", "3", "--batch-size", "32", "--out", str(tmp_path / "one")],
         capture_output=True,
         text=True,
         timeout=600,
@@ -70,6 +73,7 @@ def test_two_nodes_train_like_one_and_resume(synth_build, tmp_path):
 
     config = json.loads((run / "config.json").read_text())
     assert config["runtime"]["world_size"] == 2
+    assert config["dataset"] == data  # read from the bucket, not from a local copy
     one, two = _losses(tmp_path / "one"), _losses(run)
     assert len(one) == len(two) == 3
     assert two[-1] < two[0]  # it trains, across the resume too
