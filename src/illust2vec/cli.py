@@ -493,14 +493,23 @@ def tag(
     threshold: float = typer.Option(None, help="General tags' threshold (default: the model's calibrated, or 0.35)."),
     character_threshold: float = typer.Option(None, help="Character tags' threshold (default: calibrated, or 0.85)."),
     mcut: bool = typer.Option(False, "--mcut", help="Thresholds per image by MCut, as the WD Space does."),
-    format: str = typer.Option("table", help="table, json, jsonl, csv (on stdout) or txt (captions beside images)."),
+    format: str = typer.Option(
+        "table", help="table, json, jsonl, csv (on stdout); txt (captions), xmp or hydrus (sidecars) beside images."
+    ),
     out: str = typer.Option(None, help="Write the records to this file or URL instead of stdout (--ray: a folder)."),
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
-    exclude: str = typer.Option(None, help="Comma-separated tags never to output."),
+    exclude: str = typer.Option(None, help="Comma-separated tags never to output (either spelling, * wildcards)."),
+    replace: str = typer.Option(None, help='Rename or merge tags: "old=new,..." or a CSV file of old,new rows.'),
+    max_tags: int = typer.Option(None, min=1, help="Keep the N highest-scoring tags (rating aside)."),
+    add: str = typer.Option(None, help="Comma-separated fixed tags written first (a trigger word)."),
+    append: bool = typer.Option(False, "--append", help="txt, hydrus: merge into caption files that exist."),
+    xmp_name: str = typer.Option("ext", help="xmp: sidecar names, ext (IMAGE.EXT.xmp) or stem (IMAGE.xmp)."),
+    embed: bool = typer.Option(False, "--embed", help="xmp: into the image itself (JPEG, PNG, WebP, TIFF)."),
+    keep_mtime: bool = typer.Option(False, "--keep-mtime", help="--embed: keep each file's modification time."),
     replace_underscores: bool = typer.Option(False, "--replace-underscores", help="long_hair -> long hair (not ^_^)."),
     escape_brackets: bool = typer.Option(False, "--escape-brackets", help="( ) -> \\( \\), for prompts."),
     rating_first: bool = typer.Option(False, "--rating-first", help="txt: start each caption with its rating tag."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="txt: replace captions that exist (else: skip)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Tag unchanged files again; txt: replace captions."),
     device: str = device_option(),
     backend: str = backend_option(),
     shard: str = shard_option("files"),
@@ -514,8 +523,10 @@ def tag(
     """Tag images: records on stdout (or captions beside them), a report of bad files on stderr; exit 1 if any."""
     import os
 
+    from .infer.captions import CaptionRules, parse_replace, split_tags
     from .infer.engine import RayOptions
     from .infer.pipeline import TagConfig, parse_exclude, tag_files
+    from .infer.sidecars import CollectionOptions
     from .infer.writers import CaptionOptions
 
     cfg = TagConfig(
@@ -530,6 +541,8 @@ def tag(
         exclude=parse_exclude(exclude),
         caption=CaptionOptions(replace_underscores, escape_brackets, rating_first),
         overwrite=overwrite,
+        rules=CaptionRules(replace=parse_replace(replace), max_tags=max_tags, add=split_tags(add), append=append),
+        collection=CollectionOptions(xmp_name, embed, keep_mtime),
         device=device,
         backend=backend,
         shard=shard,

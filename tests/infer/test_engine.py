@@ -10,6 +10,7 @@ from PIL import Image
 from rich.console import Console
 
 from illust2vec.errors import UserError
+from illust2vec.infer.captions import CaptionRules
 from illust2vec.infer.embed import EmbedConfig
 from illust2vec.infer.engine import REASONS, BatchSummary, Engine, decode, discover
 from illust2vec.infer.pipeline import TagConfig
@@ -103,7 +104,7 @@ def test_decode_keeps_the_pictures_size_and_refuses_non_images(tmp_path):
         (lambda: TagConfig(paths=("a",), model="m", batch_size=0), "--batch-size"),
         (lambda: TagConfig(paths=("a",), model="m", shard="3/2"), "--shard"),
         (lambda: TagConfig(paths=("a",), model="m", mcut=True, threshold=0.5), "--mcut"),
-        (lambda: TagConfig(paths=("a",), model="m", overwrite=True), "--overwrite"),
+        (lambda: TagConfig(paths=("a",), model="m", format="json", rules=CaptionRules(append=True)), "--append"),
         (lambda: TagConfig(paths="a", model="m"), "paths"),
         (lambda: EmbedConfig(paths=("a",), model="m", out="v.parquet", ids="name"), "--ids"),
         (lambda: EmbedConfig(paths=("a",), model="m", out="v.csv"), "Parquet"),

@@ -144,11 +144,17 @@ def test_txt_captions_beside_images_kept_unless_overwrite(i2v, synth_bundle, syn
         assert text == ", ".join([*rec["character"], *rec["copyright"], *rec["general"]]) + "\n"
     before = {p: p.with_suffix(".txt").read_text() for p in copies}
 
-    # Run again with other options: the captions stay and their images are skipped, the .txt files are no images.
+    # Run again with other options: the captions stay and their images are skipped (unchanged since this tool wrote
+    # their captions, as its catalogue says), the .txt files are no images.
     code, _, err = i2v("tag", str(tmp_path), "--model", str(synth_bundle), "--format", "txt", "--rating-first")
     assert code == 0, err
     assert {p: p.with_suffix(".txt").read_text() for p in copies} == before
-    assert "3 skipped: caption exists" in err and "tagged 0 images" in err and "3 non-image files passed over" in err
+    assert "3 unchanged since tagged" in err and "tagged 0 images" in err and "3 non-image files passed over" in err
+    # Captions this tool did not write are skipped too (without --overwrite or --append).
+    (tmp_path / ".i2v-catalogue.sqlite").unlink()
+    code, _, err = i2v("tag", str(tmp_path), "--model", str(synth_bundle), "--format", "txt", "--rating-first")
+    assert {p: p.with_suffix(".txt").read_text() for p in copies} == before
+    assert "3 skipped: caption exists" in err and "tagged 0 images" in err, err
 
     txt = ["--format", "txt", "--overwrite", "--rating-first"]
     code, _, err = i2v("tag", str(tmp_path), "--model", str(synth_bundle), *txt)
@@ -308,7 +314,7 @@ def test_torch_and_onnx_backends_agree(synth_bundle, synth_images, scores):
         (["tag", "IMAGES", "--model", "MISSING"], "no such model directory"),
         (["tag", "MISSING", "--model", "BUNDLE"], "no such file or folder"),
         (["tag", "IMAGES", "--model", "BUNDLE", "--format", "xml"], "--format must be one of"),
-        (["tag", "IMAGES", "--model", "BUNDLE", "--overwrite"], "--overwrite is for --format txt"),
+        (["tag", "IMAGES", "--model", "BUNDLE", "--append"], "--append merges into caption files"),
         (["tag", "IMAGES", "--model", "BUNDLE", "--threshold", "1.5"], "--threshold must be between 0 and 1"),
     ],
 )

@@ -86,6 +86,14 @@ class Catalogue:
         ).fetchone()
         return None if row is None else Entry(*row[:6], tuple(json.loads(row[6])))
 
+    def entries(self) -> dict[str, Entry]:
+        """Every row of this destination, by key (one query; sqlite3 objects stay in the thread that made them)."""
+        rows = self.db.execute(
+            "SELECT key, size, mtime_ns, sha256, model, settings, added FROM entries WHERE destination = ?",
+            (self.destination,),
+        )
+        return {r[0]: Entry(*r[:6], tuple(json.loads(r[6]))) for r in rows}
+
     def keys(self) -> set[str]:
         rows = self.db.execute("SELECT key FROM entries WHERE destination = ?", (self.destination,))
         return {r[0] for r in rows}

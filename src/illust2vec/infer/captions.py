@@ -134,6 +134,14 @@ def parse_replace(text: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def with_added(record: dict, add: Iterable[str]) -> dict:
+    """A record with the fixed tags (`--add`) as its "added" list, right after its path (none: unchanged)."""
+    add = list(add)
+    if not add:
+        return record
+    return {"path": record["path"], "added": add, **{k: v for k, v in record.items() if k != "path"}}
+
+
 def merge_caption(existing: Iterable[str], ours: Iterable[str], ours_before: Iterable[str] = ()) -> list[str]:
     """`--append`: the tags of a caption file that exists, less those this tool added to it earlier
     (`ours_before`), then ours that it lacks; two spellings of one tag are one (the file's is kept)."""

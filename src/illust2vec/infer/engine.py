@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 # A BadImage's reason passes through, except "not_image": that is `util.images`' word for bytes Pillow cannot
 # decode, and here (a file named on the command line, or one with an image's suffix) it is "undecodable": "not an
 # image" is what a file in a folder that is no image at all is, which is passed over, not a failure.
-REASONS = ("undecodable", "empty", "too_large", "corrupt", "unreadable", "caption_clash", "unwritable")
+REASONS = ("undecodable", "empty", "too_large", "corrupt", "unreadable", "caption_clash", "unwritable", "unsupported")
 
 
 def reason_of(e: BadImage) -> str:
@@ -114,6 +114,8 @@ class BatchSummary:
     not_images: int = 0  # files in folders that are not images: passed over, not failures
     captions_kept: int = 0  # txt without --overwrite: images skipped because their caption exists
     already: int = 0  # embed: done by an earlier run (resume)
+    unchanged: int = 0  # tag: tagged by an earlier run as they are (the catalogue), not tagged again
+    device: str = ""  # where the model ran: the device and the backend or execution provider
     files: int = 0  # in this shard
     subfolders_skipped: int = 0  # folders not entered without --recursive
     rows: int | None = None  # embed: rows in the output when finished
@@ -126,6 +128,10 @@ class BatchSummary:
     def line(self) -> str:
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
         parts = [f"{self.verb} {_count(self.done, 'image')} in {self.seconds:.1f} s ({rate:.1f} images/s)"]
+        if self.device:
+            parts[0] += f" on {self.device}"
+        if self.unchanged:
+            parts.append(f"{self.unchanged} unchanged since tagged (--overwrite tags them again)")
         if self.already:
             parts.append(f"{self.already} done before (resumed)")
         if self.failed:

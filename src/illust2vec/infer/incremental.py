@@ -2,11 +2,13 @@
 
 Each tagged folder keeps a catalogue (`formats.catalogue`, the dot-file `.i2v-catalogue.sqlite`) per destination.
 A file is unchanged when its catalogue row names the same content (the size and modification time as recorded, or
-else the same sha256), the same model weights and the same settings; `overwrite` tags every file again. The
+else the same sha256) and the same model weights; `overwrite` tags every file again (after changing thresholds or
+rules, say: the row keeps a hash of those settings, but they do not decide). The
 catalogue is written as each file's output is written, so a run stopped half-way resumes where it stopped. Rows of
 files that are gone are dropped when a run covers the whole folder.
 
-Not incremental: records on stdout (`--out` not given), the table, and the members of tar shards.
+Incremental are the formats written beside (or into) each image: txt, hydrus, xmp. Records (json, jsonl, csv, on
+stdout or in `--out FILE`) and the table are written whole by every run.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -28,14 +30,13 @@ from .engine import Item
 log = logging.getLogger(__name__)
 
 
-def destination(fmt: str, out: str | None, xmp_name: str = "ext", embed: bool = False) -> str | None:
-    """What a run writes, as the catalogue names it; None when a rerun cannot add to it (stdout, the table)."""
+def destination(fmt: str, xmp_name: str = "ext", embed: bool = False) -> str | None:
+    """What a run writes beside (or into) the images, as the catalogue names it; None for records and the table,
+    which a rerun writes whole again."""
     if fmt == "xmp":
         return "embed" if embed else f"xmp:{xmp_name}"
     if fmt in ("txt", "hydrus"):
         return fmt
-    if out is not None and fmt != "table":
-        return f"{fmt}:{os.path.abspath(out)}"
     return None
 
 
@@ -55,8 +56,8 @@ def _plain(obj: Any) -> Any:
 
 def root_of(item: Item) -> Path | None:
     """The folder an item was found under (or, for a file named alone, its folder); None for a shard's member."""
-    if item.member is not None or item.error is not None:
-        return None
+    if item.member is not None or item.error is not None or not isinstance(item.path, Path):
+        return None  # a shard's member, or a URL
     depth = len(PurePosixPath(item.key).parts)
     return item.path.parents[depth - 1] if depth else None
 
@@ -69,6 +70,7 @@ class Pending:
     key: str
     sha256: str | None  # None: not read yet (no catalogue row to compare with)
     st: os.stat_result
+    known: bool = False  # the catalogue has a row for it: this tool wrote its caption or sidecar
 
 
 @dataclass
@@ -138,8 +140,9 @@ def plan(
         except CatalogueError as e:
             log.warning("no catalogue: %s; every file in %s is tagged", e, root)
     looked = [(it, roots[it.path]) for it in items if roots[it.path] in result.books]
+    rows = {root: book.entries() for root, book in result.books.items()}
     with ThreadPoolExecutor(workers or cores()) as pool:
-        states = list(pool.map(lambda pair: _state(result, *pair, overwrite), looked))
+        states = list(pool.map(lambda pair: _state(result, rows[pair[1]].get(pair[0].key), *pair, overwrite), looked))
     fresh = {it.path for (it, _), (pending, same) in zip(looked, states, strict=True) if same}
     for (item, _), (pending, _) in zip(looked, states, strict=True):
         if pending is not None:
@@ -152,23 +155,22 @@ def plan(
     return result
 
 
-def _state(result: Plan, item: Item, root: Path, overwrite: bool) -> tuple[Pending | None, bool]:
-    """(what the file is now, whether its row says it is tagged as it is)."""
+def _state(result: Plan, entry: Entry | None, item: Item, root: Path, overwrite: bool) -> tuple[Pending | None, bool]:
+    """(what the file is now, whether its row `entry` says it is tagged as it is). Runs in a worker thread."""
     try:
         st = item.path.stat()
     except OSError:
         return None, False  # the engine reports it
-    entry = result.books[root].get(item.key)
     if entry is None:
         return Pending(root, item.key, None, st), False
-    same_model = entry.model == result.model and entry.settings == result.settings
+    same_model = entry.model == result.model
     if entry.same_stat(st):
-        return Pending(root, item.key, entry.sha256, st), same_model and not overwrite
+        return Pending(root, item.key, entry.sha256, st, True), same_model and not overwrite
     try:
         sha = file_hash(item.path)
     except OSError:
         return None, False
-    return Pending(root, item.key, sha, st), sha == entry.sha256 and same_model and not overwrite
+    return Pending(root, item.key, sha, st, True), sha == entry.sha256 and same_model and not overwrite
 
 
 def _forget_gone(result: Plan, looked: Iterable[tuple[Item, Path]]) -> None:
@@ -179,6 +181,21 @@ def _forget_gone(result: Plan, looked: Iterable[tuple[Item, Path]]) -> None:
         gone = book.keys() - present[root]
         if gone:
             book.forget(gone)
+
+
+def drop_foreign(result: Plan, target: Callable[[Path], Path]) -> int:
+    """txt without --overwrite or --append: images whose caption exists but is not this tool's (no row) are passed
+    over, as they always were; returns how many."""
+    keep, n = [], 0
+    for item in result.todo:
+        p = result.pending.get(item.path)
+        local = isinstance(item.path, Path) and item.member is None
+        if local and not (p is not None and p.known) and target(item.path) != item.path and target(item.path).exists():
+            n += 1
+        else:
+            keep.append(item)
+    result.todo = keep
+    return n
 
 
 class RecordingWriter:

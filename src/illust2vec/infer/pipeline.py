@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -19,10 +19,15 @@ from rich.console import Console
 from ..errors import UserError, is_disk_full
 from ..util import storage
 from ..util.shard import in_shard
+from . import incremental
+from .backends import describe
+from .captions import CaptionRules, with_added
 from .engine import Batch, BatchSummary, Engine, Item, RayOptions, check_job, discover, shown
+from .sidecars import CollectionOptions, SidecarError, open_collection_writer, target_of
 from .tagger import Tagger
 from .thresholds import Selection
 from .writers import (
+    BESIDE_FORMATS,
     FORMATS,
     RECORD_FORMATS,
     CaptionOptions,
@@ -51,7 +56,9 @@ class TagConfig:
     batch_size: int = 32
     exclude: tuple[str, ...] = ()
     caption: CaptionOptions = field(default_factory=CaptionOptions)
-    overwrite: bool = False  # txt: replace existing captions (otherwise their images are skipped)
+    overwrite: bool = False  # tag every file again, however the catalogue has it; txt: replace others' captions
+    rules: CaptionRules = field(default_factory=CaptionRules)  # --replace, --max-tags, --add, --append (and exclude)
+    collection: CollectionOptions = field(default_factory=CollectionOptions)  # xmp: --xmp-name, --embed, --keep-mtime
     device: str = "auto"
     backend: str = "auto"
     shard: tuple[int, int] = (0, 1)  # part I of N of the files, for job arrays ("I/N" is taken too)
@@ -76,8 +83,11 @@ class TagConfig:
                 raise UserError(f"{name} must be between 0 and 1, not {t}")
         if self.mcut and (self.threshold is not None or self.character_threshold is not None):
             raise UserError("--mcut chooses the thresholds per image; give it or --threshold/--character-threshold")
-        if self.overwrite and self.format != "txt":
-            raise UserError("--overwrite is for --format txt (captions beside the images)")
+        self.collection.check(self.format)
+        if self.rules.append and self.format not in ("txt", "hydrus"):
+            raise UserError(f"--append merges into caption files: give --format txt or hydrus, not {self.format}")
+        if self.exclude:  # the rules apply every pattern (either spelling, wildcards); the selection the exact ones
+            object.__setattr__(self, "rules", replace(self.rules, exclude=(*self.rules.exclude, *self.exclude)))
 
     @property
     def selection(self) -> Selection:
@@ -86,7 +96,7 @@ class TagConfig:
             character=self.character_threshold,
             mcut_general=self.mcut,
             mcut_character=self.mcut,
-            exclude=frozenset(self.exclude),
+            exclude=self.rules.exact_excludes,
         )
 
 
@@ -99,9 +109,10 @@ def parse_exclude(text: str | None) -> tuple[str, ...]:
     return tuple(t.replace(" ", "_") for t in tags if t)
 
 
-def _own_caption(engine: Engine, item: Item, captions: dict[Path, Path]) -> bool:
-    """txt: whether the image's caption file is its alone in this run (a.png and a.jpg would share a.txt)."""
-    target = caption_path(item.path)
+def _own_caption(engine: Engine, item: Item, captions: dict[Path, Path], target_of=caption_path) -> bool:
+    """txt: whether the image's caption file is its alone in this run (a.png and a.jpg would share a.txt); the
+    same for Lightroom's sidecar names (a.xmp)."""
+    target = target_of(item.path)
     first = captions.setdefault(target, item.path)
     if first != item.path or target == item.path:
         engine.fail(item, f"its caption {target.name} would be {first.name}'s too; not tagged", "caption_clash")
@@ -113,17 +124,17 @@ def _items(cfg: TagConfig, summary: BatchSummary) -> list[Item]:
     """This part's items; txt captions go beside local image files only, so a tar shard or a URL among the inputs
     is refused."""
     found = discover(cfg.paths, cfg.recursive, summary)
-    if cfg.format == "txt":
+    if cfg.format in BESIDE_FORMATS:
         shard = next((it.shard for it in found if it.shard is not None), None)
         if shard is not None:
             raise UserError(
-                f"{shown(shard)}: a tar shard; --format txt writes captions beside image files only "
+                f"{shown(shard)}: a tar shard; --format {cfg.format} writes beside image files only "
                 "(give --format jsonl --out FILE for its members)"
             )
         remote = next((it.path for it in found if storage.is_remote(it.path)), None)
         if remote is not None:
             raise UserError(
-                f"{shown(remote)}: a remote file; --format txt writes captions beside local image files only "
+                f"{shown(remote)}: a remote file; --format {cfg.format} writes beside local image files only "
                 "(give --format jsonl --out URL|FILE for its records)"
             )
     return [it for it in found if in_shard(it.key, cfg.shard)]
@@ -149,13 +160,43 @@ def tag_files(
         check_output(cfg.out)
     items = _items(cfg, summary)
     tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device)
-    unknown = sorted(set(cfg.exclude) - set(tagger.labels.names))
+    unknown = sorted(cfg.rules.exact_excludes - set(tagger.labels.names))
     if unknown:
         log.warning("--exclude: not in the model's vocabulary: %s", ", ".join(unknown))
     summary.files = len(items)
-    with output(cfg.out, out) as stream:
-        _tag(cfg, items, tagger, open_writer(cfg.format, stream, tagger.labels.heads, cfg.caption), summary, console)
+    summary.device = describe(tagger.backend)
+    plan = _plan(cfg, items, tagger, summary)
+    try:
+        with output(cfg.out, out) as stream:
+            _tag(cfg, plan.todo, tagger, _writer(cfg, stream, tagger, plan), summary, console)
+    finally:
+        plan.close()
     return summary
+
+
+def _plan(cfg: TagConfig, items: list[Item], tagger: Tagger, summary: BatchSummary) -> incremental.Plan:
+    """Which items to tag: those the catalogue of this destination does not have as they are now (all of them for
+    records on stdout); txt without --overwrite or --append also passes over captions this tool did not write."""
+    from ..formats.vectors import weights_hash
+
+    dest = incremental.destination(cfg.format, cfg.collection.xmp_name, cfg.collection.embed)
+    model = (weights_hash(Path(tagger.source)) or tagger.source) if dest else ""
+    settings = incremental.settings_hash(cfg.selection, cfg.rules, cfg.caption, cfg.collection, tagger.thresholds)
+    plan = incremental.plan(items, dest, model, settings, cfg.overwrite, cfg.shard == (0, 1), cfg.workers)
+    summary.unchanged = plan.unchanged
+    if cfg.format == "txt" and not (cfg.overwrite or cfg.rules.append):
+        summary.captions_kept += incremental.drop_foreign(plan, caption_path)
+    return plan
+
+
+def _writer(cfg: TagConfig, stream: TextIO, tagger: Tagger, plan: incremental.Plan) -> Writer:
+    """The format's writer; its writes recorded in the catalogue when the run keeps one."""
+    c = cfg.collection
+    writer = open_collection_writer(cfg.format, c, cfg.rules.append, cfg.caption.rating_first, plan.added_before)
+    if writer is None:
+        heads = {**tagger.labels.heads, **({"added": ()} if cfg.rules.add else {})}
+        writer = open_writer(cfg.format, stream, heads, cfg.caption)
+    return incremental.RecordingWriter(writer, plan, rehash=c.embed) if plan.books else writer
 
 
 def _tag(
@@ -165,14 +206,15 @@ def _tag(
     selection = cfg.selection
     captions: dict[Path, Path] = {}  # txt: caption file -> the image it is written for, so two never share one
     engine = Engine(summary, tagger.image_size, console, cfg.batch_size, cfg.workers)
-    engine.keep_captions = cfg.format == "txt" and not cfg.overwrite
-    if cfg.format == "txt":
-        engine.accept = lambda item: _own_caption(engine, item, captions)
+    target = target_of(cfg.format, cfg.collection)
+    if target is not None:
+        engine.accept = lambda item: _own_caption(engine, item, captions, target)
 
     def consume(batch: Batch) -> None:
         probs, _ = tagger.run(np.stack([x for _, x in batch]))
         for (item, _), p in zip(batch, probs, strict=True):
-            record = make_record(shown(item.path), tagger.select(p, selection), cfg.caption)
+            tags = cfg.rules.apply(tagger.select(p, selection))
+            record = with_added(make_record(shown(item.path), tags, cfg.caption), cfg.rules.add)
             if _write(writer, record, item, engine, cfg.format):
                 summary.done += 1
 
@@ -185,8 +227,11 @@ def _write(writer: Writer, record: dict, item: Item, engine: Engine, format: str
     A closed stdout (`| head`) or a full disk stops the run."""
     try:
         writer.write(record, item.path)
+    except SidecarError as e:  # xmp, hydrus: read-only, a GIF for --embed, a broken sidecar
+        engine.fail(item, str(e), e.reason)
+        return False
     except OSError as e:
-        if format != "txt" or is_disk_full(e):
+        if format not in BESIDE_FORMATS or is_disk_full(e):
             raise
         engine.fail(item, f"cannot write its caption ({e.strerror or e})", "unwritable")
         return False

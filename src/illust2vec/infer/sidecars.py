@@ -19,6 +19,7 @@ import os
 import shutil
 import stat
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -290,6 +291,52 @@ def write_lines(path: Path, ours: list[str], ours_before: Iterable[str], sep: st
 
 
 # ---- writers (infer.writers.Writer)
+
+
+@dataclass(frozen=True)
+class CollectionOptions:
+    """`--xmp-name`, `--embed` and `--keep-mtime` of `i2v tag --format xmp`."""
+
+    xmp_name: str = "ext"  # IMAGE.EXT.xmp; "stem": IMAGE.xmp
+    embed: bool = False  # into the image itself (JPEG, PNG, WebP, TIFF)
+    keep_mtime: bool = False  # --embed: the rewritten file keeps its modification time
+
+    def __post_init__(self) -> None:
+        if self.xmp_name not in XMP_NAMES:
+            raise UserError(f"--xmp-name must be one of {', '.join(XMP_NAMES)}, not {self.xmp_name!r}")
+        if self.keep_mtime and not self.embed:
+            raise UserError("--keep-mtime is for --embed (a sidecar's time is its own)")
+
+    def check(self, fmt: str) -> None:
+        """UserError when an option is given for a format it does not apply to."""
+        if fmt != "xmp" and (self.embed or self.xmp_name != "ext"):
+            raise UserError(f"--embed and --xmp-name are for --format xmp, not {fmt}")
+
+
+def open_collection_writer(
+    fmt: str,
+    options: CollectionOptions,
+    append: bool = False,
+    rating_first: bool = False,
+    before: Callable[[Path], Iterable[str]] | None = None,
+) -> XmpWriter | LinesWriter | None:
+    """The writer of xmp, hydrus, or txt with --append; None for the formats of `writers.open_writer`."""
+    if fmt == "xmp":
+        return XmpWriter(options.xmp_name, options.embed, options.keep_mtime)
+    if fmt == "hydrus" or (fmt == "txt" and append):
+        return LinesWriter(fmt, rating_first, before)
+    return None
+
+
+def target_of(fmt: str, options: CollectionOptions) -> Callable[[Path], Path] | None:
+    """The file written beside an image, for formats where two images could share one (a.png, a.jpg -> a.xmp)."""
+    if fmt == "txt":
+        from .writers import caption_path
+
+        return caption_path
+    if fmt == "xmp" and options.xmp_name == "stem" and not options.embed:
+        return lambda image: xmp_path(image, "stem")
+    return None
 
 
 class XmpWriter:

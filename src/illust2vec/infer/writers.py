@@ -20,7 +20,8 @@ from typing import Protocol, TextIO
 from ..errors import UserError
 from ..util import storage
 
-FORMATS = ("table", "json", "jsonl", "csv", "txt")
+FORMATS = ("table", "json", "jsonl", "csv", "txt", "xmp", "hydrus")  # xmp, hydrus: infer/sidecars.py
+BESIDE_FORMATS = ("txt", "xmp", "hydrus")  # written beside each image (or into it): a failed write fails that image
 RECORD_FORMATS = ("json", "jsonl", "csv")  # what --out FILE takes: machine-readable records
 RECORD_HEADS = ("rating", "general", "character", "copyright")  # always in a record, empty when the model lacks one
 CSV_COLUMNS = ("path", "rating", "rating_score", "general", "character", "copyright")
@@ -60,13 +61,14 @@ def make_record(path: str, tags: Mapping[str, Mapping[str, float]], options: Cap
 
 
 def caption(record: Record, rating_first: bool = False) -> str:
-    """The caption of one image: [top rating,] characters, copyrights, then general tags, each highest first."""
-    tags = []
+    """The caption of one image: [fixed tags (--add),] [top rating,] characters, copyrights, then general tags, each
+    highest first."""
+    tags = list(record.get("added", ()))
     if rating_first and record.get("rating"):
         tags.append(next(iter(record["rating"])))
     for head in ("character", "copyright", "artist", "general"):
         tags.extend(record.get(head, {}))
-    return SEPARATOR.join(tags)
+    return SEPARATOR.join(dict.fromkeys(tags))  # a fixed tag the model chose too, once
 
 
 def caption_path(image: Path) -> Path:
