@@ -13,9 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 import typer
 
 from illust2vec.cli import app
+from illust2vec.errors import UserError
+from illust2vec.train import distributed
 from illust2vec.util import storage
 from s3server import free_port
 from train.test_ddp import TOLERANCE
@@ -111,3 +115,41 @@ def test_slurm_script_is_bash_and_its_flags_exist():
     # $RESUME expands to --resume or to nothing.
     assert "--resume" in options and "$RESUME" in train
     assert {w for w in train if w.startswith("--")} - options == set()
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes: what on_main and sync_state give this rank, written to OUT/RANK.json."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    d = distributed.Dist(rank=rank, world=2)
+    got = {"plan": distributed.on_main(d, lambda: {"done": [1, 2], "read_by": rank})}
+
+    def refuse():
+        raise UserError("run already holds a run; add --resume to continue it or choose another --out")
+
+    try:
+        distributed.on_main(d, refuse)
+    except UserError as e:
+        got["error"] = str(e)
+    torch.manual_seed(rank)  # other weights on each rank, as after rank 0 alone restored a checkpoint
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    if rank == 0:  # only rank 0's optimizer has state
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+    distributed.sync_state(d, model, optimizer)
+    got["weight"] = model.weight.tolist()
+    got["exp_avg"] = optimizer.state_dict()["state"][0]["exp_avg"].tolist()
+    Path(out, f"{rank}.json").write_text(json.dumps(got))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_rank_zero_reads_and_every_rank_gets_what_it_read(tmp_path):
+    """distributed.on_main runs on rank 0 alone and hands its result, or its one-line error, to every rank;
+    sync_state gives every rank rank 0's weights and optimizer state."""
+    torch.multiprocessing.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    zero, one = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert zero["plan"] == one["plan"] == {"done": [1, 2], "read_by": 0}
+    assert zero["error"] == one["error"] and one["error"].startswith("run already holds a run")
+    assert zero["weight"] == one["weight"]
+    assert zero["exp_avg"] == one["exp_avg"] and any(v != 0 for row in one["exp_avg"] for v in row)

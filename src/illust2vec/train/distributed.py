@@ -70,13 +70,18 @@ def on_main(d: Dist, fn: Callable[[], T]) -> T:
     box: list = [None]
     if d.main:
         try:
-            box = [(True, fn())]
+            box = [("ok", fn())]
         except UserError as e:
-            box = [(False, str(e))]
+            box = [("user", str(e))]
+        except Exception as e:  # a bug or a broken file: rank 0 raises it, the others stop instead of waiting
+            dist.broadcast_object_list([("crash", f"{type(e).__name__}: {e}")], src=0)
+            raise
     dist.broadcast_object_list(box, src=0)
-    ok, value = box[0]
-    if not ok:
+    kind, value = box[0]
+    if kind == "user":
         raise UserError(value)
+    if kind == "crash":
+        raise RuntimeError(f"rank 0 failed: {value}")
     return value
 
 
