@@ -220,3 +220,19 @@ def test_an_older_dataset_json_without_sizes_still_loads_unchecked(built_copy):
     _cut_to_half(built_copy / ds.info.splits["train"].shards[0])
     assert ds.info.splits["train"].files == {}
     ds.check_shards(SPLITS, "checksums")  # nothing recorded, nothing checked
+
+
+def test_dataset_json_round_trip_through_object_storage(bucket):
+    from illust2vec.util import storage
+
+    info = an_info()
+    assert write_info(f"{bucket}/ds", info) == f"{bucket}/ds/{INFO}"
+    assert read_info(f"{bucket}/ds") == info
+    write_vocab(VOCAB_ROWS, f"{bucket}/ds/{VOCAB}")
+    ds = open_dataset(f"{bucket}/ds/")  # a trailing slash is the same place
+    assert (ds.root, ds.name, ds.vocab) == (f"{bucket}/ds", "ds", VOCAB_ROWS)
+    assert ds.shards("train") == [f"{bucket}/ds/train-000000.tar", f"{bucket}/ds/train-000001.tar"]
+    storage.write_text(f"{bucket}/ds/train-000003.tar", "an earlier build's")
+    assert built_files(f"{bucket}/ds") == [f"{bucket}/ds/{INFO}", f"{bucket}/ds/train-000003.tar"]
+    with pytest.raises(UserError, match=rf"^{bucket}/other: no dataset.json; is it a directory that `i2v build` wrote"):
+        open_dataset(f"{bucket}/other")

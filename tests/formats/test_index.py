@@ -98,3 +98,22 @@ def test_what_is_not_an_index_is_one_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="not a directory"):
         VectorIndex.build(clustered(20, 8), [str(i) for i in range(20)]).save(tmp_path / "file")
+
+
+def test_stored_index_written_to_object_storage_reads_back(bucket, tmp_path):
+    from illust2vec.formats.index import is_index
+    from illust2vec.util import storage
+
+    x = clustered(20, 4)
+    index = VectorIndex.build(x, [f"i{n}" for n in range(20)], [""] * 20, ["{}"] * 20, IndexParams(kind="flat"))
+    assert not is_index(f"{bucket}/idx")
+    assert index.save(f"{bucket}/idx") == f"{bucket}/idx"
+    assert is_index(f"{bucket}/idx")
+    assert [storage.name(p) for p in storage.listing(f"{bucket}/idx")] == sorted(FILES)
+    for name in FILES:
+        storage.download(f"{bucket}/idx/{name}", tmp_path / name)
+    back = read_index(tmp_path)
+    assert back.ids == index.ids
+    np.testing.assert_array_equal(back.faiss_index.reconstruct_n(0, 20), x / np.linalg.norm(x, axis=1, keepdims=True))
+    index.save(f"{bucket}/idx")  # saving again replaces it
+    assert is_index(f"{bucket}/idx")

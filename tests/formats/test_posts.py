@@ -114,3 +114,19 @@ def test_export_csv_writes_the_seeds_columns_in_id_order(tmp_path):
         "8,0123456789abcdef0123456789abcdef,s,,hatsune_miku,vocaloid,someone,highres",
         "9,,,,,,,",
     ]
+
+
+def test_posts_read_from_object_storage_as_from_a_directory(bucket, tmp_path):
+    from illust2vec.util import storage
+
+    written = rows()
+    (tmp_path / "posts").mkdir()
+    write_posts(tmp_path / PARTS.format(index=0), written[:2])
+    write_posts(tmp_path / FAILED, written[2:])
+    storage.upload_tree(tmp_path, f"{bucket}/crawl")
+    assert part_files(f"{bucket}/crawl") == [f"{bucket}/crawl/{PARTS.format(index=0)}"]
+    assert read_posts([f"{bucket}/crawl"]).to_pylist() == read_posts([tmp_path]).to_pylist() == written
+    out = io.StringIO()
+    assert export_csv([f"{bucket}/crawl"], out) == 3
+    with pytest.raises(UserError, match=rf"^{bucket}/empty: no posts/\*.parquet here"):
+        post_files([f"{bucket}/empty"])

@@ -174,3 +174,19 @@ def test_read_vocab_refuses_non_utf8(tmp_path):
     path.write_bytes(HEAD.encode() + b"1,\xff\xfe,0,5\n")
     with pytest.raises(UserError, match="not a readable CSV file"):
         read_vocab(path)
+
+
+def test_selected_tags_and_aliases_round_trip_through_object_storage(bucket, tmp_path):
+    vocab = every_head()
+    write_vocab(vocab, f"{bucket}/v/selected_tags.csv")
+    write_vocab(vocab, tmp_path / "selected_tags.csv")
+    assert read_vocab(f"{bucket}/v/selected_tags.csv") == vocab
+    from illust2vec.util import storage
+
+    assert storage.read_bytes(f"{bucket}/v/selected_tags.csv") == (tmp_path / "selected_tags.csv").read_bytes()
+    write_aliases({"a": "b", "旧": "新"}, f"{bucket}/aliases.csv")
+    assert read_aliases(f"{bucket}/aliases.csv") == {"a": "b", "旧": "新"}
+    with pytest.raises(UserError, match=rf"^{bucket}/nothing.csv: no such file$"):
+        read_vocab(f"{bucket}/nothing.csv")
+    with pytest.raises(UserError, match=r"^s3://no-such-bucket-i2v/x.csv: cannot read: no such bucket$"):
+        read_vocab("s3://no-such-bucket-i2v/x.csv")
