@@ -245,3 +245,27 @@ def test_the_export_command(run_copy, tmp_path):
         [*I2V, "export", str(tmp_path / "nope"), "--out", str(tmp_path / "c")], capture_output=True, text=True
     )
     assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope'}: no such run directory"
+
+
+def test_export_for_a_front_end_prints_its_setting_and_guards_its_files(run_copy, tmp_path, i2v):
+    models = tmp_path / "taggui models"
+    (models / "other-wd-tagger").mkdir(parents=True)
+    (models / "other-wd-tagger" / "selected_tags.csv").write_text("someone else's")
+    code, out, err = i2v("export", str(run_copy), "--out", str(models), "--for", "taggui", "--name", "synth")
+    said = " ".join(err.split())
+    folder = models / "synth-wd-tagger"
+    assert code == 0 and out == "", err
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "selected_tags.csv"]  # no other file there
+    assert f"wrote {folder / 'model.onnx'}, {folder / 'selected_tags.csv'} from epoch 2" in said
+    assert f"in taggui: Settings > Models directory: {models}; Auto-Captioner: model {folder}" in said
+    assert "Minimum probability 0." in said
+    assert (models / "other-wd-tagger" / "selected_tags.csv").read_text() == "someone else's"  # left alone
+    wd_rows = (folder / "selected_tags.csv").read_text().splitlines()[1:]
+    assert {row.split(",")[2] for row in wd_rows} == {"9", "0", "4"}
+
+    code, _, err = i2v("export", str(run_copy), "--out", str(models), "--for", "taggui", "--name", "synth")
+    assert code == 2 and err.strip() == f"error: {folder / 'model.onnx'} exists; add --overwrite to replace it"
+    code, _, err = i2v("export", str(run_copy), "--out", str(models), "--for", "kohya2")
+    assert code == 2 and "--for must be one of wd, kohya, comfyui, webui, taggui, not 'kohya2'" in err
+    code, _, err = i2v("export", str(run_copy), "--out", str(models), "--for", "comfyui", "--name", "../x")
+    assert code == 2 and "--name must be letters, digits" in err and "\n" not in err.strip()

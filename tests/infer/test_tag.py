@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from illust2vec.formats.bundle import open_bundle
+from illust2vec.formats.bundle import open_bundle, split_vocab
 from illust2vec.formats.vocab import Vocab, write_vocab
 from illust2vec.infer.engine import discover
 from illust2vec.infer.pipeline import parse_exclude
@@ -170,7 +170,9 @@ def renamed_bundle(bundle: Path, out: Path, renames: dict[str, str]) -> Path:
     info = open_bundle(out)
     v = info.vocab
     vocab = Vocab(v.tag_ids, tuple(renames.get(n, n) for n in v.names), v.categories, v.counts)
-    write_vocab(vocab, out / "selected_tags.csv")
+    wd, extra = split_vocab(vocab)  # bundle format 2: WD's heads, then the others
+    write_vocab(wd, out / "selected_tags.csv")
+    write_vocab(extra, out / "extra_tags.csv")
     config = json.loads((out / "config.json").read_text())
     config["vocab_hash"] = vocab.hash
     (out / "config.json").write_text(json.dumps(config))

@@ -45,6 +45,8 @@ EXTRA_LABELS = "extra_tags.csv"  # every other head, each a further output of th
 WD_HEADS = ("rating", "general", "character")  # the categories of WD v3's selected_tags.csv (9, 0, 4), in its order
 WD_OUTPUT = "output"  # the first output's name
 FEATURES_OUTPUT = "features"  # the pooled feature vector, ours (WD files have none)
+INT8_FILE = "model.int8.onnx"  # `i2v quantize`'s int8 copy of model.onnx, beside it (a bundle or a WD ONNX directory)
+INT8_REPORT = "int8.json"  # where a WD ONNX directory keeps quantize's report (a bundle keeps it in config.json)
 
 
 @dataclass(frozen=True)
@@ -340,8 +342,8 @@ def open_bundle(path: str | os.PathLike) -> BundleInfo:
         )
     vocab = _read_labels(path, version)
     if vocab.hash != config.get("vocab_hash"):
-        files = WD_LABELS if version < 2 else f"{WD_LABELS} and {EXTRA_LABELS}"
-        raise UserError(f"{path}: {files} are not the vocabulary the model was trained on (hash differs)")
+        files = f"{WD_LABELS} is" if version < 2 else f"{WD_LABELS} and {EXTRA_LABELS} are"
+        raise UserError(f"{path}: {files} not the vocabulary the model was trained on (hash differs)")
     try:
         heads = config["model"]["heads"]
         activations = {h["name"]: h["activation"] for h in heads}
@@ -371,3 +373,37 @@ def _read_labels(path: Path, version: int) -> Vocab:
         return join_vocab(wd, extra)
     except ValueError as e:
         raise UserError(f"{path}: {WD_LABELS} and {EXTRA_LABELS} together are not a vocabulary ({e})") from None
+
+
+def int8_path(root: str | os.PathLike) -> Path | None:
+    """A directory's int8 model (`i2v quantize`), or None when it has none."""
+    path = Path(root) / INT8_FILE
+    return path if path.is_file() else None
+
+
+def record_int8(root: str | os.PathLike, report: Mapping[str, Any]) -> Path:
+    """Record how `model.int8.onnx` was made and how well it agrees with model.onnx: in a bundle's config.json under
+    "int8"; in a WD ONNX directory (whose files are WD's own) in int8.json beside. Written whole (a temporary file,
+    then a rename). Returns the file written."""
+    root = Path(root)
+    if is_bundle(root):
+        path = root / "config.json"
+        content = {**json.loads(path.read_text()), "int8": dict(report)}
+    else:
+        path = root / INT8_REPORT
+        content = dict(report)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=1))
+    if path.exists():
+        tmp.chmod(path.stat().st_mode & 0o777)
+    os.replace(tmp, path)
+    return path
+
+
+def read_int8(root: str | os.PathLike) -> dict | None:
+    """The report `record_int8` wrote, or None."""
+    root = Path(root)
+    if is_bundle(root):
+        return json.loads((root / "config.json").read_text()).get("int8")
+    path = root / INT8_REPORT
+    return json.loads(path.read_text()) if path.is_file() else None
