@@ -302,7 +302,9 @@ def train(
         ..., help="Directory written by `i2v build`, or its URL (s3://bucket/built: shards are streamed)."
     ),
     out: str = typer.Option(..., help="Run directory (local): config.json, checkpoints/, metrics.csv, curves.png."),
-    arch: str = typer.Option("i2v_small", help="A preset (i2v_vgg16, i2v_small, ...) or any timm model name."),
+    arch: str = typer.Option(
+        None, help="A preset (i2v_vgg16, i2v_small, ...) or any timm model name (default: i2v_small, or --init's)."
+    ),
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(32, min=1),
     lr: float = typer.Option(3e-3, min=0.0),
@@ -330,6 +332,17 @@ def train(
     ),
     verify: str = typer.Option(
         "auto", help="Check the shards against dataset.json first: sizes, checksums, or auto (checksums up to 1 GiB)."
+    ),
+    init: str = typer.Option(
+        None, help="Extend a trained tagger: a run (RUN or RUN@EPOCH), a bundle, a WD v3 snapshot or a hub id."
+    ),
+    vocab: str = typer.Option("union", help="With --init: its tags plus DATA's (union) or DATA's alone (data)."),
+    freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Train the heads only."),
+    backbone_lr_scale: float = typer.Option(
+        None, min=0.0, help="The backbone's learning rate over the heads' (default: 0.1 with --init, else 1)."
+    ),
+    keep_old: float = typer.Option(
+        None, min=0.0, help="With --init: weight of the original model's outputs as soft targets (default 1; 0: off)."
     ),
 ) -> None:
     """Train a tagger on built shards; checkpoints and curves every epoch. Under torchrun, with DDP."""
@@ -360,6 +373,11 @@ def train(
         prior_init=prior_init,
         max_bad_samples=max_bad_samples,
         verify=verify,
+        init=init,
+        vocab=vocab,
+        freeze_backbone=freeze_backbone,
+        backbone_lr_scale=backbone_lr_scale,
+        keep_old=keep_old,
     )
     summary = fit(cfg, resume=resume, console=err)
     err.print(f"best epoch {summary.best_epoch} by {summary.select_by} = {summary.best:.4f}", highlight=False)
@@ -369,7 +387,11 @@ def train(
 def evaluate(
     run: Path = typer.Argument(..., help="Run directory of `i2v train`."),
     epoch: str = typer.Option("best", help="An epoch number, best (as --select-by chose) or last."),
-    data: str = typer.Option(None, help="Built dataset (a directory or URL) to evaluate on (default: the run's own)."),
+    data: list[str] = typer.Option(
+        None,
+        help="Built dataset (a directory or URL) to evaluate on (default: the run's own); several --data: each, "
+        "into RUN/eval/epoch-NNN/NAME/ (an extended run's old and new data side by side).",
+    ),
     split: str = typer.Option("val", help="val or test."),
     per_tag: bool = typer.Option(False, help="Also calibrate one threshold per tag."),
     mode: str = typer.Option("f1", help="Thresholds that maximise F1 (f1) or make precision equal recall (pr_equal)."),
@@ -382,24 +404,32 @@ def evaluate(
     ),
 ) -> None:
     """Per-category metrics of one epoch on held-out images; writes metrics.json, per_tag.csv, thresholds.json."""
-    from .evaluate import EvalConfig, evaluate_run
+    from .evaluate import EvalConfig, evaluate_run, several_outs
 
-    cfg = EvalConfig(
-        run=str(run),
-        epoch=epoch,
-        data=str(data) if data else None,
-        split=split,
-        per_tag=per_tag,
-        mode=mode,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        verify=verify,
-    )
-    report = evaluate_run(cfg, console=err).as_dict()
+    sets = list(data or [None])
+    outs = several_outs(str(run), epoch, sets) if len(sets) > 1 else [None]
+    reports = []
+    for one, out in zip(sets, outs, strict=True):
+        cfg = EvalConfig(
+            run=str(run),
+            epoch=epoch,
+            data=str(one) if one else None,
+            split=split,
+            per_tag=per_tag,
+            mode=mode,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            verify=verify,
+            out=out,
+        )
+        reports.append(evaluate_run(cfg, console=err).as_dict())
     if json_out:
-        print(json.dumps(report, indent=1))
-    _print_report(report)
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1))
+    for report in reports:
+        if len(reports) > 1:
+            err.print(f"\n{report['data']}:", highlight=False)
+        _print_report(report)
 
 
 def _print_report(report: dict) -> None:

@@ -100,3 +100,12 @@ def evaluate_run(cfg: EvalConfig, console: Console | None = None) -> EvalReport:
     run_dir.write_per_tag(out, per_tag_rows(preds, names, thresholds))
     write_thresholds(thresholds, out / "thresholds.json")
     return report
+
+
+def several_outs(run: str, epoch: str, data: list[str]) -> list[str]:
+    """Where `i2v evaluate RUN --data A --data B` writes each report: RUN/eval/epoch-NNN/NAME/, NAME the data set's
+    folder name (numbered when two share one)."""
+    n = run_dir.resolve_epoch(Path(run), epoch)
+    names = [str(d).rstrip("/").rsplit("/", 1)[-1] or "data" for d in data]
+    unique = [name if names.count(name) == 1 else f"{name}-{i + 1}" for i, name in enumerate(names)]
+    return [str(run_dir.eval_dir(Path(run), n) / name) for name in unique]
