@@ -269,3 +269,54 @@ def test_export_for_a_front_end_prints_its_setting_and_guards_its_files(run_copy
     assert code == 2 and "--for must be one of wd, kohya, comfyui, webui, taggui, not 'kohya2'" in err
     code, _, err = i2v("export", str(run_copy), "--out", str(models), "--for", "comfyui", "--name", "../x")
     assert code == 2 and "--name must be letters, digits" in err and "\n" not in err.strip()
+
+
+# ---- object storage (issue #16): export to a URL, Tagger.load from one through the cache
+
+
+def test_a_bundle_in_object_storage(run_copy, bucket, tmp_path, monkeypatch, i2v, synth_images):
+    from illust2vec.formats.bundle import cached_bundle
+    from illust2vec.util import storage
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    url = f"{bucket}/models/synth"
+    uploaded = []
+    real_upload = storage.upload
+    monkeypatch.setattr(storage, "upload", lambda src, loc: (uploaded.append(storage.name(loc)), real_upload(src, loc)))
+    summary = export(ExportConfig(str(run_copy), url, epoch="1", workers=0))
+    assert summary.bundle == url and uploaded[-1] == "config.json"  # the file that says the rest is there, last
+    assert sorted(uploaded) == [
+        "config.json",
+        "extra_tags.csv",
+        "model.safetensors",
+        "selected_tags.csv",
+        "thresholds.json",
+    ]
+    local = tmp_path / "local"
+    export(ExportConfig(str(run_copy), str(local), epoch="1", workers=0))
+
+    x = batch(2)
+    downloads = []
+    real_download = storage.download
+    monkeypatch.setattr(
+        storage, "download", lambda loc, dest: (downloads.append(storage.name(loc)), real_download(loc, dest))
+    )
+    tagger = Tagger.load(url, backend="torch")
+    assert Path(tagger.source).parent == tmp_path / "cache" / "illust2vec" / "models"
+    assert np.array_equal(tagger.run(x)[0], Tagger.load(local, backend="torch").run(x)[0])
+    assert sorted(downloads) == ["extra_tags.csv", "model.safetensors", "selected_tags.csv", "thresholds.json"]
+    Tagger.load(url, backend="torch")  # the cached copy: config.json unchanged there
+    assert len(downloads) == 4
+
+    with pytest.raises(UserError, match=f"--out {url} exists and is not empty"):
+        export(ExportConfig(str(run_copy), url, workers=0))
+    export(ExportConfig(str(run_copy), url, epoch="2", overwrite=True, workers=0))  # a new bundle at the URL
+    assert open_bundle(cached_bundle(url, "torch")).config["source"]["epoch"] == 2 and len(downloads) == 8
+
+    image = next(p for p in sorted(synth_images.iterdir()) if p.suffix == ".png")
+    code, out, err = i2v("tag", str(image), "--model", url, "--format", "json")
+    assert code == 0 and json.loads(out)[0]["general"], err
+    with pytest.raises(UserError, match=f"{bucket}/nothing: not a model bundle"):
+        Tagger.load(f"{bucket}/nothing")
+    with pytest.raises(UserError, match="--for comfyui writes into the front end's folder on this machine"):
+        export(ExportConfig(str(run_copy), url, target="comfyui", workers=0))

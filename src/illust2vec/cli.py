@@ -457,7 +457,9 @@ def _print_report(report: dict) -> None:
 @app.command("export")
 def export_bundle(
     run: Path = typer.Argument(..., help="Run directory of `i2v train`."),
-    out: Path = typer.Option(..., help="Bundle directory to write; with --for, the front end's models folder."),
+    out: str = typer.Option(
+        ..., help="Bundle directory (or s3://, gs:// URL) to write; with --for, the front end's models folder."
+    ),
     epoch: str = typer.Option("best", help="An epoch number, best or last."),
     onnx: bool = typer.Option(False, "--onnx", help="Also write model.onnx in the WD taggers' convention."),
     target: str = typer.Option(
@@ -476,7 +478,7 @@ def export_bundle(
 
     cfg = ExportConfig(
         run=str(run),
-        out=str(out),
+        out=out,
         epoch=epoch,
         onnx=onnx,
         overwrite=overwrite,
@@ -489,7 +491,7 @@ def export_bundle(
     onnx_note = f", ONNX within {s.onnx_max_abs_diff:.1e} of torch" if s.onnx_max_abs_diff is not None else ""
     for warning in s.warnings:
         err.print(f"warning: {warning}", highlight=False, markup=False)
-    wrote = ", ".join(s.files) if s.files else str(out)
+    wrote = ", ".join(s.files) if s.files else s.bundle
     err.print(f"wrote {wrote} from epoch {s.epoch} (thresholds: {s.thresholds}{onnx_note})", highlight=False)
     if s.instructions:
         err.print(f"in {s.target}: {s.instructions}", highlight=False, markup=False, soft_wrap=True)

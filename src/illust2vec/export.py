@@ -28,11 +28,22 @@ from .errors import UserError
 from .evaluation.calibration import calibrate
 from .evaluation.evaluator import PredictOptions, run_dataset
 from .evaluation.vocab_map import head_names, original_thresholds, predict_mapped, restrict
-from .formats.bundle import ONNX_FILE, WD_LABELS, BundleInfo, Thresholds, check_out, read_thresholds, save_bundle
+from .formats.bundle import (
+    ONNX_FILE,
+    WD_LABELS,
+    BundleInfo,
+    Thresholds,
+    check_out,
+    check_remote_out,
+    read_thresholds,
+    save_bundle,
+    upload_bundle,
+)
 from .formats.run import check_epoch, eval_dir, read_config, read_history, resolve_epoch, vocab_path, weights_path
 from .formats.vocab import Vocab, read_vocab
 from .models import load_tagger
 from .models.onnx import export_onnx
+from .util import storage
 from .util.device import resolve_device
 
 log = logging.getLogger(__name__)
@@ -110,6 +121,8 @@ def export(cfg: ExportConfig, console: Console | None = None) -> ExportSummary:
     """Write the bundle, or with a front end as `cfg.target` its files; returns a summary (epoch, where the
     thresholds came from, ONNX parity, and for a front end the files and the setting it needs)."""
     console = console or Console(stderr=True)
+    if storage.is_remote(cfg.out):
+        return _export_remote(cfg, console)
     if cfg.front_end is None:
         check_out(Path(cfg.out), cfg.overwrite)
         summary, info = _write_bundle(cfg, Path(cfg.out), console)
@@ -151,6 +164,19 @@ def export(cfg: ExportConfig, console: Console | None = None) -> ExportSummary:
         said,
         tuple(warnings),
     )
+
+
+def _export_remote(cfg: ExportConfig, console: Console) -> ExportSummary:
+    """A bundle for object storage: written whole in a local temporary directory, then uploaded, config.json last."""
+    url = str(storage.location(cfg.out, "--out", write=True))
+    if cfg.front_end is not None:
+        raise UserError(f"--for {cfg.front_end} writes into the front end's folder on this machine; --out is a URL")
+    resolve_epoch(Path(cfg.run), cfg.epoch)  # a missing run or epoch is reported before the store is touched
+    check_remote_out(url, cfg.overwrite)
+    with tempfile.TemporaryDirectory(prefix="i2v-export-") as tmp:
+        summary, _ = _write_bundle(dataclasses.replace(cfg, overwrite=False), Path(tmp) / "bundle", console)
+        upload_bundle(Path(tmp) / "bundle", url)
+    return dataclasses.replace(summary, bundle=storage.display(url))
 
 
 def _write_bundle(

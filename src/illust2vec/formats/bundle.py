@@ -16,11 +16,14 @@ torch; the torch backend loads `BundleInfo.weights_path` itself.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import UserError
+from ..util import storage
 from .categories import CATEGORY_NAMES, HEAD_ORDER
 from .vocab import Vocab, read_vocab, write_vocab
 
@@ -407,3 +411,92 @@ def read_int8(root: str | os.PathLike) -> dict | None:
         return json.loads((root / "config.json").read_text()).get("int8")
     path = root / INT8_REPORT
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---- bundles in object storage: uploaded whole, config.json last; opened through a local cache
+
+
+def check_remote_out(url: str, overwrite: bool) -> None:
+    """For an --out URL: its bucket is writable, and what is there is nothing, or (with --overwrite) a bundle."""
+    storage.check_writable_root(url)
+    there = storage.walk_files(url)
+    if not there:
+        return
+    shown = storage.display(url)
+    if not overwrite:
+        raise UserError(f"--out {shown} exists and is not empty; choose another --out or add --overwrite")
+    config = storage.join(url, "config.json")
+    try:
+        is_ours = storage.exists(config) and json.loads(storage.read_text(config)).get("format") == FORMAT
+    except ValueError:
+        is_ours = False
+    if not is_ours:
+        raise UserError(f"--out {shown} is not a bundle; --overwrite replaces a bundle, not a folder of other files")
+
+
+def upload_bundle(root: Path, url: str) -> None:
+    """Upload the local bundle `root` to `url`: every file, config.json last, so that a reader finds a config.json
+    only once the files it names are there; then the files of a bundle replaced there that this one lacks are
+    removed (a reader between the two steps sees the new config.json, which never names them)."""
+    storage.upload_tree(root, url, last=("config.json",))
+    keep = {storage.join(url, *p.relative_to(root).parts) for p in root.rglob("*") if p.is_file()}
+    for stale in storage.walk_files(url):
+        if stale not in keep:
+            storage.remove(stale)
+
+
+def model_cache() -> Path:
+    """Where bundles from object storage are kept: $XDG_CACHE_HOME/illust2vec/models (or under ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "illust2vec" / "models"
+
+
+def cached_bundle(url: str, backend: str = "auto", cache: Path | None = None) -> Path:
+    """A local copy of the bundle at `url`, in the cache: downloaded once, and again whenever the bundle's
+    config.json there differs from the copy's (a new export to the same URL). Only the weights the backend needs
+    are fetched ("torch": model.safetensors; "onnx": model.onnx; "auto": both, where the bundle has them)."""
+    shown = storage.display(url)
+    config_url = storage.join(url, "config.json")
+    if not storage.exists(config_url):
+        storage.check_readable_root(url)
+        raise UserError(f"{shown}: not a model bundle (no config.json)")
+    remote_config = storage.read_bytes(config_url)
+    try:
+        config = json.loads(remote_config)
+    except ValueError as e:
+        raise UserError(f"{shown}/config.json: not JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise UserError(f"{shown}: config.json is not an illust2vec bundle's")
+    files = [WD_LABELS, "thresholds.json"]
+    files += sorted({o["labels"] for o in config.get("outputs", []) if "labels" in o} - {WD_LABELS})
+    if backend != "onnx":
+        files.append(WEIGHTS_FILE)
+    if backend != "torch" and config.get("onnx", {}).get("file"):
+        files.append(config["onnx"]["file"])
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", shown.split("://", 1)[-1]).strip("_")[:100]
+    local = (cache or model_cache()) / f"{key}-{hashlib.sha256(shown.encode()).hexdigest()[:8]}"
+    fresh = (local / "config.json").is_file() and (local / "config.json").read_bytes() == remote_config
+    if fresh and all((local / f).is_file() for f in files):
+        return local
+    _download_bundle(url, files, remote_config, local)
+    return local
+
+
+def _download_bundle(url: str, files: list[str], config: bytes, local: Path) -> None:
+    """Fetch `files` of the bundle at `url` into a fresh directory beside `local`, config.json last, and put it in
+    place of `local` (a missing optional file, thresholds.json, is left out as a bundle allows)."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f"{local.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name in files:
+            src = storage.join(url, name)
+            if name == "thresholds.json" and not storage.exists(src):
+                continue
+            storage.download(src, tmp / name)
+        (tmp / "config.json").write_bytes(config)
+        shutil.rmtree(local, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another process put its copy there first: the same bundle
+            tmp.rename(local)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..formats.bundle import BundleInfo, Labels, Thresholds, is_bundle, open_bundle
+from ..formats.bundle import BundleInfo, Labels, Thresholds, cached_bundle, is_bundle, open_bundle
 from ..formats.vocab import read_vocab
+from ..util import storage
 from .backends import OnnxBackend, TorchBackend, onnx_backend, onnx_input_size, torch_backend
 from .preprocess import load_batch
 from .thresholds import Selection, resolve
@@ -58,13 +59,17 @@ class Tagger:
         (downloaded once into the Hugging Face cache).
 
         Args:
-            path: a directory, or a repo id such as "SmilingWolf/wd-vit-tagger-v3".
+            path: a directory, a repo id such as "SmilingWolf/wd-vit-tagger-v3", or the URL of a bundle in object
+                storage ("s3://bucket/model"), downloaded into ~/.cache/illust2vec/models and fetched again when its
+                config.json there changes.
             backend: "auto" (ONNX when the model has an ONNX file and onnxruntime is installed, unless a GPU is
                 asked for; else torch), "torch" or "onnx".
             device: "auto", "cpu" or "cuda[:N]".
         """
         if backend not in BACKENDS:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        if storage.is_remote(str(path)):  # a bundle in object storage: opened from a local copy in the cache
+            return _load_bundle(cached_bundle(str(path), backend), backend, device)
         root = Path(path)
         if not root.exists():
             if not _looks_like_repo_id(str(path)):
