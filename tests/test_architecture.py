@@ -19,7 +19,7 @@ ROOT_EXPORTS = {"Tagger": "infer"}  # names the package root re-exports, and the
 # The layers, lowest first: a part may import the parts listed for it, and itself.
 BASE = {"errors", "util", "formats"}
 SHARED = BASE | {"models", "evaluation"}
-STAGES = {"booru", "data", "train", "infer", "search", "synth", "evaluate", "export", "convert"}
+STAGES = {"booru", "data", "train", "infer", "search", "synth", "evaluate", "export", "convert", "quantize"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "util": {"errors"},
