@@ -2,13 +2,14 @@
 
 import sys
 
-from . import capacity, crawl, data, fakebooru, quality, search, serve, storage, tag, train
+from . import capacity, crawl, data, extend, fakebooru, quality, search, serve, storage, tag, train
 
 # name -> entry point taking the remaining arguments
 BENCHMARKS = {
     "fakebooru": lambda argv: fakebooru.main(),
     "capacity": capacity.main,
     "crawl": crawl.main,
+    "extend": extend.main,
     "data": data.main,
     "loader": data.loader_vs_model,
     "skew": data.skew,

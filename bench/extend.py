@@ -1,0 +1,165 @@
+"""Extending a trained tagger with new characters (`i2v train --init`) against training on everything from scratch.
+
+Base: the small preset on a synthetic board of seed 0. New data: a board of seed 1 (another cast and other series,
+the same kinds of general tags), at most `--cap` posts per character. Then, from the base: the extension with the
+defaults (--keep-old 1, --backbone-lr-scale 0.1), the extension without --keep-old, and a model trained from scratch
+on both boards together. Each is measured on held-out (test) posts: the new characters' top-1 on seed 1's, the old
+characters' top-1 and the general mAP on seed 0's (top-1 ranks every character the model knows), with the time each
+took to train. The figures in docs/benchmarks.md come from here, e.g. `python -m bench extend --keep DIR`.
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from illust2vec.booru.crawl import CrawlConfig, crawl
+from illust2vec.data.build import BuildConfig, build
+from illust2vec.data.vocab import build_vocab
+from illust2vec.evaluation.evaluator import PredictOptions
+from illust2vec.evaluation.vocab_map import mapped_metrics, predict_mapped
+from illust2vec.formats.dataset import open_dataset
+from illust2vec.formats.posts import part_files
+from illust2vec.formats.run import read_config, resolve_epoch, vocab_path, weights_path
+from illust2vec.formats.vocab import read_vocab, write_vocab
+from illust2vec.models import load_tagger
+from illust2vec.synth.cast import SynthConfig
+from illust2vec.synth.server import start_board
+from illust2vec.train.config import TrainConfig
+from illust2vec.train.loop import fit
+
+ID_OFFSET = 10_000_000  # seed 1's post ids, moved past seed 0's so that one build can hold both boards
+
+
+def crawl_board(root: Path, seed: int, posts: int, size: int, zipf: float) -> Path:
+    out = root / f"crawl{seed}"
+    if not (out / "posts").is_dir():
+        with start_board(SynthConfig(posts=posts, seed=seed, zipf=zipf)) as server:
+            crawl(CrawlConfig(url=server.url, out=out, api_rate=500, file_rate=500, image_size=2 * size))
+    return out
+
+
+def cap_characters(crawl_dir: Path, cap: int, offset: int) -> Counter:
+    """Keep at most `cap` posts per character (in id order: a post that would exceed a cap is left out) and move the
+    ids by `offset`; rewrites the posts parts in place. Returns posts per character."""
+    per: Counter = Counter()
+    for part in part_files(crawl_dir):
+        table = pq.read_table(part)
+        keep = []
+        for row in table.to_pylist():
+            chars = row["tags_character"] or []
+            if any(per[c] >= cap for c in chars):
+                continue
+            per.update(chars)
+            row["id"] += offset
+            row["parent_id"] = None if row["parent_id"] is None else row["parent_id"] + offset
+            keep.append(row)
+        pq.write_table(pa.Table.from_pylist(keep, schema=table.schema), part)
+    return per
+
+
+def build_set(root: Path, name: str, crawls: list[Path], size: int, workers: int) -> Path:
+    out = root / name
+    if not (out / "dataset.json").exists():
+        write_vocab(build_vocab(crawls), root / f"{name}.csv")
+        build(BuildConfig(dirs=tuple(crawls), vocab=root / f"{name}.csv", out=out, size=size, workers=workers))
+    return out
+
+
+def train(run: Path, seconds: dict, **kwargs) -> Path:
+    """Train (unless a finished run is there already: its time is the one recorded then)."""
+    times = run.parent / "seconds.json"
+    seconds.update(json.loads(times.read_text()) if times.exists() else {})
+    if not (run / "best.json").exists():
+        t0 = time.perf_counter()
+        fit(TrainConfig(out=str(run), **kwargs))
+        seconds[run.name] = time.perf_counter() - t0
+        times.write_text(json.dumps(seconds))
+    return run
+
+
+def measure(run: Path, data: Path, workers: int) -> dict:
+    """The last epoch of a run on a data set's test split: character top-1 (every character ranked) and general mAP
+    over the data set's tags that the model has."""
+    config = read_config(run)
+    model = load_tagger(config["model"], weights_path(run, resolve_epoch(run, "last")))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    opts = PredictOptions(batch_size=64, workers=workers)
+    preds, vmap = predict_mapped(model, read_vocab(vocab_path(run)), open_dataset(data), "test", device, opts)
+    acts = {h.name: h.activation for h in model.cfg.heads}
+    m = mapped_metrics(preds, vmap.known, acts, {h: 0.5 for h in acts})
+    return {"top1": m.get("character/top1", float("nan")), "mAP": m.get("general/mAP", float("nan"))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench extend")
+    parser.add_argument("--posts", type=int, default=3000, help="posts of the seed-0 board (the base)")
+    parser.add_argument("--new-posts", type=int, default=1200, help="posts of the seed-1 board before the cap")
+    parser.add_argument("--cap", type=int, default=50, help="at most this many posts per new character")
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of the base and of the from-scratch run")
+    parser.add_argument("--extend-epochs", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=None, help="loader processes (default: train's)")
+    parser.add_argument("--keep", type=Path, help="work in this directory and keep it (reruns reuse what is there)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        run_all(root, args)
+
+
+def run_all(root: Path, args) -> None:
+    workers = {} if args.workers is None else {"workers": args.workers}
+    w = args.workers if args.workers is not None else 2
+    crawl0 = crawl_board(root, 0, args.posts, args.size, zipf=1.1)
+    fresh = not (root / "crawl1" / "posts").is_dir()
+    crawl1 = crawl_board(root, 1, args.new_posts, args.size, zipf=0.0)  # an even cast: about as many posts each
+    if fresh:
+        per = cap_characters(crawl1, args.cap, ID_OFFSET)
+        print(f"new board: {len(per)} characters, {min(per.values())}..{max(per.values())} posts each")
+    old = build_set(root, "old", [crawl0], args.size, w)
+    new = build_set(root, "new", [crawl1], args.size, w)
+    both = build_set(root, "both", [crawl0, crawl1], args.size, w)
+    seconds: dict[str, float] = {}
+    common = dict(epochs=args.epochs, arch="i2v_small", **workers)
+    base = train(root / "base", seconds, data=str(old), **common)
+    extend = dict(data=str(new), init=str(base), epochs=args.extend_epochs, **workers)
+    runs = {
+        "base": base,
+        "extended": train(root / "extended", seconds, **extend),
+        "extended, --keep-old 0": train(root / "extended-nokeep", seconds, keep_old=0.0, **extend),
+        "from scratch on both": train(root / "scratch", seconds, data=str(both), **common),
+    }
+    report(runs, old, new, seconds, args, w)
+
+
+def report(runs: dict, old: Path, new: Path, seconds: dict, args, workers: int) -> None:
+    ds_old, ds_new = open_dataset(old), open_dataset(new)
+    print(
+        f"extend: i2v_small at {args.size} px; base {ds_old.samples('train')} training posts of seed 0, "
+        f"{args.epochs} epochs; new data {ds_new.samples('train')} training posts of seed 1 "
+        f"(at most {args.cap} per character), {args.extend_epochs} epochs; test posts {ds_old.samples('test')} "
+        f"(seed 0) and {ds_new.samples('test')} (seed 1)"
+    )
+    print(f"{'model':<24} {'new top-1':>9} {'old top-1':>9} {'old mAP':>8} {'train s':>8}")
+    figures = {}
+    for name, run in runs.items():
+        on_old, on_new = measure(run, old, workers), measure(run, new, workers)
+        figures[name] = (on_new["top1"], on_old["top1"], on_old["mAP"], seconds.get(run.name, float("nan")))
+        cells = "".join(f"{v:>10.3f}" for v in figures[name][:3])
+        print(f"{name:<24}{cells} {figures[name][3]:>8.0f}")
+    b, e, s = figures["base"], figures["extended"], figures["from scratch on both"]
+    print(
+        f"goals: new top-1 {e[0]:.3f} (>= 0.8), old top-1 {e[1] - b[1]:+.3f} and general mAP {e[2] - b[2]:+.3f} "
+        f"against the base (within 0.03), time {e[3] / s[3]:.2f} of from scratch (<= 0.33)"
+    )
+
+
+if __name__ == "__main__":
+    main()
