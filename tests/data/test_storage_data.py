@@ -105,7 +105,14 @@ def _fit(data: str, out, workers: int = 0):
     from illust2vec.train.loop import fit
 
     cfg = TrainConfig(
-        data=data, out=str(out), epochs=1, arch="test_resnet", batch_size=16, workers=workers, select_by="loss"
+        data=data,
+        out=str(out),
+        epochs=1,
+        arch="test_resnet",
+        batch_size=16,
+        workers=workers,
+        select_by="loss",
+        max_steps_per_epoch=3,  # a short epoch: it reads every shard to fill the shuffle buffer all the same
     )
     return fit(cfg)
 
