@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,7 @@ from ..formats.vectors import PARTS, PartWriter, check_same_model, file_metadata
 from ..util import cluster, storage
 from ..util.images import BadImage
 from ..util.shard import in_shard
-from .embed import EmbedConfig, key_id
-from .embed import _items as embed_items
+from .embed import EmbedConfig, embed_items, key_id
 from .engine import (
     BatchSummary,
     Item,
@@ -80,6 +79,7 @@ class Job:
     selection: Selection | None = None  # tag
     caption: CaptionOptions = field(default_factory=CaptionOptions)  # tag
     ids: str = "path"  # embed
+    precision: str = "auto"
 
     def done_key(self, path: str, key: str) -> str:
         """What finished parts hold of an input: tag's record path, embed's id."""
@@ -166,7 +166,7 @@ class ModelActor:
 
     def __init__(self, job: Job):
         self.job = job
-        self.tagger = Tagger.load(job.model, backend=job.backend, device=job.device)
+        self.tagger = Tagger.load(job.model, backend=job.backend, device=job.device, precision=job.precision)
         self.batches = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -260,6 +260,7 @@ def tag_on_ray(cfg: TagConfig, console: Console) -> BatchSummary:
     items = [it for it in found if in_shard(it.key, cfg.shard) or is_shard(it)]  # members are dealt out in the tasks
     size, model = tagger.image_size, _model(cfg.model)
     job = Job("tag", model, cfg.backend, cfg.device, size, cfg.batch_size, cfg.shard, cfg.selection, cfg.caption)
+    job = replace(job, precision=cfg.precision)
     return _run(cfg.ray, job, items, JsonlParts(out, cfg.ray.part_size), summary, console)
 
 
@@ -273,6 +274,7 @@ def embed_on_ray(cfg: EmbedConfig, console: Console) -> BatchSummary:
     items = embed_items(cfg, summary, expand=False)
     size, model = tagger.image_size, _model(cfg.model)
     job = Job("embed", model, cfg.backend, cfg.device, size, cfg.batch_size, cfg.shard, ids=cfg.ids)
+    job = replace(job, precision=cfg.precision)
     sink = VectorParts(out, cfg.ray.part_size, file_metadata(model_meta(tagger)))
     return _run(cfg.ray, job, items, sink, summary, console)
 
@@ -306,8 +308,8 @@ def _run(
         src = str(it.path) if storage.is_remote(it.path) else str(Path(it.path).resolve())
         row = {"src": src, "path": shown(it.path), "full": full_path(it.path), "key": it.key, "named": it.named}
         rows.append({**row, "shard": is_shard(it)})
-    t0 = time.perf_counter()
     with cluster.connect(opts.address) as info:
+        t0 = time.perf_counter()  # the pipeline's time: the cluster's start is logged apart
         gpus = cluster.gpus_per_actor(opts.gpus_per_actor, info)
         actors = cluster.default_actors(opts.actors, info, gpus)
         log.info("ray: %d model actors, %g GPUs each, on %s", actors, gpus, info.address)
@@ -318,9 +320,9 @@ def _run(
                 progress.advance(task)
                 _take(row, sink, summary, console)
                 progress.update(task, rate=summary.done / max(time.perf_counter() - t0, 1e-9))
-    sink.flush()
+        sink.flush()
+        summary.seconds = time.perf_counter() - t0
     summary.files = summary.done + summary.n_failed + summary.not_images + summary.already
-    summary.seconds = time.perf_counter() - t0
     return summary
 
 

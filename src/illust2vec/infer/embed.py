@@ -86,7 +86,7 @@ def key_id(key: str, ids: str) -> str:
     return Path(key).stem if ids == "stem" else key
 
 
-def _items(cfg: EmbedConfig, summary: BatchSummary, expand: bool = True) -> list[Item]:
+def embed_items(cfg: EmbedConfig, summary: BatchSummary, expand: bool = True) -> list[Item]:
     """This shard's files (tar shards whole, without `expand`); two that would share an id are the user's mistake."""
     found = discover(cfg.paths, cfg.recursive, summary, expand)
     items = [it for it in found if in_shard(it.key, cfg.shard) or is_shard(it)]  # members are dealt out later
@@ -114,7 +114,7 @@ def embed_files(cfg: EmbedConfig, console: Console | None = None, tagger: Tagger
     out = storage.location(cfg.out, "--out", write=True)
     _check_out(out)
     summary = BatchSummary("embedded")
-    items = _items(cfg, summary)
+    items = embed_items(cfg, summary)
     tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device)
     if not tagger.feature_dim:
         raise UserError(f"{cfg.model}: this model gives no feature vector (a WD ONNX file gives tags only)")
