@@ -15,9 +15,15 @@ from illust2vec.util.images import load_for_input, pad_resize
 WD_SIZE = 64
 
 
-def test_a_bundle_quantized_into_a_copy_agrees_with_fp32(synth_bundle, tmp_path):
-    out = tmp_path / "int8"
-    s = quantize(QuantizeConfig(model=str(synth_bundle), out=str(out)))  # calibrated on the run's validation split
+@pytest.fixture(scope="module")
+def int8_bundle(synth_bundle, tmp_path_factory):
+    """synth_bundle copied and quantized (calibrated on its run's validation split): (directory, summary)."""
+    out = tmp_path_factory.mktemp("int8") / "bundle"
+    return out, quantize(QuantizeConfig(model=str(synth_bundle), out=str(out)))
+
+
+def test_a_bundle_quantized_into_a_copy_agrees_with_fp32(synth_bundle, int8_bundle):
+    out, s = int8_bundle
     assert not (synth_bundle / INT8_FILE).exists()  # the original is left as it was
     assert (out / INT8_FILE).is_file() and s.model == str(out) and s.kind == "bundle"
     assert s.int8_bytes < 0.5 * s.fp32_bytes == 0.5 * (synth_bundle / "model.onnx").stat().st_size
@@ -118,6 +124,9 @@ def test_a_wd_onnx_directory_is_quantized_in_place_from_the_command_line(wd_dir,
     assert report["calibration_images"] + report["check_images"] == 12 and report["skipped"] == 0
     err = " ".join(err.split())
     assert "F1 against fp32's decisions rating" in err and f"(recorded in {INT8_REPORT})" in err
+    from illust2vec.infer.tagger import Tagger
+
+    assert (Tagger.load(folder).precision, Tagger.load(folder, precision="fp32").precision) == ("int8", "fp32")
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["model.onnx", "selected_tags.csv", INT8_FILE, INT8_REPORT]
     )
@@ -165,3 +174,49 @@ def test_a_bundle_without_onnx_or_a_run_asks_for_what_is_missing(synth_bundle, t
     assert code == 2 and "i2v export --onnx" in err
     code, _, err = i2v("quantize", str(bundle), "--mode", "fast")
     assert code == 2 and "--mode must be one of static, dynamic" in err
+
+
+# ---- --precision: which file tag, embed and serve run
+
+
+def test_precision_auto_takes_int8_on_the_cpu_and_fp32_or_int8_when_asked(synth_bundle, int8_bundle):
+    from illust2vec.errors import UserError
+    from illust2vec.infer.backends import describe
+    from illust2vec.infer.tagger import Tagger, _onnx_file
+
+    out, _ = int8_bundle
+    auto, fp32 = Tagger.load(out), Tagger.load(out, precision="fp32")
+    assert (auto.precision, fp32.precision) == ("int8", "fp32")
+    assert auto.backend.session._model_path.endswith(INT8_FILE)  # noqa: SLF001 - which file onnxruntime opened
+    assert describe(auto.backend).endswith(", int8") and describe(fp32.backend).endswith(", fp32")
+    assert Tagger.load(out, precision="int8").precision == "int8"
+    assert Tagger.load(synth_bundle).precision == "fp32"  # no int8 file: fp32, nothing said
+    # On a GPU, auto keeps fp32; int8 is there only when asked for.
+    assert _onnx_file(out, out / "model.onnx", "auto", "cuda:0") == (out / "model.onnx", "fp32")
+    assert _onnx_file(out, out / "model.onnx", "int8", "cuda:0") == (out / INT8_FILE, "int8")
+    with pytest.raises(UserError, match="no model.int8.onnx; make one with: i2v quantize"):
+        Tagger.load(synth_bundle, precision="int8")
+    with pytest.raises(UserError, match="--backend torch runs fp32"):
+        Tagger.load(out, backend="torch", precision="int8")
+    with pytest.raises(UserError, match="--precision must be one of auto, fp32, int8"):
+        Tagger.load(out, precision="fp16")
+    assert Tagger.load(out, backend="torch").precision == "fp32"
+
+
+def test_tag_embed_and_serve_name_the_precision_they_ran(int8_bundle, synth_images, tmp_path, i2v):
+    from illust2vec.serve.app import ServeConfig, load_state
+
+    out, _ = int8_bundle
+    pictures = [str(p) for p in sorted(synth_images.glob("*.png"))[:3]]
+    code, stdout, err = i2v("tag", *pictures, "--model", str(out), "--format", "json")
+    assert code == 0 and "CPUExecutionProvider), int8" in " ".join(err.split())
+    code, fp32_out, err = i2v("tag", *pictures, "--model", str(out), "--format", "json", "--precision", "fp32")
+    assert code == 0 and "CPUExecutionProvider), fp32" in " ".join(err.split())
+    int8_rows, fp32_rows = json.loads(stdout), json.loads(fp32_out)
+    assert [r["path"] for r in int8_rows] == [r["path"] for r in fp32_rows] and int8_rows != fp32_rows
+    code, _, err = i2v("embed", *pictures, "--model", str(out), "--out", str(tmp_path / "v.parquet"))
+    assert code == 0 and "CPUExecutionProvider), int8" in " ".join(err.split())
+    code, _, err = i2v("tag", *pictures, "--model", str(out), "--precision", "half")
+    assert code == 2 and "--precision must be one of auto, fp32, int8" in err
+    assert load_state(ServeConfig(model=str(out))).tagger.precision == "int8"
+    assert load_state(ServeConfig(model=str(out), precision="fp32")).tagger.precision == "fp32"

@@ -46,6 +46,12 @@ def backend_option(note: str = "") -> Any:
     return typer.Option("auto", help=f"auto (ONNX on the CPU when the bundle has it), torch or onnx{note}.")
 
 
+def precision_option() -> Any:
+    return typer.Option(
+        "auto", help="auto (model.int8.onnx from i2v quantize on the CPU when it exists, else fp32), fp32 or int8."
+    )
+
+
 def shard_option(what: str) -> Any:
     return typer.Option("0/1", help=f"Take part I of N of the {what} (0 <= I < N), for job arrays.")
 
@@ -587,6 +593,7 @@ def tag(
     overwrite: bool = typer.Option(False, "--overwrite", help="Tag unchanged files again; txt: replace captions."),
     device: str = device_option(),
     backend: str = backend_option(),
+    precision: str = precision_option(),
     shard: str = shard_option("files"),
     workers: int = workers_option("Decoding threads (default: one per core)."),
     ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster, jsonl parts under --out (a folder or URL)."),
@@ -620,6 +627,7 @@ def tag(
         collection=CollectionOptions(xmp_name, embed, keep_mtime),
         device=device,
         backend=backend,
+        precision=precision,
         shard=shard,
         workers=workers,
         out=out,
@@ -676,6 +684,7 @@ def embed(
     shard: str = shard_option("files"),
     device: str = device_option(),
     backend: str = backend_option(),
+    precision: str = precision_option(),
     workers: int = workers_option("Decoding threads (default: one per core)."),
     ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster, Parquet parts under --out (a folder/URL)."),
     ray_address: str = ray_address_option(),
@@ -697,6 +706,7 @@ def embed(
         shard=shard,
         device=device,
         backend=backend,
+        precision=precision,
         workers=workers,
         ray=RayOptions(ray_address, actors, gpus_per_actor, part_size) if ray or ray_address else None,
     )
@@ -813,6 +823,7 @@ def serve(
     max_batch: int = typer.Option(32, min=1, help="Most images in one forward pass (1: no batching)."),
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="How long a request waits for others to join its batch."),
     backend: str = backend_option(),
+    precision: str = precision_option(),
     device: str = device_option(),
 ) -> None:
     """Serve a web page and an HTTP API for tagging images and finding similar ones (OpenAPI docs at /docs)."""
@@ -828,6 +839,7 @@ def serve(
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
         backend=backend,
+        precision=precision,
         device=device,
     )
     run_server(cfg, console=err)

@@ -32,6 +32,7 @@ class OnnxBackend:
     feature_output: str | None = None
     name: str = "onnx"
     fixed_batch: int | None = None  # a file exported with a fixed batch size (some older WD ones take 1 image)
+    precision: str = "fp32"  # int8: the file is `i2v quantize`'s model.int8.onnx
 
     @property
     def has_features(self) -> bool:
@@ -68,11 +69,13 @@ CUDA_ONNX_HELP = (
 
 
 def describe(backend: OnnxBackend | TorchBackend) -> str:
-    """Where a backend runs, for the summary line: "cpu (onnxruntime CPUExecutionProvider)", "cuda:0 (torch)"."""
+    """Where a backend runs and at what precision, for the summary line: "cpu (onnxruntime CPUExecutionProvider),
+    int8", "cuda:0 (torch), bf16"."""
     if isinstance(backend, OnnxBackend):
         provider = backend.session.get_providers()[0]
-        return f"{'cuda' if provider == 'CUDAExecutionProvider' else 'cpu'} (onnxruntime {provider})"
-    return f"{backend.device} (torch)"
+        where = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+        return f"{where} (onnxruntime {provider}), {backend.precision}"
+    return f"{backend.device} (torch), {'bf16' if backend.autocast is not None else 'fp32'}"
 
 
 def onnx_backend(
@@ -135,6 +138,7 @@ class TorchBackend:
     device: Any
     autocast: Any = None  # torch dtype for autocast, or None
     name: str = "torch"
+    precision: str = "fp32"  # the weights' (a GPU computes in bf16 under autocast, as `describe` says)
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch

@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..formats.vectors import PartWriter, check_same_model, done_ids, file_metadata, model_meta, tags_json
 from ..util import storage
 from ..util.shard import in_shard
+from .backends import describe
 from .engine import Batch, BatchSummary, Engine, Item, RayOptions, check_job, discover, full_path, is_shard
 from .tagger import Tagger
 
@@ -48,6 +49,7 @@ class EmbedConfig:
     shard: tuple[int, int] = (0, 1)  # part I of N of the files, for job arrays ("I/N" is taken too)
     device: str = "auto"
     backend: str = "auto"
+    precision: str = "auto"  # auto (int8 on a CPU where model.int8.onnx exists), fp32 or int8
     workers: int | None = None  # decoding threads; None: one per core
     ray: RayOptions | None = None  # --ray: a Ray Data pipeline writing parts under `out`, a folder or prefix
 
@@ -115,9 +117,10 @@ def embed_files(cfg: EmbedConfig, console: Console | None = None, tagger: Tagger
     _check_out(out)
     summary = BatchSummary("embedded")
     items = embed_items(cfg, summary)
-    tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device)
+    tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device, precision=cfg.precision)
     if not tagger.feature_dim:
         raise UserError(f"{cfg.model}: this model gives no feature vector (a WD ONNX file gives tags only)")
+    summary.device = describe(tagger.backend)
     meta = file_metadata(model_meta(tagger))
     check_same_model(out, meta)
     done = done_ids(out)

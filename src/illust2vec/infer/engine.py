@@ -46,7 +46,7 @@ from ..util.images import DRAFT_INFO, BadImage
 from ..util.progress import progress_bar as util_progress_bar
 from ..util.shard import check_shard
 from .preprocess import ImageLike, prepare, read_image
-from .tagger import BACKENDS
+from .tagger import BACKENDS, PRECISIONS
 from .writers import caption_path
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,8 @@ def check_job(cfg: Any) -> None:
         raise UserError(f"--workers must be at least 1, not {cfg.workers!r}")
     if cfg.backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {cfg.backend!r}")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
 
 
 # ---- discovery

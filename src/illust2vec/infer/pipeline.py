@@ -61,6 +61,7 @@ class TagConfig:
     collection: CollectionOptions = field(default_factory=CollectionOptions)  # xmp: --xmp-name, --embed, --keep-mtime
     device: str = "auto"
     backend: str = "auto"
+    precision: str = "auto"  # auto (int8 on a CPU where model.int8.onnx exists), fp32 or int8
     shard: tuple[int, int] = (0, 1)  # part I of N of the files, for job arrays ("I/N" is taken too)
     workers: int | None = None  # decoding threads; None: one per core
     out: str | None = None  # json/jsonl/csv records into this file or URL (written whole at the end); None: stdout
@@ -159,7 +160,7 @@ def tag_files(
     if cfg.out is not None:
         check_output(cfg.out)
     items = _items(cfg, summary)
-    tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device)
+    tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device, precision=cfg.precision)
     unknown = sorted(cfg.rules.exact_excludes - set(tagger.labels.names))
     if unknown:
         log.warning("--exclude: not in the model's vocabulary: %s", ", ".join(unknown))

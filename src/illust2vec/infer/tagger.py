@@ -20,7 +20,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..formats.bundle import BundleInfo, Labels, Thresholds, cached_bundle, is_bundle, open_bundle
+from ..formats.bundle import (
+    INT8_FILE,
+    BundleInfo,
+    Labels,
+    Thresholds,
+    cached_bundle,
+    int8_path,
+    is_bundle,
+    open_bundle,
+)
 from ..formats.vocab import read_vocab
 from ..util import storage
 from .backends import OnnxBackend, TorchBackend, onnx_backend, onnx_input_size, torch_backend
@@ -30,6 +39,7 @@ from .thresholds import Selection, resolve
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx")
+PRECISIONS = ("auto", "fp32", "int8")  # auto: model.int8.onnx (i2v quantize) on a CPU where it exists, else fp32
 
 
 @dataclass
@@ -53,7 +63,9 @@ class Tagger:
     # ---- loading
 
     @classmethod
-    def load(cls, path: str | os.PathLike, backend: str = "auto", device: str = "auto") -> Tagger:
+    def load(
+        cls, path: str | os.PathLike, backend: str = "auto", device: str = "auto", precision: str = "auto"
+    ) -> Tagger:
         """Open a model: our bundle, a WD tagger v3 timm snapshot directory (config.json, model.safetensors,
         selected_tags.csv), a WD ONNX directory (model.onnx, selected_tags.csv), or a Hugging Face repo id of either
         (downloaded once into the Hugging Face cache).
@@ -65,11 +77,17 @@ class Tagger:
             backend: "auto" (ONNX when the model has an ONNX file and onnxruntime is installed, unless a GPU is
                 asked for; else torch), "torch" or "onnx".
             device: "auto", "cpu" or "cuda[:N]".
+            precision: "auto" (model.int8.onnx, made by `i2v quantize`, when the model runs ONNX on the CPU and
+                has one; else fp32), "fp32", or "int8" (model.int8.onnx with onnxruntime, or an error).
         """
         if backend not in BACKENDS:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        if precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if precision == "int8" and backend == "torch":
+            raise UserError(f"--precision int8 runs {INT8_FILE} with onnxruntime; --backend torch runs fp32")
         if storage.is_remote(str(path)):  # a bundle in object storage: opened from a local copy in the cache
-            return _load_bundle(cached_bundle(str(path), backend), backend, device)
+            return _load_bundle(cached_bundle(str(path), backend), backend, device, precision)
         root = Path(path)
         if not root.exists():
             if not _looks_like_repo_id(str(path)):
@@ -78,16 +96,19 @@ class Tagger:
         if not root.is_dir():
             raise UserError(f"{root}: a model is a directory (a bundle, or a WD tagger's snapshot)")
         if is_bundle(root):
-            return _load_bundle(root, backend, device)
+            return _load_bundle(root, backend, device, precision)
         has_timm = (root / "config.json").is_file() and (root / "model.safetensors").is_file()
         has_onnx = (root / "model.onnx").is_file()
         # WD's repositories hold both files; like a bundle, "auto" takes the ONNX one on the CPU (no torch import).
-        if has_onnx and (backend == "onnx" or (backend == "auto" and _prefer_onnx(device))):
-            return _load_wd_onnx(root, device)
+        onnx_first = backend == "onnx" or (backend == "auto" and (_prefer_onnx(device) or precision == "int8"))
+        if has_onnx and onnx_first:
+            return _load_wd_onnx(root, device, precision)
+        if precision == "int8":
+            raise UserError(f"{root}: --precision int8 needs model.onnx and {INT8_FILE} (i2v quantize)")
         if has_timm and backend != "onnx":
             return _load_wd_timm(root, device)
         if has_onnx and backend == "auto":
-            return _load_wd_onnx(root, device)
+            return _load_wd_onnx(root, device, precision)
         if backend != "auto" and (has_timm or has_onnx):
             needs = "model.onnx" if backend == "onnx" else "config.json and model.safetensors"
             raise UserError(f"{root}: backend {backend!r} needs {needs}")
@@ -95,6 +116,11 @@ class Tagger:
             f"{root}: not a model: expected an illust2vec bundle (i2v export), a WD tagger v3 snapshot "
             "(config.json, model.safetensors, selected_tags.csv) or a WD ONNX directory (model.onnx, selected_tags.csv)"
         )
+
+    @property
+    def precision(self) -> str:
+        """The weights' precision: int8 when the backend runs `i2v quantize`'s model.int8.onnx, else fp32."""
+        return self.backend.precision
 
     # ---- the forward pass
 
@@ -262,20 +288,34 @@ def download(repo_id: str, backend: str = "auto") -> Path:
     return root
 
 
-def _load_bundle(root: Path, backend: str, device: str) -> Tagger:
+def _load_bundle(root: Path, backend: str, device: str, precision: str = "auto") -> Tagger:
     info = open_bundle(root)
     center = info.config.get("feature_center")
     center = np.asarray(center, np.float32) if center else None
-    use_onnx = backend == "onnx" or (backend == "auto" and info.onnx_path is not None and _prefer_onnx(device))
+    onnx_first = info.onnx_path is not None and _prefer_onnx(device)
+    use_onnx = backend == "onnx" or (backend == "auto" and (onnx_first or precision == "int8"))
     if use_onnx:
         if info.onnx_path is None:
             raise UserError(f"{root}: --backend onnx, but the bundle has no model.onnx (i2v export --onnx)")
         where = "cpu" if device == "auto" else device
-        runner: OnnxBackend | TorchBackend = onnx_backend(info.onnx_path, where, outputs=info.onnx_outputs)
+        path, chosen = _onnx_file(root, info.onnx_path, precision, where)
+        runner: OnnxBackend | TorchBackend = onnx_backend(path, where, outputs=info.onnx_outputs)
+        runner.precision = chosen
     else:
         runner = torch_backend(_bundle_module(info), device)
     dim = int(info.config["feature_dim"])
     return Tagger(runner, info.labels, info.thresholds, info.image_size, str(root), "bundle", dim, center)
+
+
+def _onnx_file(root: Path, fp32: Path, precision: str, device: str) -> tuple[Path, str]:
+    """The ONNX file to run and its precision: model.int8.onnx when int8 is asked for (an error without one), or on
+    "auto" on the CPU when `i2v quantize` wrote one; model.onnx otherwise (a GPU runs fp32 faster than int8)."""
+    int8 = int8_path(root)
+    if precision == "int8" and int8 is None:
+        raise UserError(f"{root}: --precision int8, but there is no {INT8_FILE}; make one with: i2v quantize {root}")
+    if int8 is not None and (precision == "int8" or (precision == "auto" and not device.startswith("cuda"))):
+        return int8, "int8"
+    return fp32, "fp32"
 
 
 def _prefer_onnx(device: str) -> bool:
@@ -354,10 +394,13 @@ def _wd_thresholds(root: Path) -> Thresholds:
     return read_thresholds(root / "thresholds.json")
 
 
-def _load_wd_onnx(root: Path, device: str) -> Tagger:
+def _load_wd_onnx(root: Path, device: str, precision: str = "auto") -> Tagger:
     """A WD ONNX tagger directory: model.onnx with NHWC BGR input, sigmoid probabilities in selected_tags order."""
     labels = _wd_labels(root)
-    runner = onnx_backend(root / "model.onnx", "cpu" if device == "auto" else device)
+    where = "cpu" if device == "auto" else device
+    path, chosen = _onnx_file(root, root / "model.onnx", precision, where)
+    runner = onnx_backend(path, where)
+    runner.precision = chosen
     size = onnx_input_size(runner)
     if size is None:
         raise UserError(f"{root}/model.onnx: its input height is not fixed; cannot tell the image size")

@@ -28,7 +28,7 @@ from rich.console import Console
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import UserError
-from ..infer.tagger import BACKENDS, Tagger
+from ..infer.tagger import BACKENDS, PRECISIONS, Tagger
 from .batcher import Batcher
 from .routes import add_routes
 from .state import ServeState, model_name, open_index
@@ -55,6 +55,7 @@ class ServeConfig:
     max_wait_ms: float = 5.0
     backend: str = "auto"
     device: str = "auto"
+    precision: str = "auto"  # auto (int8 on a CPU where model.int8.onnx exists), fp32 or int8
     k: int = 12  # neighbours the page asks for
 
     def __post_init__(self) -> None:
@@ -73,6 +74,8 @@ class ServeConfig:
             raise UserError(f"--max-wait-ms must be at least 0, not {self.max_wait_ms!r}")
         if self.backend not in BACKENDS:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if not isinstance(self.k, int) or not 1 <= self.k <= 200:
             raise UserError(f"ServeConfig.k must be between 1 and 200, not {self.k!r}")
 
@@ -125,7 +128,7 @@ def _too_large(limit: int) -> JSONResponse:
 
 def load_state(cfg: ServeConfig, tagger: Tagger | None = None, index: VectorIndex | None = None) -> ServeState:
     """The model (and index) to serve, opened from `cfg` unless given, behind a batcher set up as `cfg` says."""
-    tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device)
+    tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device, precision=cfg.precision)
     if index is None and cfg.index:
         index = open_index(cfg.index, tagger)
     batcher = Batcher(tagger.run, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms)

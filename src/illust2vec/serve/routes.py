@@ -41,6 +41,7 @@ def add_routes(app: FastAPI, state: ServeState, cfg: ServeConfig) -> None:
             "heads": {h: len(ix) for h, ix in tagger.labels.heads.items()},
             "image_size": tagger.image_size,
             "backend": getattr(tagger.backend, "name", type(tagger.backend).__name__),
+            "precision": getattr(tagger.backend, "precision", "fp32"),
             "index": index is not None,
             "index_size": len(index) if index is not None else 0,
             "thresholds": tagger.thresholds.heads,
