@@ -575,7 +575,9 @@ def tag(
     character_threshold: float = typer.Option(None, help="Character tags' threshold (default: calibrated, or 0.85)."),
     mcut: bool = typer.Option(False, "--mcut", help="Thresholds per image by MCut, as the WD Space does."),
     format: str = typer.Option(
-        "table", help="table, json, jsonl, csv (on stdout); txt (captions), xmp or hydrus (sidecars) beside images."
+        None,
+        help="table (default; jsonl with --ray), json, jsonl, csv (on stdout); txt (captions), xmp or hydrus "
+        "(sidecars) beside images.",
     ),
     out: str = typer.Option(None, help="Write the records to this file or URL instead of stdout (--ray: a folder)."),
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
@@ -618,7 +620,7 @@ def tag(
         threshold=threshold,
         character_threshold=character_threshold,
         mcut=mcut,
-        format=format,
+        format=format or ("jsonl" if ray or ray_address else "table"),
         batch_size=batch_size,
         exclude=parse_exclude(exclude),
         caption=CaptionOptions(replace_underscores, escape_brackets, rating_first),

@@ -140,10 +140,11 @@ def test_embed_on_ray_to_s3_equals_plain_and_index_build_reads_the_parts(
 
 
 def test_ray_mistakes_are_one_line(i2v, synth_bundle, inputs, tmp_path):
-    code, out, err = i2v("tag", str(inputs), "--model", str(synth_bundle), "--ray", "--out", str(tmp_path))
-    assert code == 2 and err.strip() == (
-        "error: --ray writes jsonl parts into a folder or prefix: give --format jsonl and --out DIR|URL"
-    )
+    for extra in ([], ["--out", str(tmp_path), "--format", "csv"]):  # --format is jsonl by default with --ray
+        code, out, err = i2v("tag", str(inputs), "--model", str(synth_bundle), "--ray", *extra)
+        assert code == 2 and err.strip() == (
+            "error: --ray writes jsonl parts into a folder or prefix: give --format jsonl and --out DIR|URL"
+        )
     code, out, err = i2v(
         "embed", str(inputs), "--model", str(synth_bundle), "--ray", "--out", str(tmp_path / "v.parquet")
     )

@@ -177,3 +177,12 @@ def test_an_http_file_is_one_item_named_by_its_url(i2v, synth_bundle, synth_imag
 def test_a_missing_bucket_is_named_as_such(i2v, synth_bundle, s3_server):
     code, out, err = i2v("tag", "s3://no-such-bucket-h3/pics", "--model", str(synth_bundle), "--format", "jsonl")
     assert (code, out) == (2, "") and err.strip() == "error: s3://no-such-bucket-h3/pics: cannot read: no such bucket"
+
+
+def test_the_python_api_reads_an_image_at_a_url(synth_bundle, synth_images, bucket):
+    from illust2vec.infer.tagger import Tagger
+
+    image = sorted(p for p in synth_images.iterdir() if p.suffix == ".jpg")[0]
+    storage.write_bytes(f"{bucket}/one.jpg", image.read_bytes())
+    tagger = Tagger.load(synth_bundle)
+    np.testing.assert_allclose(tagger.predict([f"{bucket}/one.jpg"]), tagger.predict([image]), atol=1e-6)

@@ -123,7 +123,7 @@ def test_out_and_txt_mistakes_are_one_line(i2v, synth_bundle, shard, tmp_path):
     code, out, err = i2v("tag", str(shard), "--model", str(synth_bundle), "--format", "txt")
     assert code == 2 and out == ""
     assert err.strip() == (
-        f"error: {shard}: a tar shard; --format txt writes captions beside image files only "
+        f"error: {shard}: a tar shard; --format txt writes beside image files only "
         "(give --format jsonl --out FILE for its members)"
     )
     code, _, err = i2v("tag", str(shard), "--model", str(synth_bundle), "--format", "jsonl", "--out", str(tmp_path))

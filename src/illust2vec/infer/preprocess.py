@@ -12,14 +12,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
+from ..util import storage
 from ..util.images import BadImage, load_for_input, load_rgb, pad_resize, to_rgb
 
 ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
 def read_image(source: ImageLike, size: int | None = None) -> Image.Image:
-    """A path, bytes, PIL image or array (HxW, HxWx3 RGB, HxWx4 RGBA; uint8, or float in 0..1) -> an upright RGB
-    PIL image, transparency composited onto white.
+    """A path (or a URL: `s3://`, `gs://`, `http(s)://`), bytes, PIL image or array (HxW, HxWx3 RGB, HxWx4 RGBA;
+    uint8, or float in 0..1) -> an upright RGB PIL image, transparency composited onto white.
 
     With `size`, a JPEG whose longer side is at least 2 * DRAFT_MARGIN * `size` is decoded with DCT scaling (draft
     mode) at 1/2, 1/4 or 1/8, never below DRAFT_MARGIN * `size`. The scale is noted in `image.info[DRAFT_INFO]`, so
@@ -34,7 +36,12 @@ def read_image(source: ImageLike, size: int | None = None) -> Image.Image:
         return to_rgb(source)
     if isinstance(source, np.ndarray):
         return to_rgb(_from_array(source))
-    if isinstance(source, str | os.PathLike):
+    if isinstance(source, str) and storage.is_remote(source):
+        try:
+            data = storage.read_bytes(source)
+        except UserError as e:
+            raise BadImage(f"cannot read ({e})", "unreadable") from None
+    elif isinstance(source, str | os.PathLike):
         try:
             data = Path(source).read_bytes()
         except OSError as e:
