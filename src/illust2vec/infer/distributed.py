@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "I2V_FAULT_ACTOR_EXIT"
 JSONL_PARTS = "part-*.jsonl"
 DIGITS = 5  # part-NNNNN
+MAX_BLOCKS = 20_000  # blocks the listed inputs are cut into
 DECODE_MEMORY = 256 << 20  # bytes a decoding task needs beside its batch: the largest picture it decodes, and more
 
 
@@ -254,7 +255,7 @@ class VectorParts:
 def tag_on_ray(cfg: TagConfig, console: Console) -> BatchSummary:
     """`i2v tag --ray`: records of every image under `cfg.paths` into jsonl parts under `cfg.out`."""
     out = _out(cfg.out)
-    tagger = Tagger.load(cfg.model, backend=cfg.backend, device="cpu")
+    tagger = Tagger.load(cfg.model, backend=cfg.backend, device="cpu", precision=cfg.precision)
     summary = BatchSummary("tagged")
     found = discover(cfg.paths, cfg.recursive, summary, expand=False)
     items = [it for it in found if in_shard(it.key, cfg.shard) or is_shard(it)]  # members are dealt out in the tasks
@@ -267,7 +268,7 @@ def tag_on_ray(cfg: TagConfig, console: Console) -> BatchSummary:
 def embed_on_ray(cfg: EmbedConfig, console: Console) -> BatchSummary:
     """`i2v embed --ray`: vectors of every image under `cfg.paths` into Parquet parts under `cfg.out`."""
     out = _out(cfg.out)
-    tagger = Tagger.load(cfg.model, backend=cfg.backend, device="cpu")
+    tagger = Tagger.load(cfg.model, backend=cfg.backend, device="cpu", precision=cfg.precision)
     if not tagger.feature_dim:
         raise UserError(f"{cfg.model}: this model gives no feature vector (a WD ONNX file gives tags only)")
     summary = BatchSummary("embedded")
@@ -342,8 +343,11 @@ def _results(rows: list[dict], job: Job, done: frozenset[str], actors: int, gpus
     # Data from fusing the decoding into the model's actors (ops fuse only when their resources match): decoding
     # stays in CPU tasks beside the actors, as many as the cluster has CPUs to spare.
     memory = job.batch_size * job.size * job.size * 3 + DECODE_MEMORY
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64)))
-    ds = ds.flat_map(expand, fn_kwargs={"job": job, "done": done}, memory=memory)
+    # A block per input up to MAX_BLOCKS: each shard is opened by a task of its own. Its members are then cut into
+    # blocks of a batch, so that one shard's images are decoded by many tasks at once, not one after another.
+    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
+    ds = ds.flat_map(expand, fn_kwargs={"job": job, "done": done})
+    ds = ds.repartition(target_num_rows_per_block=job.batch_size)
     ds = ds.map_batches(
         decode_batch, fn_kwargs={"size": job.size}, batch_size=job.batch_size, batch_format="numpy", memory=memory
     )
