@@ -44,7 +44,7 @@ class Extension:
     keep_old: float
     original: TaggerNet | None  # on the device, frozen; None with --keep-old 0
     size: int | None  # DATA's images are resized to this (None: they are the model's size already)
-    autocast: str | None
+    autocast: str | None  # the run's (setup sets it with the rest of the precision)
     init: InitModel
     record: dict  # config.json's "init"
 
@@ -149,13 +149,11 @@ def prepare(
     if cfg.keep_old > 0:
         original = init.model.to(device).eval()
         original.requires_grad_(False)
-    cuda = device.type == "cuda"
-    autocast = {"auto": "bfloat16" if cuda else None, "bf16": "bfloat16", "fp16": "float16", "off": None}[cfg.amp]
     record = {**init.source, "vocab": cfg.vocab, "vocab_hash": init.vocab.hash, "rows": rows.as_dict()}
     acts = {h.name: h.activation for h in model.cfg.heads}
     old = VocabMap.between(vocab, init.vocab)
     size = model.cfg.image_size if note else None
-    return model, Extension(vocab, data, old, acts, cfg.keep_old, original, size, autocast, init, record)
+    return model, Extension(vocab, data, old, acts, cfg.keep_old, original, size, None, init, record)
 
 
 def _original(cfg: TrainConfig, run: Path, resuming: bool) -> InitModel:

@@ -100,6 +100,8 @@ def setup_run(cfg: TrainConfig, resume: bool, console: Console, d: distributed.D
     if cfg.prior_init and not done and ext is None:
         init_head_priors(model, ds.tag_counts("train"), ds.samples("train"))
     autocast, channels_last = precision(cfg, d.device)
+    if ext is not None:
+        ext.autocast = autocast  # the original model runs at the same precision
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     activations = {h.name: h.activation for h in model.cfg.heads}
