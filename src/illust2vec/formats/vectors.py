@@ -196,7 +196,9 @@ def vector_files(inputs: Sequence[str | os.PathLike]) -> list[Loc]:
     files: list[Loc] = []
     for arg in inputs:
         p = storage.location(arg, "vectors")
-        if storage.isdir(p):
+        if storage.scheme(p) in storage.READ_ONLY:  # an http(s) URL is one file (such servers cannot be listed)
+            files.append(p)
+        elif storage.isdir(p):
             found = [q for q in storage.listing(p, "*.parquet") if not storage.name(q).startswith(".")]
             if not found:
                 raise UserError(f"{storage.display(p)}: no .parquet files in this folder")
