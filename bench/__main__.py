@@ -2,7 +2,7 @@
 
 import sys
 
-from . import capacity, crawl, data, extend, fakebooru, quality, search, serve, storage, tag, train
+from . import capacity, crawl, data, extend, fakebooru, fast, quality, search, serve, storage, tag, train
 
 # name -> entry point taking the remaining arguments
 BENCHMARKS = {
@@ -10,6 +10,7 @@ BENCHMARKS = {
     "capacity": capacity.main,
     "crawl": crawl.main,
     "extend": extend.main,
+    "fast": fast.main,
     "data": data.main,
     "loader": data.loader_vs_model,
     "skew": data.skew,
