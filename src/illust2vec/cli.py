@@ -580,7 +580,9 @@ def tag(
         "(sidecars) beside images.",
     ),
     out: str = typer.Option(None, help="Write the records to this file or URL instead of stdout (--ray: a folder)."),
-    batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
+    batch_size: str = typer.Option(
+        "auto", help="Images per forward pass: a number, or auto (32 on a GPU; on a CPU 16 at 128 px, 1 at 448 px)."
+    ),
     exclude: str = typer.Option(None, help="Comma-separated tags never to output (either spelling, * wildcards)."),
     replace: str = typer.Option(None, help='Rename or merge tags: "old=new,..." or a CSV file of old,new rows.'),
     max_tags: int = typer.Option(None, min=1, help="Keep the N highest-scoring tags (rating aside)."),
@@ -682,7 +684,9 @@ def embed(
     out: str = typer.Option(..., help="Vectors file or URL (Parquet; --ray: a folder of parts); reruns resume."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Enter subfolders too."),
     ids: str = typer.Option("path", help="Row ids: path (relative to the folder given) or stem (e.g. post ids)."),
-    batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
+    batch_size: str = typer.Option(
+        "auto", help="Images per forward pass: a number, or auto (32 on a GPU; on a CPU 16 at 128 px, 1 at 448 px)."
+    ),
     shard: str = shard_option("files"),
     device: str = device_option(),
     backend: str = backend_option(),

@@ -38,6 +38,8 @@ from ..util.images import BadImage
 from ..util.shard import in_shard
 from .embed import EmbedConfig, embed_items, key_id
 from .engine import (
+    AUTO,
+    GPU_BATCH,
     BatchSummary,
     Item,
     NotImage,
@@ -260,7 +262,8 @@ def tag_on_ray(cfg: TagConfig, console: Console) -> BatchSummary:
     found = discover(cfg.paths, cfg.recursive, summary, expand=False)
     items = [it for it in found if in_shard(it.key, cfg.shard) or is_shard(it)]  # members are dealt out in the tasks
     size, model = tagger.image_size, _model(cfg.model)
-    job = Job("tag", model, cfg.backend, cfg.device, size, cfg.batch_size, cfg.shard, cfg.selection, cfg.caption)
+    batch = GPU_BATCH if cfg.batch_size == AUTO else cfg.batch_size  # the actors' devices are not known here
+    job = Job("tag", model, cfg.backend, cfg.device, size, batch, cfg.shard, cfg.selection, cfg.caption)
     job = replace(job, precision=cfg.precision)
     return _run(cfg.ray, job, items, JsonlParts(out, cfg.ray.part_size), summary, console)
 
@@ -274,7 +277,8 @@ def embed_on_ray(cfg: EmbedConfig, console: Console) -> BatchSummary:
     summary = BatchSummary("embedded")
     items = embed_items(cfg, summary, expand=False)
     size, model = tagger.image_size, _model(cfg.model)
-    job = Job("embed", model, cfg.backend, cfg.device, size, cfg.batch_size, cfg.shard, ids=cfg.ids)
+    batch = GPU_BATCH if cfg.batch_size == AUTO else cfg.batch_size  # the actors' devices are not known here
+    job = Job("embed", model, cfg.backend, cfg.device, size, batch, cfg.shard, ids=cfg.ids)
     job = replace(job, precision=cfg.precision)
     sink = VectorParts(out, cfg.ray.part_size, file_metadata(model_meta(tagger)))
     return _run(cfg.ray, job, items, sink, summary, console)

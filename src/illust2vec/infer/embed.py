@@ -27,7 +27,18 @@ from ..formats.vectors import PartWriter, check_same_model, done_ids, file_metad
 from ..util import storage
 from ..util.shard import in_shard
 from .backends import describe
-from .engine import Batch, BatchSummary, Engine, Item, RayOptions, check_job, discover, full_path, is_shard
+from .engine import (
+    Batch,
+    BatchSummary,
+    Engine,
+    Item,
+    RayOptions,
+    check_job,
+    discover,
+    full_path,
+    is_shard,
+    resolve_batch_size,
+)
 from .tagger import Tagger
 
 log = logging.getLogger(__name__)
@@ -44,7 +55,7 @@ class EmbedConfig:
     out: str
     recursive: bool = False
     ids: str = "path"  # path: relative path (default); stem: file name without suffix, e.g. a board's post id
-    batch_size: int = 32
+    batch_size: int | str = "auto"  # a number, or auto (engine.resolve_batch_size: by device and input size)
     part_size: int = 4096  # rows per part written while running: the most a crash can make us redo
     shard: tuple[int, int] = (0, 1)  # part I of N of the files, for job arrays ("I/N" is taken too)
     device: str = "auto"
@@ -135,7 +146,8 @@ def embed_files(cfg: EmbedConfig, console: Console | None = None, tagger: Tagger
             writer.add(item_id(item, cfg.ids), full_path(item.path), f, tags_json(tagger.select(p)))
         summary.done += len(batch)
 
-    Engine(summary, tagger.image_size, console, cfg.batch_size, cfg.workers).run(todo, consume, "embedding")
+    batch_size = resolve_batch_size(cfg.batch_size, tagger)
+    Engine(summary, tagger.image_size, console, batch_size, cfg.workers).run(todo, consume, "embedding")
     t0 = time.perf_counter()
     summary.rows = writer.close()
     summary.seconds += time.perf_counter() - t0

@@ -22,7 +22,17 @@ from ..util.shard import in_shard
 from . import incremental
 from .backends import describe
 from .captions import CaptionRules, with_added
-from .engine import Batch, BatchSummary, Engine, Item, RayOptions, check_job, discover, shown
+from .engine import (
+    Batch,
+    BatchSummary,
+    Engine,
+    Item,
+    RayOptions,
+    check_job,
+    discover,
+    resolve_batch_size,
+    shown,
+)
 from .sidecars import CollectionOptions, SidecarError, open_collection_writer, target_of
 from .tagger import Tagger
 from .thresholds import Selection
@@ -53,7 +63,7 @@ class TagConfig:
     character_threshold: float | None = None  # None: the bundle's, else 0.85
     mcut: bool = False  # MCut per image, as the WD Space: general at the MCut, character at max(0.15, MCut)
     format: str = "table"
-    batch_size: int = 32
+    batch_size: int | str = "auto"  # a number, or auto (engine.resolve_batch_size: by device and input size)
     exclude: tuple[str, ...] = ()
     caption: CaptionOptions = field(default_factory=CaptionOptions)
     overwrite: bool = False  # tag every file again, however the catalogue has it; txt: replace others' captions
@@ -206,7 +216,8 @@ def _tag(
     """Run the engine over the items, one record per image through `writer`, which is closed at the end."""
     selection = cfg.selection
     captions: dict[Path, Path] = {}  # txt: caption file -> the image it is written for, so two never share one
-    engine = Engine(summary, tagger.image_size, console, cfg.batch_size, cfg.workers)
+    batch_size = resolve_batch_size(cfg.batch_size, tagger)
+    engine = Engine(summary, tagger.image_size, console, batch_size, cfg.workers)
     target = target_of(cfg.format, cfg.collection)
     if target is not None:
         engine.accept = lambda item: _own_caption(engine, item, captions, target)
