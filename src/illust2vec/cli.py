@@ -826,7 +826,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (loopback unless told otherwise)."),
     port: int = typer.Option(8000, min=0, max=65535),
     max_upload_mb: float = typer.Option(32.0, min=0.001, help="Largest upload accepted, in MB (413 beyond)."),
-    max_batch: int = typer.Option(32, min=1, help="Most images in one forward pass (1: no batching)."),
+    max_batch: str = typer.Option(
+        "auto", help="Most images in one forward pass: a number (1: no batching) or auto, as i2v tag's --batch-size."
+    ),
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="How long a request waits for others to join its batch."),
     backend: str = backend_option(),
     precision: str = precision_option(),

@@ -32,3 +32,13 @@ def test_the_option_takes_auto_or_a_number(tmp_path):
     for bad in ("big", 0, "0"):
         with pytest.raises(UserError, match="--batch-size must be auto or at least 1"):
             TagConfig(paths=(str(tmp_path),), model="m", batch_size=bad)
+
+
+def test_serve_max_batch_auto_is_chosen_alike(synth_bundle):
+    from illust2vec.serve.app import ServeConfig, load_state
+
+    assert ServeConfig(model="m", max_batch="8").max_batch == 8
+    with pytest.raises(UserError, match="--max-batch must be auto or at least 1"):
+        ServeConfig(model="m", max_batch="many")
+    state = load_state(ServeConfig(model=str(synth_bundle)))  # 96 px, onnxruntime on the CPU
+    assert state.batcher.max_batch == resolve_batch_size("auto", state.tagger) == 16 * 128 * 128 // (96 * 96)

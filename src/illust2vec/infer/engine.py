@@ -45,7 +45,7 @@ from ..util.cores import cores
 from ..util.images import DRAFT_INFO, BadImage
 from ..util.progress import progress_bar as util_progress_bar
 from ..util.shard import check_shard
-from .backends import describe
+from .backends import OnnxBackend, TorchBackend
 from .preprocess import ImageLike, prepare, read_image
 from .tagger import BACKENDS, PRECISIONS, Tagger
 from .writers import caption_path
@@ -183,9 +183,16 @@ def resolve_batch_size(requested: int | str, tagger: Tagger) -> int:
     """--batch-size as a number: `auto` is GPU_BATCH on a GPU, and on a CPU CPU_BATCH_PIXELS' worth of images."""
     if requested != AUTO:
         return int(requested)
-    if describe(tagger.backend).startswith("cuda"):
+    if _on_gpu(tagger.backend):
         return GPU_BATCH
     return max(1, min(GPU_BATCH, CPU_BATCH_PIXELS // (tagger.image_size * tagger.image_size)))
+
+
+def _on_gpu(backend: Any) -> bool:
+    """Whether a backend runs on a GPU (one of another kind, such as a test's stand-in, counts as a CPU)."""
+    if isinstance(backend, OnnxBackend):
+        return backend.session.get_providers()[0] == "CUDAExecutionProvider"
+    return isinstance(backend, TorchBackend) and str(backend.device).startswith("cuda")
 
 
 def check_job(cfg: Any) -> None:

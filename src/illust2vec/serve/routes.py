@@ -46,7 +46,11 @@ def add_routes(app: FastAPI, state: ServeState, cfg: ServeConfig) -> None:
             "index_size": len(index) if index is not None else 0,
             "thresholds": tagger.thresholds.heads,
             "max_upload_mb": cfg.max_upload_mb,
-            "batching": {"max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms, **state.batcher.stats.to_json()},
+            "batching": {
+                "max_batch": state.batcher.max_batch,
+                "max_wait_ms": cfg.max_wait_ms,
+                **state.batcher.stats.to_json(),
+            },
         }
 
     _add_tagging(app, state)
