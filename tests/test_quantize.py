@@ -220,3 +220,26 @@ def test_tag_embed_and_serve_name_the_precision_they_ran(int8_bundle, synth_imag
     assert code == 2 and "--precision must be one of auto, fp32, int8" in err
     assert load_state(ServeConfig(model=str(out))).tagger.precision == "int8"
     assert load_state(ServeConfig(model=str(out), precision="fp32")).tagger.precision == "fp32"
+
+
+def test_a_wd_file_with_a_fixed_batch_of_one_and_remote_images_refused(wd_dir, synth_images, tmp_path):
+    import shutil
+
+    import onnx
+
+    from illust2vec.errors import UserError
+    from illust2vec.infer.tagger import Tagger
+
+    folder = tmp_path / "fixed"
+    shutil.copytree(wd_dir, folder)
+    graph = onnx.load(str(folder / "model.onnx"))
+    for value in (graph.graph.input[0], graph.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(graph, str(folder / "model.onnx"))
+    s = quantize(QuantizeConfig(model=str(folder), calibration=(str(synth_images),)))
+    assert s.check_images == 4 and s.int8_bytes < 0.5 * s.fp32_bytes
+    tagger = Tagger.load(folder)
+    assert tagger.precision == "int8" and tagger.backend.fixed_batch == 1
+    assert tagger.predict(sorted(synth_images.glob("*.png"))[:3]).shape == (3, 52)
+    with pytest.raises(UserError, match="only tar shards may be URLs"):
+        quantize(QuantizeConfig(model=str(folder), calibration=("https://example.com/a.jpg",)))

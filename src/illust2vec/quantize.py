@@ -43,6 +43,7 @@ from .formats.bundle import (
 )
 from .formats.shards import iter_samples
 from .formats.vocab import read_vocab
+from .util import storage
 from .util.images import BadImage, load_for_input, pad_resize
 from .util.progress import progress_bar
 
@@ -262,23 +263,32 @@ def _calibration_sources(cfg: QuantizeConfig, model: _Model) -> tuple[list[str],
 
 
 def _encoded(sources: Sequence[str]) -> Iterator[tuple[str, bytes]]:
-    """(name, file content) of every image in these folders, files and tar shards, in sorted order."""
+    """(name, file content) of every image in these folders, files and tar shards, in sorted order. Tar shards may
+    be URLs (a dataset's validation split in a bucket); other calibration images are local."""
     from PIL import Image
 
     exts = set(Image.registered_extensions())
     for source in sources:
+        remote = storage.is_remote(source)
+        if remote and not source.lower().endswith(SHARD_SUFFIX):
+            raise UserError(f"--calibration {storage.display(source)}: only tar shards may be URLs; copy images here")
         path = Path(source)
-        if not path.exists() and not source.startswith(("s3://", "gs://", "http://", "https://", "file://")):
+        if not remote and not path.exists():
             raise UserError(f"--calibration {source}: no such file or folder")
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [source]
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else [source]
         for f in files:
-            if str(f).lower().endswith(SHARD_SUFFIX):
-                for key, members in iter_samples([str(f)]):
+            if f.lower().endswith(SHARD_SUFFIX):
+                for key, members in iter_samples([f]):
                     for ext, data in members.items():
                         if f".{ext.lower()}" in exts:
                             yield f"{f}:{key}.{ext}", data
             elif Path(f).suffix.lower() in exts or f == source:
-                yield str(f), Path(f).read_bytes()
+                try:
+                    data = Path(f).read_bytes()
+                except OSError as e:  # counted with the undecodable ones
+                    log.warning("%s: cannot be read (%s)", f, e.strerror or e)
+                    data = b""
+                yield f, data
 
 
 def read_images(sources: Sequence[str], size: int, limit: int, console: Console) -> tuple[np.ndarray, int]:
