@@ -72,19 +72,19 @@ def test_agreement_is_f1_against_fp32s_decisions_per_category():
 # ---- a WD ONNX directory (NHWC BGR 0..255 in, sigmoid probabilities out), built here with random weights
 
 
-@pytest.fixture(scope="module")
-def wd_dir(tmp_path_factory) -> Path:
+def wd_layout(out: Path, arch: str, **model_args) -> Path:
+    """A WD ONNX directory of a random timm model: selected_tags.csv (4 ratings, 40 general, 8 characters) and
+    model.onnx (NHWC BGR 0..255 in, sigmoid probabilities out, a dynamic batch)."""
     import timm
     import torch
 
-    out = tmp_path_factory.mktemp("wd") / "wd-test-tagger-v3"
     out.mkdir()
     rows = [("rating", 9, n) for n in ("general", "sensitive", "questionable", "explicit")]
     rows += [("general", 0, f"tag_{i}") for i in range(40)] + [("character", 4, f"chara_{i}") for i in range(8)]
     lines = ["tag_id,name,category,count"] + [f"{9999 - i},{n},{c},{100 + i}" for i, (_, c, n) in enumerate(rows)]
     (out / "selected_tags.csv").write_text("\n".join(lines) + "\n")
     torch.manual_seed(0)
-    model = timm.create_model("resnet10t", num_classes=len(rows)).eval()
+    model = timm.create_model(arch, num_classes=len(rows), **model_args).eval()
 
     class WDOnnx(torch.nn.Module):
         def __init__(self):
@@ -107,6 +107,20 @@ def wd_dir(tmp_path_factory) -> Path:
             opset_version=17,
         )
     return out
+
+
+@pytest.fixture(scope="module")
+def wd_dir(tmp_path_factory) -> Path:
+    return wd_layout(tmp_path_factory.mktemp("wd") / "wd-test-tagger-v3", "resnet10t")
+
+
+def test_dynamic_mode_on_a_vit_keeps_its_decisions(synth_images, tmp_path, i2v):
+    folder = wd_layout(tmp_path / "wd-vit", "test_vit", img_size=WD_SIZE)
+    code, _, err = i2v("quantize", str(folder), "--calibration", str(synth_images), "--mode", "dynamic")
+    assert code == 0, err
+    report = read_int8(folder)
+    assert report["mode"] == "dynamic" and report["int8_bytes"] < 0.5 * report["fp32_bytes"]
+    assert min(report["f1"].values()) >= 0.97 and report["max_prob_diff"] < 0.01 and report["agrees"] is True
 
 
 def test_a_wd_onnx_directory_is_quantized_in_place_from_the_command_line(wd_dir, synth_images, tmp_path, i2v):
