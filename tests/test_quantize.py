@@ -183,6 +183,8 @@ def test_a_bundle_without_onnx_or_a_run_asks_for_what_is_missing(synth_bundle, t
     (bundle / "config.json").write_text(json.dumps({**config, "source": {"run": str(tmp_path / "gone")}}))
     code, _, err = i2v("quantize", str(bundle))
     assert code == 2 and "give --calibration" in err and "gone is not here" in err
+    code, _, err = i2v("quantize", str(bundle), "--calibration", "/nonexistent", "--out", str(tmp_path))
+    assert code == 2 and "exists and is not empty" in err  # said before any image is read
     (bundle / "model.onnx").unlink()
     code, _, err = i2v("quantize", str(bundle), "--calibration", str(tmp_path))
     assert code == 2 and "i2v export --onnx" in err

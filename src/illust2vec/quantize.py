@@ -128,6 +128,7 @@ def quantize(cfg: QuantizeConfig, console: Console | None = None) -> QuantizeSum
     t0 = time.perf_counter()
     console = console or Console(stderr=True)
     model = _open_model(Path(cfg.model))
+    _check_out(model.root, cfg.out, cfg.overwrite)  # before the images are read, not after
     fp32 = _session(model.root / ONNX_FILE)
     size, batch = _input_shape(fp32, model.root)
     sources, source_note = _calibration_sources(cfg, model)
@@ -223,16 +224,22 @@ def _input_shape(session: Any, root: Path) -> tuple[int, int | None]:
     return shape[1], batch
 
 
+def _check_out(root: Path, out: str | None, overwrite: bool) -> None:
+    """Refuse an --out that holds something, unless --overwrite and it is a model directory (an earlier copy)."""
+    dest = Path(out) if out is not None else root
+    if dest.resolve() == root.resolve() or not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
+        return
+    if not overwrite or not dest.is_dir() or not (dest / ONNX_FILE).is_file():
+        raise UserError(f"--out {dest} exists and is not empty; choose another --out (or --overwrite a copy)")
+
+
 def _target(root: Path, out: str | None, overwrite: bool) -> Path:
     """Where model.int8.onnx goes: the model's own directory, or a copy of it at `out`."""
-    if out is None:
+    if out is None or Path(out).resolve() == root.resolve():
         return root
     dest = Path(out)
-    if dest.resolve() == root.resolve():
-        return root
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        if not overwrite or not dest.is_dir() or not (dest / ONNX_FILE).is_file():
-            raise UserError(f"--out {dest} exists and is not empty; choose another --out (or --overwrite a copy)")
+    _check_out(root, out, overwrite)
+    if dest.exists():
         shutil.rmtree(dest)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
