@@ -222,3 +222,36 @@ def test_cuda_with_onnx_and_no_cuda_provider_is_one_clear_error(i2v, synth_bundl
 def test_collection_mistakes_are_one_line(i2v, synth_bundle, synth_images, args, needle):
     code, out, err = i2v("tag", str(synth_images), "--model", str(synth_bundle), *args)
     assert code == 2 and needle in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_out_file_rerun_appends_what_is_missing(i2v, synth_bundle, synth_images, tmp_path, fmt):
+    folder, out = tmp_path / "c", tmp_path / f"tags.{fmt}"
+    names = [p.name for p in images_in(synth_images) if not p.name.endswith(".gif")]
+    copy(synth_images, folder, names[:5])
+    run = ["tag", str(folder), "--model", str(synth_bundle), "--format", fmt, "--out", str(out), *ONNX]
+
+    def rows() -> dict[str, str]:
+        lines = out.read_text().splitlines()[(1 if fmt == "csv" else 0) :]
+        return {Path(line.split(",")[0] if fmt == "csv" else json.loads(line)["path"]).name: line for line in lines}
+
+    code, _, err = i2v(*run)
+    assert code == 0 and "tagged 5 images" in err, err
+    first = rows()
+    assert set(first) == set(names[:5])
+    # stdout is never incremental
+    code, stdout, err = i2v("tag", str(folder), "--model", str(synth_bundle), "--format", fmt, *ONNX)
+    assert code == 0 and "tagged 5 images" in err
+    copy(synth_images, folder, names[5:8])  # three new files
+    code, _, err = i2v(*run)
+    assert code == 0 and "tagged 3 images" in err and "5 unchanged" in err, err
+    second = rows()
+    assert set(second) == set(names[:8])
+    assert all(second[n] == first[n] for n in names[:5])  # carried over as they were
+    # a record removed from the file by hand is tagged again, though its image is unchanged
+    kept = [line for line in out.read_text().splitlines() if names[0] not in line]
+    out.write_text("\n".join(kept) + "\n")
+    code, _, err = i2v(*run)
+    assert code == 0 and "tagged 1 image " in err and "7 unchanged" in err, err
+    third = rows()
+    assert set(third) == set(second) and all(third[n] == second[n] for n in names[1:8])

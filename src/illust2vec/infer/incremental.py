@@ -7,13 +7,17 @@ rules, say: the row keeps a hash of those settings, but they do not decide). The
 catalogue is written as each file's output is written, so a run stopped half-way resumes where it stopped. Rows of
 files that are gone are dropped when a run covers the whole folder.
 
-Incremental are the formats written beside (or into) each image: txt, hydrus, xmp. Records (json, jsonl, csv, on
-stdout or in `--out FILE`) and the table are written whole by every run.
+Incremental are the formats written beside (or into) each image (txt, hydrus, xmp) and records written to a file
+(json, jsonl, csv with `--out FILE`): a rerun carries the records of unchanged files over from the file as it was,
+and tags the new and changed ones (and any the file no longer holds). Records on stdout and the table are never
+incremental: every run writes them whole.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -24,15 +28,23 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..formats.catalogue import Catalogue, CatalogueError, Entry, file_hash
+from ..util import storage
 from ..util.cores import cores
 from .engine import Item
 
 log = logging.getLogger(__name__)
 
 
-def destination(fmt: str, xmp_name: str = "ext", embed: bool = False) -> str | None:
-    """What a run writes beside (or into) the images, as the catalogue names it; None for records and the table,
-    which a rerun writes whole again."""
+RECORD_FORMATS = ("json", "jsonl", "csv")
+
+
+def destination(fmt: str, xmp_name: str = "ext", embed: bool = False, out: str | None = None) -> str | None:
+    """What a run writes beside (or into) the images, or the records file it writes, as the catalogue names it;
+    None for records on stdout and the table, which a rerun writes whole again."""
+    if fmt in RECORD_FORMATS:
+        if out is None:
+            return None
+        return f"{fmt}:{out if storage.is_remote(out) else storage.local_path(out).resolve()}"
     if fmt == "xmp":
         return "embed" if embed else f"xmp:{xmp_name}"
     if fmt in ("txt", "hydrus"):
@@ -79,6 +91,7 @@ class Plan:
 
     todo: list[Item]
     unchanged: int = 0
+    items: list[Item] = field(default_factory=list)  # every item looked at
     books: dict[Path, Catalogue] = field(default_factory=dict)
     pending: dict[Path, Pending] = field(default_factory=dict)
     model: str = ""
@@ -130,7 +143,7 @@ def plan(
 
     `whole`: the items are every file of their folders (no --shard), so rows of files not among them are dropped.
     Files are hashed in threads, and only those whose size or time differ from their row."""
-    result = Plan(list(items), model=model, settings=settings)
+    result = Plan(list(items), model=model, settings=settings, items=list(items))
     if dest is None:
         return result
     roots = {item.path: root_of(item) for item in items}
@@ -210,3 +223,44 @@ class RecordingWriter:
 
     def close(self) -> None:
         self.inner.close()
+
+
+def old_records(out: str, fmt: str) -> tuple[list[str] | None, dict[str, Any]]:
+    """The records a previous run left in `out`, by path: (csv's header or None, path -> record or csv row).
+    A file that is missing or cannot be read as `fmt` holds none (every file is then tagged again)."""
+    if not storage.exists(out):
+        return None, {}
+    try:
+        text = storage.read_text(out)
+        if fmt == "csv":
+            rows = list(csv.reader(io.StringIO(text)))
+            return (rows[0] if rows else None), {row[0]: row for row in rows[1:] if row}
+        records = json.loads(text) if fmt == "json" else [json.loads(line) for line in text.splitlines() if line]
+        return None, {r["path"]: r for r in records if isinstance(r, dict) and "path" in r}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        log.warning("%s: cannot read the records of the last run (%s); every file is tagged again", out, e)
+        return None, {}
+
+
+def carry_over(result: Plan, writer: Any, out: str, fmt: str, shown: Callable[[Any], str]) -> int:
+    """A rerun with `--out FILE`: write the unchanged files' records from FILE as it was, through `writer` (the
+    format's own, not the recording one), and put back into `todo` the unchanged files FILE no longer holds.
+    Returns how many records were carried over."""
+    if not result.kept:
+        return 0
+    header, old = old_records(out, fmt)
+    if fmt == "csv" and (header is None or tuple(header) != tuple(writer.columns)):
+        old = {}  # another model's heads: nothing carries over
+    kept = set(result.kept)
+    missing = [p for p in kept if shown(Path(p)) not in old]
+    for path in sorted(kept - set(missing)):
+        entry = old[shown(Path(path))]
+        if fmt == "csv":
+            writer.csv.writerow(entry)
+        else:
+            writer.write(entry, Path(path))
+    if missing:
+        gone = set(missing)
+        result.todo.extend(it for it in result.items if str(it.path) in gone)
+        result.unchanged -= len(gone)
+    return len(kept) - len(missing)

@@ -179,7 +179,9 @@ def tag_files(
     plan = _plan(cfg, items, tagger, summary)
     try:
         with output(cfg.out, out) as stream:
-            _tag(cfg, plan.todo, tagger, _writer(cfg, stream, tagger, plan), summary, console)
+            writer = _writer(cfg, stream, tagger, plan)  # a rerun to --out FILE carries unchanged records over
+            summary.unchanged = plan.unchanged
+            _tag(cfg, plan.todo, tagger, writer, summary, console)
     finally:
         plan.close()
     return summary
@@ -190,7 +192,7 @@ def _plan(cfg: TagConfig, items: list[Item], tagger: Tagger, summary: BatchSumma
     records on stdout); txt without --overwrite or --append also passes over captions this tool did not write."""
     from ..formats.vectors import weights_hash
 
-    dest = incremental.destination(cfg.format, cfg.collection.xmp_name, cfg.collection.embed)
+    dest = incremental.destination(cfg.format, cfg.collection.xmp_name, cfg.collection.embed, cfg.out)
     model = (weights_hash(Path(tagger.source)) or tagger.source) if dest else ""
     settings = incremental.settings_hash(cfg.selection, cfg.rules, cfg.caption, cfg.collection, tagger.thresholds)
     plan = incremental.plan(items, dest, model, settings, cfg.overwrite, cfg.shard == (0, 1), cfg.workers)
@@ -207,6 +209,8 @@ def _writer(cfg: TagConfig, stream: TextIO, tagger: Tagger, plan: incremental.Pl
     if writer is None:
         heads = {**tagger.labels.heads, **({"added": ()} if cfg.rules.add else {})}
         writer = open_writer(cfg.format, stream, heads, cfg.caption)
+        if cfg.out is not None and plan.kept:
+            incremental.carry_over(plan, writer, cfg.out, cfg.format, shown)
     return incremental.RecordingWriter(writer, plan, rehash=c.embed) if plan.books else writer
 
 
