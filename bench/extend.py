@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=8, help="epochs of the base and of the from-scratch run")
     parser.add_argument("--extend-epochs", type=int, default=4)
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: train's)")
+    parser.add_argument(
+        "--skip-scratch", action="store_true", help="no from-scratch run: its time estimated from the base's"
+    )
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it (reruns reuse what is there)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,8 +137,13 @@ def run_all(root: Path, args) -> None:
         "base": base,
         "extended": train(root / "extended", seconds, **extend),
         "extended, --keep-old 0": train(root / "extended-nokeep", seconds, keep_old=0.0, **extend),
-        "from scratch on both": train(root / "scratch", seconds, data=str(both), **common),
     }
+    if args.skip_scratch:  # the base's time per training image, times both boards' training images
+        scale = open_dataset(both).samples("train") / open_dataset(old).samples("train")
+        seconds["scratch"] = seconds["base"] * scale
+        print(f"from scratch on both: not trained; its time estimated as the base's x {scale:.2f}")
+    else:
+        runs["from scratch on both"] = train(root / "scratch", seconds, data=str(both), **common)
     report(runs, old, new, seconds, args, w)
 
 
@@ -154,10 +162,11 @@ def report(runs: dict, old: Path, new: Path, seconds: dict, args, workers: int) 
         figures[name] = (on_new["top1"], on_old["top1"], on_old["mAP"], seconds.get(run.name, float("nan")))
         cells = "".join(f"{v:>10.3f}" for v in figures[name][:3])
         print(f"{name:<24}{cells} {figures[name][3]:>8.0f}")
-    b, e, s = figures["base"], figures["extended"], figures["from scratch on both"]
+    b, e = figures["base"], figures["extended"]
+    scratch = seconds.get("scratch", float("nan"))
     print(
         f"goals: new top-1 {e[0]:.3f} (>= 0.8), old top-1 {e[1] - b[1]:+.3f} and general mAP {e[2] - b[2]:+.3f} "
-        f"against the base (within 0.03), time {e[3] / s[3]:.2f} of from scratch (<= 0.33)"
+        f"against the base (within 0.03), time {e[3] / scratch:.2f} of from scratch (<= 0.33)"
     )
 
 
