@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from aptget import apt_install
 from illust2vec.infer import sidecars
 from illust2vec.infer.sidecars import SidecarError, embed, hydrus_tags, write_lines, write_sidecar, xmp_path
 
@@ -36,25 +37,8 @@ def find_exiftool() -> str | None:
 
 
 def install_exiftool() -> str:
-    """Debian's exiftool, installed with apt-get (as root, or through sudo without a password) when missing."""
-    found = find_exiftool()
-    if found:
-        return found
-    if os.geteuid() == 0:
-        prefix = []
-    elif shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
-        prefix = ["sudo", "-n"]
-    else:
-        pytest.fail("exiftool is missing and cannot be installed (not root, no sudo): apt-get install exiftool")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    log = []
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "libimage-exiftool-perl"]):
-        r = subprocess.run(prefix + cmd, capture_output=True, text=True, env=env, timeout=900)
-        log.append(f"$ {' '.join(cmd)} -> {r.returncode}\n{r.stderr[-2000:]}")
-    found = find_exiftool()
-    if not found:
-        pytest.fail("exiftool is missing and apt-get could not install it:\n" + "\n".join(log))
-    return found
+    """Debian's exiftool (package libimage-exiftool-perl), installed with apt-get when missing."""
+    return apt_install("libimage-exiftool-perl", find_exiftool)
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,13 @@ and says why: a browser test that skips silently would let the page break unnoti
 
 import os
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from aptget import apt_install
 from illust2vec.infer.tagger import Tagger
 from illust2vec.infer.thresholds import MIN_CHARACTER_MCUT, resolve
 from illust2vec.search import VectorIndex
@@ -31,25 +31,8 @@ def find_chromium() -> str | None:
 
 
 def install_chromium() -> str:
-    """Debian's chromium, installed with apt-get (as root, or through sudo without a password) when missing."""
-    found = find_chromium()
-    if found:
-        return found
-    if os.geteuid() == 0:
-        prefix = []
-    elif shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
-        prefix = ["sudo", "-n"]
-    else:
-        pytest.fail("chromium is missing and cannot be installed (not root, no sudo): apt-get install chromium")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    log = []
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-        r = subprocess.run(prefix + cmd, capture_output=True, text=True, env=env, timeout=900)
-        log.append(f"$ {' '.join(cmd)} -> {r.returncode}\n{r.stderr[-2000:]}")
-    found = find_chromium()
-    if not found:
-        pytest.fail("chromium is missing and apt-get could not install it:\n" + "\n".join(log))
-    return found
+    """Debian's chromium, installed with apt-get when missing."""
+    return apt_install("chromium", find_chromium)
 
 
 @pytest.fixture(scope="module")
