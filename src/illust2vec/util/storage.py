@@ -352,23 +352,22 @@ def makedirs(loc: Location) -> None:
 
 def check_writable_root(loc: Location) -> None:
     """For a remote output: its bucket exists and can be listed, checked before any work starts."""
-    if is_local(loc):
-        return
-    fs, path = filesystem(loc)
-    bucket = path.split("/", 1)[0]
-    with errors(loc, "cannot write"):
-        fs.ls(bucket, refresh=True)
+    _check_bucket(loc, "cannot write")
 
 
 def check_readable_root(loc: Location) -> None:
     """For a remote input found empty or missing: its bucket exists and can be listed, so that a missing bucket or
     wrong credentials are named as such, not taken for an empty directory."""
+    _check_bucket(loc, "cannot read")
+
+
+def _check_bucket(loc: Location, action: str) -> None:
+    """List `loc`'s bucket (fresh, not from fsspec's cache): a missing bucket or a refusal becomes one line."""
     if is_local(loc):
         return
     fs, path = filesystem(loc)
-    bucket = path.split("/", 1)[0]
-    with errors(loc, "cannot read"):
-        fs.ls(bucket, refresh=True)
+    with errors(loc, action):
+        fs.ls(path.split("/", 1)[0], refresh=True)
 
 
 def write_bytes(loc: Location, data: bytes) -> None:
