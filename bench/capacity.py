@@ -85,6 +85,22 @@ def _files(root: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in root.glob(pattern))
 
 
+def _measure_originals(label: str, board) -> None:
+    """CPU time per original of `board`: shrinking it to 512 px (the crawl) and decoding it to 448 px (tagging)."""
+    from illust2vec.infer.engine import decode
+    from illust2vec.util.images import shrink
+
+    originals = [board.file(p) for p in board.posts if p.is_image and not p.is_deleted and not p.is_banned]
+    print(
+        f"capacity: {label} originals: {len(originals)} images, {_mpx(originals):.2f} Mpx and "
+        f"{statistics.mean(map(len, originals)) / 1e3:.0f} kB on average"
+    )
+    per, _ = _rate(lambda d: shrink(d, 512), originals)
+    _report(f"{label} crawl (shrink an original to 512 px)", per)
+    per, _ = _rate(lambda d: decode(d, 448), originals)
+    _report(f"{label} tag decode (an original -> 448 px input)", per)
+
+
 def synthetic(posts: int, tmp: Path) -> None:
     """Crawl a synthetic board at 512 px, build it at 448 px, read it with the training loader: bytes and rates."""
     from illust2vec.booru.crawl import CrawlConfig, crawl
@@ -93,34 +109,15 @@ def synthetic(posts: int, tmp: Path) -> None:
     from illust2vec.formats.dataset import open_dataset
     from illust2vec.formats.loader import LoaderConfig, make_loader
     from illust2vec.formats.vocab import write_vocab
-    from illust2vec.infer.engine import decode
     from illust2vec.synth.board import Board
     from illust2vec.synth.cast import SynthConfig
     from illust2vec.synth.server import start_board
-    from illust2vec.util.images import shrink
 
-    board = Board(SynthConfig(posts=posts, seed=0))
-    originals = [board.file(p) for p in board.posts if p.is_image and not p.is_deleted and not p.is_banned]
-    print(
-        f"capacity: synthetic originals: {len(originals)} images, {_mpx(originals):.2f} Mpx and "
-        f"{statistics.mean(map(len, originals)) / 1e3:.0f} kB on average"
-    )
-    per, _ = _rate(lambda d: shrink(d, 512), originals)
-    _report("synthetic crawl (shrink an original to 512 px)", per)
-    per, _ = _rate(lambda d: decode(d, 448), originals)
-    _report("synthetic tag decode (an original -> 448 px input)", per)
-
+    _measure_originals("synthetic", Board(SynthConfig(posts=posts, seed=0)))
     # Pictures the size of Danbooru's (4 Mpx on average, from its API's image_width x image_height; see `real`).
-    big = Board(SynthConfig(posts=max(20, posts // 5), seed=1, min_size=1700, max_size=2500))
-    large = [big.file(p) for p in big.posts if p.is_image and not p.is_deleted and not p.is_banned]
-    print(
-        f"capacity: large synthetic originals: {len(large)} images, {_mpx(large):.2f} Mpx and "
-        f"{statistics.mean(map(len, large)) / 1e3:.0f} kB on average"
+    _measure_originals(
+        "large synthetic", Board(SynthConfig(posts=max(20, posts // 5), seed=1, min_size=1700, max_size=2500))
     )
-    per, _ = _rate(lambda d: shrink(d, 512), large)
-    _report("large synthetic crawl (shrink to 512 px)", per)
-    per, _ = _rate(lambda d: decode(d, 448), large)
-    _report("large synthetic tag decode (-> 448 px input)", per)
 
     with start_board(SynthConfig(posts=posts, seed=0)) as server:
         crawl(CrawlConfig(url=server.url, out=tmp / "crawl", api_rate=1000, file_rate=1000, image_size=512))
