@@ -281,6 +281,24 @@ def test_format_2_rejects_rows_in_the_wrong_file(tmp_path):
         open_bundle(out)
 
 
+OLD_OUTPUT = "output_all"  # format 1's one probability output
+
+
+def write_old_onnx(new: Path, old: Path) -> None:
+    """Format 1's ONNX file from format 2's: output 0 the concatenation of every probability output, then the rest."""
+    import onnx
+
+    model = onnx.load(str(new))
+    graph = model.graph
+    probs = [o.name for o in graph.output if o.name != "features"]
+    graph.node.append(onnx.helper.make_node("Concat", probs, [OLD_OUTPUT], axis=1))
+    first = onnx.helper.make_tensor_value_info(OLD_OUTPUT, onnx.TensorProto.FLOAT, ["batch", None])
+    rest = [o for o in graph.output if o.name == "features"]
+    del graph.output[:]
+    graph.output.extend([first, *rest])
+    onnx.save(model, str(old))
+
+
 def write_format_1(bundle: Path, out: Path) -> None:
     """A bundle as format 1 wrote it, by hand: every head in selected_tags.csv, no "outputs" in config.json, and
     (with model.onnx) one output holding every probability, then "features"."""
@@ -292,18 +310,8 @@ def write_format_1(bundle: Path, out: Path) -> None:
     shutil.copy(bundle / "thresholds.json", out / "thresholds.json")
     write_vocab(info.vocab, out / "selected_tags.csv")
     if info.onnx_path is not None:
-        import onnx
-
-        model = onnx.load(str(info.onnx_path))
-        graph = model.graph
-        probs = [o.name for o in graph.output if o.name != "features"]
-        graph.node.append(onnx.helper.make_node("Concat", probs, ["output_all"], axis=1))
-        first = onnx.helper.make_tensor_value_info("output_all", onnx.TensorProto.FLOAT, ["batch", None])
-        rest = [o for o in graph.output if o.name == "features"]
-        del graph.output[:]
-        graph.output.extend([first, *rest])
-        onnx.save(model, str(out / "model.onnx"))
-        config["onnx"] = {**config["onnx"], "outputs": ["output_all", "features"]}
+        write_old_onnx(info.onnx_path, out / "model.onnx")
+        config["onnx"] = {**config["onnx"], "outputs": [OLD_OUTPUT, "features"]}
     (out / "config.json").write_text(json.dumps(config, indent=1))
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from formats.test_bundle import write_old_onnx
 from frontends.rules import (
     COMFYUI_CHARACTER_THRESHOLD,
     COMFYUI_THRESHOLD,
@@ -180,21 +181,6 @@ def old_layout(bundle: Path, out: Path) -> Path:
     write_vocab(open_bundle(bundle).vocab, out / "selected_tags.csv")
     write_old_onnx(bundle / "model.onnx", out / "model.onnx")
     return out
-
-
-def write_old_onnx(new: Path, old: Path) -> None:
-    """Format 1's ONNX file from format 2's: output 0 the concatenation of every probability output, then the rest."""
-    import onnx
-
-    model = onnx.load(str(new))
-    graph = model.graph
-    probs = [o.name for o in graph.output if o.name != "features"]
-    graph.node.append(onnx.helper.make_node("Concat", probs, ["probs"], axis=1))
-    first = onnx.helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["batch", None])
-    rest = [o for o in graph.output if o.name == "features"]
-    del graph.output[:]
-    graph.output.extend([first, *rest])
-    onnx.save(model, str(old))
 
 
 def test_the_rules_catch_the_old_layout(bundle448, squares, tmp_path):
