@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import queue
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -312,6 +314,64 @@ class _Resuming:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ReadAhead:
+    """A remote file read front to back by a background thread, up to `depth` chunks ahead of its reader: the reader
+    decodes one part of a shard while the next part is on its way. The file is opened in the thread too, so opening
+    the next shard costs the reader nothing; an error (after `open_read`'s own reopening of a lost
+    connection) reaches the reader at the point where it happened. The training loader reads remote shards so."""
+
+    def __init__(self, url: str, chunk: int = 1 << 20, depth: int = 16):
+        self._url, self._chunk = url, chunk
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._buffer, self._pos, self._done = b"", 0, False
+        self._thread = threading.Thread(target=self._fill, name="i2v-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        try:
+            with open_read(self._url) as f:
+                while not self._stop.is_set():
+                    data = f.read(self._chunk)
+                    self._put(data)
+                    if not data:
+                        return
+        except Exception as e:  # handed to the reader, which raises it where the data ends
+            self._put(e)
+
+    def _put(self, item: bytes | Exception) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, n: int = -1) -> bytes:
+        parts, size = [], 0
+        while (n < 0 or size < n) and not self._done:
+            if self._pos >= len(self._buffer):
+                item = self._queue.get()
+                if isinstance(item, Exception):
+                    self._done = True
+                    raise item
+                if not item:
+                    self._done = True
+                    break
+                self._buffer, self._pos = item, 0
+            take = len(self._buffer) - self._pos if n < 0 else min(n - size, len(self._buffer) - self._pos)
+            parts.append(self._buffer[self._pos : self._pos + take])
+            self._pos += take
+            size += take
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._stop.set()
+        while not self._queue.empty():  # let a thread blocked on a full queue see the stop
+            self._queue.get_nowait()
+        self._thread.join(timeout=5)
 
 
 @contextlib.contextmanager
