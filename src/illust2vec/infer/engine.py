@@ -371,8 +371,18 @@ def decode(source: ImageLike, size: int) -> Decoded:
     return Decoded(prepare(image, size), width, height)
 
 
-def load(item: Item, size: int, image_exts: frozenset[str], keep_captions: bool = False) -> np.ndarray:
-    """One file -> the model's input for it. Runs in a worker thread.
+Decoder = Callable[[ImageLike, int], Any]  # (a path or bytes, the model's side) -> what the consumer gets
+
+
+def model_input(source: ImageLike, size: int) -> np.ndarray:
+    """The default decoder: the model's input for an image (`decode`'s `x`)."""
+    return decode(source, size).x
+
+
+def load(
+    item: Item, size: int, image_exts: frozenset[str], keep_captions: bool = False, decoder: Decoder = model_input
+) -> Any:
+    """One file -> the model's input for it (or what `decoder` makes of it). Runs in a worker thread.
 
     Raises:
         NotImage: a file met in a folder, without an image suffix, that Pillow does not recognise.
@@ -380,9 +390,9 @@ def load(item: Item, size: int, image_exts: frozenset[str], keep_captions: bool 
         BadImage: anything else that does not decode.
     """
     if item.member is not None or item.error is not None:
-        return _load_member(item, size, image_exts)
+        return _load_member(item, size, image_exts, decoder)
     if storage.is_remote(item.path):
-        return _load_remote(item, size, image_exts)
+        return _load_remote(item, size, image_exts, decoder)
     if not item.named and item.path.suffix.lower() not in image_exts:
         # Sniff the header before reading the whole file: a folder may hold large videos or archives.
         try:
@@ -396,10 +406,10 @@ def load(item: Item, size: int, image_exts: frozenset[str], keep_captions: bool 
             raise BadImage(f"cannot read ({e.strerror or e})", "unreadable") from None
     if keep_captions and caption_path(item.path).exists():
         raise CaptionExists()
-    return decode(item.path, size).x
+    return decoder(item.path, size)
 
 
-def _load_remote(item: Item, size: int, image_exts: frozenset[str]) -> np.ndarray:
+def _load_remote(item: Item, size: int, image_exts: frozenset[str], decoder: Decoder = model_input) -> Any:
     """A file at a URL -> the model's input for it. One without an image suffix met under a prefix is first sniffed
     from its first SNIFF bytes, so that a bucket's videos and archives are not fetched whole to be passed over."""
     try:
@@ -411,7 +421,7 @@ def _load_remote(item: Item, size: int, image_exts: frozenset[str]) -> np.ndarra
             data = storage.read_bytes(item.path)
     except (OSError, UserError) as e:
         raise BadImage(f"cannot read ({why(e, item.path)})", "unreadable") from None
-    return decode(data, size).x
+    return decoder(data, size)
 
 
 def _sniff(data: bytes) -> None:
@@ -425,7 +435,7 @@ def _sniff(data: bytes) -> None:
         pass  # an image after all; decode names the problem
 
 
-def _load_member(item: Item, size: int, image_exts: frozenset[str]) -> np.ndarray:
+def _load_member(item: Item, size: int, image_exts: frozenset[str], decoder: Decoder = model_input) -> Any:
     """A tar shard's member -> the model's input for it, read by its offset (the shard is never unpacked). A member
     without an image suffix that Pillow does not recognise (a sample's .json, .txt) is passed over as NotImage."""
     if item.error is not None:
@@ -439,7 +449,7 @@ def _load_member(item: Item, size: int, image_exts: frozenset[str]) -> np.ndarra
         raise BadImage(f"cut short: {len(data)} of {member.size} bytes in the shard", "corrupt")
     if suffix(item.path) not in image_exts:
         _sniff(data)
-    return decode(data, size).x
+    return decoder(data, size)
 
 
 def read_ahead(items: Sequence[Item], work, pool: ThreadPoolExecutor, ahead: int) -> Iterator[tuple[Item, Future]]:
@@ -484,6 +494,7 @@ class Engine:
     workers: int | None = None  # decoding threads; None: one per core
     keep_captions: bool = False  # txt without --overwrite: an image whose caption exists is skipped, not decoded
     accept: Callable[[Item], bool] | None = None
+    decoder: Decoder = model_input  # what each image becomes (i2v distill: the teacher's input and the student's)
 
     def fail(self, item: Item, message: str, reason: str) -> None:
         """The one bad-item policy: the file is named on stderr with the message, and counted by its reason."""
@@ -494,7 +505,7 @@ class Engine:
         """Decode `items` ahead in threads and feed `consume` whole batches (the last one shorter), in order."""
         workers = self.workers or cores()
         exts = image_extensions()
-        work = lambda item: load(item, self.size, exts, self.keep_captions)  # noqa: E731
+        work = lambda item: load(item, self.size, exts, self.keep_captions, self.decoder)  # noqa: E731
         batch: Batch = []
         t0 = time.perf_counter()
         pool = ThreadPoolExecutor(workers, thread_name_prefix="i2v-decode")
