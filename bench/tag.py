@@ -145,6 +145,54 @@ def ray_vs_plain(args: argparse.Namespace) -> None:
     print(f"  --ray / plain: {on_ray / plain:.2f} (target: at least 0.8)")
 
 
+SESSION_VARIANTS = {  # name -> onnxruntime session options, each measured against the defaults in the same run
+    "defaults": {},
+    "1 intra-op thread": {"threads": 1},
+    "no spinning": {"spinning": False},
+    "graph extended": {"graph": "extended"},
+    "graph basic": {"graph": "basic"},
+    "no memory arena": {"arena": False},
+}
+
+
+def with_options(tagger: Tagger, onnx_path: Path, options: dict) -> Tagger:
+    """The same tagger on a session opened with other options (`SessionOptions` fields)."""
+    from dataclasses import replace
+
+    from illust2vec.infer.backends import SessionOptions, onnx_backend
+
+    b = tagger.backend
+    backend = onnx_backend(onnx_path, outputs=(b.prob_outputs, b.feature_output), options=SessionOptions(**options))
+    return replace(tagger, backend=backend)
+
+
+def session_options(args: argparse.Namespace) -> None:
+    """`i2v tag` end to end under each of SESSION_VARIANTS' session options, alternated, at one batch size."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        board = Board(SynthConfig(posts=max(200, 2 * args.images), seed=args.seed))
+        bundle = save_random_bundle(args.arch, board_vocab(board), root / "bundle")
+        paths = write_images(board, root / "images", args.images)
+        base = Tagger.load(bundle, backend="onnx", device="cpu", precision="fp32")
+        taggers = {name: with_options(base, bundle / "model.onnx", o) for name, o in SESSION_VARIANTS.items()}
+        for tagger in taggers.values():
+            tagger.run(load_batch(paths[: args.batch_size], tagger.image_size))  # warm-up
+        load = os.getloadavg()[0]
+        rates = dict.fromkeys(taggers, 0.0)
+        for _ in range(args.repeat):  # alternated: a burst of other work on the machine hits each alike
+            for name, tagger in taggers.items():
+                rate, tagged = pipeline_rate(tagger, root / "images", args.batch_size)
+                assert tagged == len(paths), f"tagged {tagged} of {len(paths)}"
+                rates[name] = max(rates[name], rate)
+    print(
+        f"tag --session-options: {args.arch} at {base.image_size} px, {len(paths)} board images, batch "
+        f"{args.batch_size}, onnxruntime on the CPU ({os.cpu_count()} cores, load average {load:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end), i2v tag end to end, best of {args.repeat}:"
+    )
+    for name, rate in rates.items():
+        print(f"  {name:20s} {rate:.3f} images/s  {rate / rates['defaults']:.2f}x the defaults")
+
+
 def wd_prepare(image: Image.Image, size: int) -> np.ndarray:
     """The WD Space's `prepare_image`, as the usual WD scripts copy it: RGBA onto white, pad, bicubic, BGR."""
     canvas = Image.new("RGBA", image.size, (255, 255, 255))
@@ -204,9 +252,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (the torch backend with bf16)")
     parser.add_argument("--ray", action="store_true", help="measure i2v tag --ray against plain i2v tag")
     parser.add_argument("--ray-cpus", type=int, default=2, help="--ray: CPUs of the local Ray cluster")
+    parser.add_argument(
+        "--session-options", action="store_true", help="compare onnxruntime session options (end to end)"
+    )
     args = parser.parse_args(argv)
     if args.ray:
         ray_vs_plain(args)
+        return
+    if args.session_options:
+        session_options(args)
         return
     gpu = args.device.startswith("cuda")
     backend = "torch" if gpu else args.backend

@@ -7,7 +7,7 @@ never imports torch, so a command that tags a folder with ONNX starts fast.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +78,49 @@ def describe(backend: OnnxBackend | TorchBackend) -> str:
     return f"{backend.device} (torch), {'bf16' if backend.autocast is not None else 'fp32'}"
 
 
+GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """onnxruntime's session options that `i2v tag` sets. The defaults are what measured best on a 2-core CPU
+    (`python -m bench tag --session-options`, docs/benchmarks.md); the others stay for that bench to compare."""
+
+    threads: int = 0  # intra-op threads; 0: onnxruntime's choice (one per physical core)
+    graph: str = "all"  # graph optimisation level: disable, basic, extended, all
+    arena: bool = True  # the CPU memory arena (reuses allocations between runs)
+    spinning: bool = True  # intra-op threads spin while waiting for work (fast hand-offs, burns CPU meanwhile)
+
+    def __post_init__(self) -> None:
+        if self.graph not in GRAPH_LEVELS:
+            raise UserError(f"SessionOptions.graph must be one of {', '.join(GRAPH_LEVELS)}, not {self.graph!r}")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise UserError(f"SessionOptions.threads must be 0 (automatic) or more, not {self.threads!r}")
+
+    def build(self, ort: Any) -> Any:
+        """These options as onnxruntime's `SessionOptions`."""
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        level = ort.GraphOptimizationLevel
+        options.graph_optimization_level = {
+            "disable": level.ORT_DISABLE_ALL,
+            "basic": level.ORT_ENABLE_BASIC,
+            "extended": level.ORT_ENABLE_EXTENDED,
+            "all": level.ORT_ENABLE_ALL,
+        }[self.graph]
+        options.enable_cpu_mem_arena = self.arena
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        options.log_severity_level = 3
+        return options
+
+
 def onnx_backend(
-    path: Path, device: str = "cpu", threads: int = 0, outputs: tuple[list[str], str | None] | None = None
+    path: Path,
+    device: str = "cpu",
+    threads: int = 0,
+    outputs: tuple[list[str], str | None] | None = None,
+    options: SessionOptions | None = None,
 ) -> OnnxBackend:
     """Open an ONNX tagger (ours, or a WD tagger's: same input, probabilities first).
 
@@ -87,15 +128,15 @@ def onnx_backend(
         outputs: the probability outputs and the feature output, as a bundle's config.json names them
             (`BundleInfo.onnx_outputs`); None: the first output holds every probability (a WD file), and an
             output named "features", if any, the feature vector.
+        options: onnxruntime's session options; None: `SessionOptions()`, the defaults measured best.
     """
     try:
         import onnxruntime as ort
     except ImportError:
         raise UserError("the ONNX backend needs onnxruntime: pip install 'illust2vec[infer]'") from None
-    options = ort.SessionOptions()
+    options = options or SessionOptions()
     if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+        options = replace(options, threads=threads)
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -103,7 +144,7 @@ def onnx_backend(
         index = device.partition(":")[2]
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(index)} if index.isdigit() else {}))
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(str(path), options.build(ort), providers=providers)
     except Exception as e:  # onnxruntime raises its own types for a broken or foreign file
         raise UserError(f"{path}: cannot open the ONNX model ({e})") from None
     if device.startswith("cuda") and "CUDAExecutionProvider" not in session.get_providers():

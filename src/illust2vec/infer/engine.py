@@ -45,9 +45,9 @@ from ..util.cores import cores
 from ..util.images import DRAFT_INFO, BadImage
 from ..util.progress import progress_bar as util_progress_bar
 from ..util.shard import check_shard
-from .backends import OnnxBackend, TorchBackend
+from .autobatch import AUTO, GPU_BATCH, AutoBatch, resolve_batch_size  # noqa: F401 - re-exported
 from .preprocess import ImageLike, prepare, read_image
-from .tagger import BACKENDS, PRECISIONS, Tagger
+from .tagger import BACKENDS, PRECISIONS
 from .writers import caption_path
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ class BatchSummary:
     subfolders_skipped: int = 0  # folders not entered without --recursive
     rows: int | None = None  # embed: rows in the output when finished
     seconds: float = 0.0
+    batch: str = ""  # the batch size the model ran at: "8", or "1 (auto)" when timed (`autobatch`)
 
     @property
     def n_failed(self) -> int:
@@ -131,6 +132,8 @@ class BatchSummary:
         parts = [f"{self.verb} {_count(self.done, 'image')} in {self.seconds:.1f} s ({rate:.1f} images/s)"]
         if self.device:
             parts[0] += f" on {self.device}"
+        if self.batch:
+            parts[0] += f", batch {self.batch}"
         if self.unchanged:
             parts.append(f"{self.unchanged} unchanged since tagged (--overwrite tags them again)")
         if self.already:
@@ -169,30 +172,6 @@ class RayOptions:
             raise UserError(f"--gpus-per-actor must be at least 0, not {self.gpus_per_actor!r}")
         if not isinstance(self.part_size, int) or self.part_size < 1:
             raise UserError(f"--part-size must be at least 1, not {self.part_size!r}")
-
-
-AUTO = "auto"
-GPU_BATCH = 32  # --batch-size auto on a GPU
-# --batch-size auto on a CPU: as many images as 16 of 128 px, so one at 448 px. A CPU gains nothing from batching
-# large inputs (ConvNeXt-base at 448 px with onnxruntime on 2 cores: 2.74 images/s at batch 1, 2.10 at 8, issue 18)
-# and loses the overlap of decoding with the forward pass, while small models still gain from amortised calls.
-CPU_BATCH_PIXELS = 16 * 128 * 128
-
-
-def resolve_batch_size(requested: int | str, tagger: Tagger) -> int:
-    """--batch-size as a number: `auto` is GPU_BATCH on a GPU, and on a CPU CPU_BATCH_PIXELS' worth of images."""
-    if requested != AUTO:
-        return int(requested)
-    if _on_gpu(tagger.backend):
-        return GPU_BATCH
-    return max(1, min(GPU_BATCH, CPU_BATCH_PIXELS // (tagger.image_size * tagger.image_size)))
-
-
-def _on_gpu(backend: Any) -> bool:
-    """Whether a backend runs on a GPU (one of another kind, such as a test's stand-in, counts as a CPU)."""
-    if isinstance(backend, OnnxBackend):
-        return backend.session.get_providers()[0] == "CUDAExecutionProvider"
-    return isinstance(backend, TorchBackend) and str(backend.device).startswith("cuda")
 
 
 def check_job(cfg: Any) -> None:
@@ -475,6 +454,18 @@ def progress_bar(console: Console, label: str) -> Progress:
 
 # ---- the engine
 
+
+def batch_note(batch_size: int | AutoBatch) -> str:
+    """How the summary names the batch size: "8"; "1 (auto: 1: 0.41 s, 2: 0.52 s per image)" when timed; and
+    "2 (auto, still timing)" for a job that ended before the choice was made (the fastest size so far)."""
+    if not isinstance(batch_size, AutoBatch):
+        return str(batch_size)
+    if batch_size.chosen is not None:
+        return f"{batch_size.chosen} (auto: {batch_size.describe()})"
+    timed = {n for n, t in batch_size.timings.items() if len(t) >= batch_size.trials}
+    return f"{batch_size.best() if timed else batch_size.size()} (auto, still timing when the job ended)"
+
+
 Batch = list[tuple[Item, np.ndarray]]
 
 
@@ -490,11 +481,10 @@ class Engine:
     summary: BatchSummary
     size: int  # the model's input side
     console: Console
-    batch_size: int = 32
+    batch_size: int | AutoBatch = 32  # a number, or an AutoBatch that times the first batches to choose one
     workers: int | None = None  # decoding threads; None: one per core
     keep_captions: bool = False  # txt without --overwrite: an image whose caption exists is skipped, not decoded
     accept: Callable[[Item], bool] | None = None
-    decoder: Decoder = model_input  # what each image becomes (i2v distill: the teacher's input and the student's)
 
     def fail(self, item: Item, message: str, reason: str) -> None:
         """The one bad-item policy: the file is named on stderr with the message, and counted by its reason."""
@@ -505,7 +495,9 @@ class Engine:
         """Decode `items` ahead in threads and feed `consume` whole batches (the last one shorter), in order."""
         workers = self.workers or cores()
         exts = image_extensions()
-        work = lambda item: load(item, self.size, exts, self.keep_captions, self.decoder)  # noqa: E731
+        work = lambda item: load(item, self.size, exts, self.keep_captions)  # noqa: E731
+        chooser = self.batch_size if isinstance(self.batch_size, AutoBatch) else None
+        largest = chooser.candidates[-1] if chooser else self.batch_size
         batch: Batch = []
         t0 = time.perf_counter()
         pool = ThreadPoolExecutor(workers, thread_name_prefix="i2v-decode")
@@ -513,23 +505,34 @@ class Engine:
             with progress_bar(self.console, label) as progress:
                 task = progress.add_task(label, total=len(items), rate=0.0)
                 # Two batches ahead: the next one decodes while the model runs on this one; memory stays bounded.
-                for item, future in read_ahead(items, work, pool, ahead=2 * self.batch_size + workers):
+                for item, future in read_ahead(items, work, pool, ahead=2 * largest + workers):
                     progress.advance(task)
                     x = self._take(item, future)
                     if x is None or (self.accept is not None and not self.accept(item)):
                         continue
                     batch.append((item, x))
-                    if len(batch) >= self.batch_size:
-                        consume(batch)
+                    if len(batch) >= (chooser.size() if chooser else self.batch_size):
+                        self._consume(consume, batch, chooser)
                         batch = []
                         progress.update(task, rate=self.summary.done / (time.perf_counter() - t0))
                 if batch:
-                    consume(batch)
+                    self._consume(consume, batch, chooser)
                 self.summary.seconds = time.perf_counter() - t0
                 progress.update(task, rate=self.summary.done / self.summary.seconds if self.summary.seconds else 0)
         finally:
             # On Ctrl-C or a failed write, drop the read-ahead instead of decoding it to the end.
             pool.shutdown(wait=True, cancel_futures=True)
+        self.summary.batch = batch_note(self.batch_size)
+
+    @staticmethod
+    def _consume(consume: Callable[[Batch], None], batch: Batch, chooser: AutoBatch | None) -> None:
+        """One batch through the consumer; timed while `--batch-size auto` is still choosing."""
+        if chooser is None or chooser.chosen is not None:
+            consume(batch)
+            return
+        t0 = chooser.clock()
+        consume(batch)
+        chooser.record(len(batch), chooser.clock() - t0)
 
     def _take(self, item: Item, future: Future) -> np.ndarray | None:
         """A worker's prepared image, or None for a file passed over (counted) or failed (counted and reported)."""

@@ -28,7 +28,7 @@ from rich.console import Console
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import UserError
-from ..infer.engine import resolve_batch_size
+from ..infer.autobatch import measure
 from ..infer.tagger import BACKENDS, PRECISIONS, Tagger
 from .batcher import Batcher
 from .routes import add_routes
@@ -52,7 +52,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_mb: float = 32.0
-    max_batch: int | str = "auto"  # a number (1: no batching), or auto: infer.engine.resolve_batch_size
+    max_batch: int | str = "auto"  # a number (1: no batching), or auto: timed at start-up (infer.autobatch.measure)
     max_wait_ms: float = 5.0
     backend: str = "auto"
     device: str = "auto"
@@ -134,8 +134,10 @@ def load_state(cfg: ServeConfig, tagger: Tagger | None = None, index: VectorInde
     tagger = tagger or Tagger.load(cfg.model, backend=cfg.backend, device=cfg.device, precision=cfg.precision)
     if index is None and cfg.index:
         index = open_index(cfg.index, tagger)
-    # auto: as i2v tag's --batch-size (a CPU serves more requests at 448 px one forward each: 0.72x batched, issue 18)
-    max_batch = resolve_batch_size(cfg.max_batch, tagger)
+    # auto: on a CPU, the batch size that ran fastest per image on blank images at start-up (at 448 px that is one
+    # a pass: batching served 0.72x the requests, issue 18); on a GPU, infer.autobatch.GPU_BATCH.
+    max_batch = measure(tagger, cfg.max_batch)
+    log.info("max batch %d%s", max_batch, " (auto)" if cfg.max_batch == "auto" else "")
     batcher = Batcher(tagger.run, max_batch=max_batch, max_wait_ms=cfg.max_wait_ms)
     return ServeState(tagger, batcher, index, model_name(tagger))
 
