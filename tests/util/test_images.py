@@ -4,8 +4,9 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
+from illust2vec.util import images
 from illust2vec.util.images import DRAFT_INFO, DRAFT_MARGIN, load_for_input, load_rgb, pad_resize
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -79,3 +80,37 @@ def test_only_big_upright_jpegs_are_drafted():
     exif[0x0112] = 6  # rotated: decoded in full, and turned upright
     rotated = load_for_input(jpeg(big, exif=exif), size)
     assert DRAFT_INFO not in rotated.info and rotated.size == (611, 1003)
+
+
+def drawn_picture(width: int, height: int) -> Image.Image:
+    """The smooth picture with hard edges on it, as line art has: black-outlined discs and thin lines."""
+    picture = big_picture(width, height)
+    draw = ImageDraw.Draw(picture)
+    for i in range(6):
+        x, y, r = width * (i + 1) // 7, height * (6 - i) // 7, min(width, height) // 9
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=(250, 200, 210), outline=(0, 0, 0), width=3)
+        draw.line((0, height * i // 6, width, height * (i + 1) // 6), fill=(20, 20, 30), width=2)
+    return picture
+
+
+@pytest.mark.parametrize("width, height", [(1003, 611), (611, 1003), (997, 997)])
+def test_a_square_six_times_the_input_is_averaged_down_first_and_stays_close(width, height, monkeypatch):
+    picture = drawn_picture(width, height)
+    fast = np.asarray(pad_resize(picture, 64)).astype(int)  # 5 x 5 blocks averaged first, then bicubic from 200 px
+    under = np.asarray(pad_resize(picture, 200))  # 997 < 6 x 200: nothing averaged first
+    monkeypatch.setattr(images, "REDUCING_GAP", None)
+    exact = np.asarray(pad_resize(picture, 64)).astype(int)  # one bicubic resize from the full picture
+    assert not np.array_equal(fast, exact)  # the short cut was taken
+    assert np.abs(fast - exact).mean() < 0.5 and np.abs(fast - exact).max() <= 24
+    assert np.array_equal(under, np.asarray(pad_resize(picture, 200)))
+
+
+def test_a_jpeg_too_big_for_the_smallest_dct_scale_is_averaged_down_after_it(monkeypatch):
+    data = jpeg(drawn_picture(4000, 2500))
+    drafted = load_for_input(data, 32)
+    assert drafted.info[DRAFT_INFO] == (4000, 2500, 8, 500, 313)  # 1/8, the smallest DCT scale: still 16 x 32 px
+    fast = np.asarray(pad_resize(drafted, 32)).astype(int)
+    monkeypatch.setattr(images, "REDUCING_GAP", None)
+    assert not np.array_equal(fast, np.asarray(pad_resize(drafted, 32)))  # 500 px: averaged over 5 x 5 first
+    exact = np.asarray(pad_resize(load_rgb(data), 32)).astype(int)  # the full decode, one bicubic resize
+    assert np.abs(fast - exact).mean() < 0.5 and np.abs(fast - exact).max() <= 24
