@@ -485,6 +485,7 @@ class Engine:
     workers: int | None = None  # decoding threads; None: one per core
     keep_captions: bool = False  # txt without --overwrite: an image whose caption exists is skipped, not decoded
     accept: Callable[[Item], bool] | None = None
+    decoder: Decoder = model_input  # what each image becomes (i2v distill: the teacher's input and the student's)
 
     def fail(self, item: Item, message: str, reason: str) -> None:
         """The one bad-item policy: the file is named on stderr with the message, and counted by its reason."""
@@ -495,7 +496,7 @@ class Engine:
         """Decode `items` ahead in threads and feed `consume` whole batches (the last one shorter), in order."""
         workers = self.workers or cores()
         exts = image_extensions()
-        work = lambda item: load(item, self.size, exts, self.keep_captions)  # noqa: E731
+        work = lambda item: load(item, self.size, exts, self.keep_captions, self.decoder)  # noqa: E731
         chooser = self.batch_size if isinstance(self.batch_size, AutoBatch) else None
         largest = chooser.candidates[-1] if chooser else self.batch_size
         batch: Batch = []
