@@ -20,6 +20,7 @@ ROOT_EXPORTS = {"Tagger": "infer"}  # names the package root re-exports, and the
 BASE = {"errors", "util", "formats"}
 SHARED = BASE | {"models", "evaluation"}
 STAGES = {"booru", "data", "train", "infer", "search", "synth", "evaluate", "export", "convert", "quantize"}
+APPS = ("cli", "demo", "report", "distill")
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "util": {"errors"},
@@ -29,7 +30,8 @@ ALLOWED: dict[str, set[str]] = {
     **{stage: SHARED for stage in STAGES},
     "serve": SHARED | {"infer", "search"},  # the web front of tagging and search
     # the application: the command line, the demo and its report compose every stage
-    **{app: SHARED | STAGES | {"serve", "cli", "demo", "report"} for app in ("cli", "demo", "report")},
+    # (distill.py: i2v distill, the teacher pass of infer then the student's training)
+    **{app: SHARED | STAGES | {"serve", *APPS} for app in APPS},
 }
 
 

@@ -390,6 +390,65 @@ def train(
 
 
 @app.command()
+def distill(
+    teacher: str = typer.Option(
+        ..., help="The model to imitate: a bundle, a WD v3 snapshot, a WD ONNX directory or a hub id."
+    ),
+    images: list[str] = typer.Option(..., help="Unlabelled images: folders, files or tar shards (repeatable)."),
+    student: str = typer.Option(..., help="The student: a preset (i2v_small, ...) or any timm model name."),
+    size: int = typer.Option(..., min=16, help="The student's input side in pixels."),
+    out: str = typer.Option(..., help="Run directory (local); the teacher's cache goes in OUT/teacher/."),
+    epochs: int = typer.Option(10, min=1),
+    batch_size: int = typer.Option(32, min=1, help="The student's batches."),
+    lr: float = typer.Option(3e-3, min=0.0),
+    pretrained: bool = typer.Option(False, help="Start the student from ImageNet weights (timm, network)."),
+    val_fraction: float = typer.Option(0.1, help="Images held out to measure agreement with the teacher."),
+    teacher_cache: str = typer.Option(None, help="Where the teacher's outputs are cached (default: OUT/teacher)."),
+    teacher_batch_size: str = typer.Option("auto", help="The teacher's batches: auto (as i2v tag) or a number."),
+    backend: str = backend_option(" (the teacher's)"),
+    device: str = device_option(),
+    workers: int = workers_option("The student's loader processes (default: cores - 1, at most 8).", minimum=0),
+    seed: int = typer.Option(0),
+    select_by: str = typer.Option("agreement/general/f1", help="Validation metric that picks the best epoch."),
+    amp: str = typer.Option("auto", help="auto (bf16 on a GPU), bf16, fp16 or off."),
+    resume: bool = typer.Option(
+        False, help="Continue the student's training in --out (the teacher pass resumes anyway)."
+    ),
+) -> None:
+    """Train a small student to imitate a teacher on your own images: the teacher's outputs are cached once
+    (resumable), then the student learns them; a normal run that `i2v export` makes a bundle of."""
+    from .distill import DistillConfig
+    from .distill import distill as run_distill
+
+    cfg = DistillConfig(
+        teacher=teacher,
+        images=tuple(images),
+        student=student,
+        size=size,
+        out=out,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        pretrained=pretrained,
+        val_fraction=val_fraction,
+        teacher_cache=teacher_cache,
+        teacher_batch_size=teacher_batch_size,
+        backend=backend,
+        device=device,
+        **({} if workers is None else {"workers": workers}),
+        seed=seed,
+        select_by=select_by,
+        amp=amp,
+        resume=resume,
+    )
+    s = run_distill(cfg, console=err)
+    shown = ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in s.agreement.items())
+    err.print(
+        f"best epoch {s.train.best_epoch}: agreement with the teacher on held-out images: {shown}", highlight=False
+    )
+
+
+@app.command()
 def evaluate(
     run: Path = typer.Argument(..., help="Run directory of `i2v train`."),
     epoch: str = typer.Option("best", help="An epoch number, best (as --select-by chose) or last."),

@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..util import storage
 from ..util.storage import ReadAhead
 from .dataset import SPLITS, Dataset, Sample
+from .teacher import SOFT, soft_targets
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,8 @@ def make_pipeline(
         try:
             image = decode_image(sample[ext])
             labels = Sample.from_json(sample["json"]).labels
+            # A teacher cache's sample (i2v distill) also holds the teacher's probabilities: soft targets.
+            soft = soft_targets(sample[SOFT], heads) if SOFT in sample else {}
         except Exception as e:  # a corrupt image or labels, a member missing: the handler counts and skips it
             where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
             why = (
@@ -250,7 +253,9 @@ def make_pipeline(
             raise BadSample(f"{where}: {why}") from e
         if augment is not None:
             image = augment(image)
-        return image, make_targets(labels, heads)
+        targets = make_targets(labels, heads)
+        targets.update({k: torch.from_numpy(v) for k, v in soft.items()})
+        return image, targets
 
     shards, samples = _splitters(len(urls))
     stages = [wds.SimpleShardList(urls), shards, tar_samples(handler), samples]

@@ -83,6 +83,9 @@ class TrainConfig:
     # With init: weight of the original model's outputs for its own tags as soft targets (learning without
     # forgetting); None: 1 with init, else 0 (no original model to keep).
     keep_old: float | None = None
+    # i2v distill: `data` is a teacher's soft-target cache (formats/teacher.py); the student learns the teacher's
+    # probabilities and is measured by its agreement with the teacher (train/distill.py).
+    distill: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", dict(self.model))
@@ -172,6 +175,10 @@ def _check_init(cfg: TrainConfig) -> None:
             raise UserError(f"{name} must be a number of at least 0, not {value!r}")
     if cfg.vocab not in VOCAB_MODES:
         raise UserError(f"vocab must be one of {', '.join(VOCAB_MODES)}, not {cfg.vocab!r}")
+    if not isinstance(cfg.distill, bool):
+        raise UserError(f"distill must be true or false, not {cfg.distill!r}")
+    if cfg.distill and cfg.init is not None:
+        raise UserError("distill: a student starts from its architecture (or --pretrained), not from --init")
     if not isinstance(cfg.freeze_backbone, bool):
         raise UserError(f"freeze_backbone must be true or false, not {cfg.freeze_backbone!r}")
     if cfg.init is None:

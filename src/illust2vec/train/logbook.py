@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 CONSOLE_KEYS = ("train/loss", "val/loss", "val/general/mAP", "val/character/top1", "val/character/mAP")
 # An extended run's (i2v train --init) figures for the original model's tags and the new ones.
 EXTENDED_KEYS = ("val/old/character/top1", "val/new/character/top1", "val/old/general/mAP")
+# A distilled run's (i2v distill) agreement with its teacher.
+DISTILLED_KEYS = ("val/agreement/general/f1", "val/agreement/character/top1", "val/agreement/rating/accuracy")
 
 
 class Logbook:
@@ -63,7 +65,7 @@ class Logbook:
 
 
 def epoch_line(row: dict, select_key: str) -> str:
-    keys = dict.fromkeys((*CONSOLE_KEYS, *EXTENDED_KEYS, select_key))
+    keys = dict.fromkeys((*CONSOLE_KEYS, *EXTENDED_KEYS, *DISTILLED_KEYS, select_key))
     shown = ", ".join(f"{k} {row[k]:.4f}" for k in keys if k in row)
     bad = int(row.get("train/bad_samples", 0) + row.get("val/bad_samples", 0))
     skipped = f", {bad} unreadable samples skipped" if bad else ""

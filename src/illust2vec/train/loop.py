@@ -88,6 +88,8 @@ def train_epochs(state: TrainState, ctx: Context) -> TrainSummary:
             state.history.append(row)
             if main:
                 run_dir.save_checkpoint(ctx.run, state.epoch, state.model, state.optimizer, state.checkpoint_state())
+                if ctx.distillation is not None:
+                    ctx.distillation.save(ctx.run, state.epoch)
             book.epoch(state.history, state.best_epoch, cfg.select_key)
     last = state.history[-1] if state.history else {}
     summary = TrainSummary(str(ctx.run), state.best_epoch, cfg.select_key, state.best, state.epoch, last)
@@ -155,7 +157,10 @@ def train_one_epoch(state: TrainState, ctx: Context, progress: Progress | None) 
         with torch.autocast(device.type, dtype=getattr(torch, ctx.autocast)) if ctx.autocast else nullcontext():
             logits = net(images)
         logits = {k: v.float() for k, v in logits.items()}
-        loss, parts = multitask_loss(logits, targets, ctx.activations, cfg.loss, ctx.weights, ctx.pairs)
+        if ctx.distillation is not None:  # i2v distill: the teacher's probabilities as targets
+            loss, parts = ctx.distillation.loss(logits, targets)
+        else:
+            loss, parts = multitask_loss(logits, targets, ctx.activations, cfg.loss, ctx.weights, ctx.pairs)
         if ctx.extension is not None:  # learning without forgetting: the original's outputs as soft targets
             loss, parts = ctx.extension.keep(logits, original, loss, parts)
         # Backward and clip.
@@ -219,6 +224,8 @@ def validate(state: TrainState, ctx: Context, split: str = "val") -> dict[str, f
         metrics = ext.metrics(preds, ctx.activations, cfg.threshold, pairs)
     else:
         metrics = compute_metrics(preds, ctx.activations, {h: cfg.threshold for h in ctx.activations}, pairs)
+    if ctx.distillation is not None:  # agreement with the teacher, at thresholds matched to its decisions
+        metrics.update(ctx.distillation.metrics(preds))
     return {**{f"{split}/{k}": v for k, v in metrics.items()}, f"{split}/bad_samples": float(bad)}
 
 

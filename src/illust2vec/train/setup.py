@@ -23,7 +23,7 @@ from ..formats import run as run_dir
 from ..formats.dataset import Dataset, open_dataset
 from ..models import create_tagger, default_heads
 from ..models.tagger import PRESETS, TaggerConfig, TaggerNet
-from . import distributed, extend
+from . import distill, distributed, extend
 from .config import TrainConfig
 from .losses import cooccurrence, exclusive_pairs, prior_bias, tag_weights
 
@@ -66,6 +66,7 @@ class Context:
     scaler: torch.amp.GradScaler | None
     console: Console
     extension: extend.Extension | None = None  # i2v train --init: the original model and the merged vocabulary
+    distillation: distill.Distillation | None = None  # i2v distill: the teacher's soft targets, agreement figures
 
     @property
     def total_steps(self) -> int:
@@ -123,6 +124,7 @@ def setup_run(cfg: TrainConfig, resume: bool, console: Console, d: distributed.D
         scaler=torch.amp.GradScaler() if autocast == "float16" else None,
         console=console,
         extension=ext,
+        distillation=distill.prepare(ds, activations) if cfg.distill else None,
     )
     state = TrainState(model, make_optimizer(model, cfg))
     if done:
@@ -248,6 +250,7 @@ def run_config(ctx: Context, model: TaggerNet) -> dict:
         "vocab_hash": ctx.ds.vocab.hash,
         "image_size": ctx.ds.image_size,
         **extend.run_entries(ctx.extension, ctx.ds.vocab.hash),  # --init: the merged vocabulary's hash, and more
+        **distill.run_entries(ctx.distillation),  # i2v distill: the teacher
         # What "auto" resolved to on this machine: the precision and layout the run actually trained with.
         "runtime": {
             "device": str(ctx.dist.device),
