@@ -238,7 +238,7 @@ def test_tag_embed_and_serve_name_the_precision_they_ran(int8_bundle, synth_imag
     assert load_state(ServeConfig(model=str(out), precision="fp32")).tagger.precision == "fp32"
 
 
-def test_a_wd_file_with_a_fixed_batch_of_one_and_remote_images_refused(wd_dir, synth_images, tmp_path):
+def test_a_wd_file_with_a_fixed_batch_of_one_and_a_missing_calibration_path_named(wd_dir, synth_images, tmp_path):
     import shutil
 
     import onnx
@@ -257,5 +257,5 @@ def test_a_wd_file_with_a_fixed_batch_of_one_and_remote_images_refused(wd_dir, s
     tagger = Tagger.load(folder)
     assert tagger.precision == "int8" and tagger.backend.fixed_batch == 1
     assert tagger.predict(sorted(synth_images.glob("*.png"))[:3]).shape == (3, 52)
-    with pytest.raises(UserError, match="only tar shards may be URLs"):
-        quantize(QuantizeConfig(model=str(folder), calibration=("https://example.com/a.jpg",)))
+    with pytest.raises(UserError, match=f"--calibration {tmp_path}/nope: no such file or folder"):
+        quantize(QuantizeConfig(model=str(folder), calibration=(str(tmp_path / "nope"),)))

@@ -29,6 +29,7 @@ import numpy as np
 from rich.console import Console
 
 from .errors import UserError
+from .evaluation.metrics import precision_recall_f1
 from .formats.bundle import (
     INT8_FILE,
     INT8_REPORT,
@@ -41,7 +42,7 @@ from .formats.bundle import (
     read_thresholds,
     record_int8,
 )
-from .formats.shards import iter_samples
+from .formats.inputs import discover, read_item, suffix, why
 from .formats.vocab import read_vocab
 from .util import storage
 from .util.images import BadImage, load_for_input, pad_resize
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 MODES = ("static", "dynamic")
 MIN_CALIBRATION = 8  # images to calibrate on, at the least
 MIN_CHECK = 4  # held-out images to measure agreement on, at the least
-SHARD_SUFFIX = ".tar"
 # Input pixels per calibration batch: 8 images at 128 px, one at 448. The calibrating session keeps every
 # intermediate tensor alive: a 448 px base model took over 20 GB at batch 8, about 6 GB at batch 1.
 CALIBRATION_PIXELS = 8 * 128 * 128
@@ -66,11 +66,13 @@ class QuantizeConfig:
     out: str | None = None  # None: model.int8.onnx is written in the model's directory; else a copy of it here
     mode: str = "static"  # static (QDQ, per channel, calibrated) or dynamic (MatMul/Gemm weights only)
     images: int = 96  # images read at most: two thirds calibrate, a third (every third one) checks agreement
+    check: tuple[str, ...] = ()  # held-out images to check agreement on instead (up to `images`; all calibrate)
     min_f1: float = 0.97  # per-category F1 against fp32's decisions below which the result comes with a warning
     batch_size: int = 8
     overwrite: bool = False  # --out may hold a copy already
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "check", tuple(str(c) for c in self.check))
         if self.mode not in MODES:
             raise UserError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.images < MIN_CALIBRATION + MIN_CHECK:
@@ -131,15 +133,7 @@ def quantize(cfg: QuantizeConfig, console: Console | None = None) -> QuantizeSum
     _check_out(model.root, cfg.out, cfg.overwrite)  # before the images are read, not after
     fp32 = _session(model.root / ONNX_FILE)
     size, batch = _input_shape(fp32, model.root)
-    sources, source_note = _calibration_sources(cfg, model)
-    images, skipped = read_images(sources, size, cfg.images, console)
-    calib, check = images[[i % 3 != 2 for i in range(len(images))]], images[2::3]
-    if len(calib) < MIN_CALIBRATION or len(check) < MIN_CHECK:
-        need = MIN_CALIBRATION + MIN_CHECK  # every third image is held out: 12 give 8 and 4
-        raise UserError(
-            f"{source_note}: {len(images)} decodable images ({skipped} did not decode); quantizing needs at least "
-            f"{need} ({MIN_CALIBRATION} to calibrate, {MIN_CHECK} held out to check)"
-        )
+    calib, check, skipped, source_note = _images(cfg, model, size, console)
     root = _target(model.root, cfg.out, cfg.overwrite)
     int8 = root / INT8_FILE
     with console.status(f"quantizing ({cfg.mode}) on {len(calib)} images"):
@@ -177,6 +171,27 @@ def quantize(cfg: QuantizeConfig, console: Console | None = None) -> QuantizeSum
     )
     record_int8(root, summary.report())
     return summary
+
+
+def _images(cfg: QuantizeConfig, model: _Model, size: int, console: Console) -> tuple[np.ndarray, np.ndarray, int, str]:
+    """The calibration images and the held-out ones (every third calibration image, or `cfg.check`'s), how many
+    files did not decode, and how to name where they came from."""
+    sources, source_note = _calibration_sources(cfg, model)
+    images, skipped = read_images(sources, size, cfg.images, console)
+    if cfg.check:
+        calib = images
+        check, bad = read_images(cfg.check, size, cfg.images, console)
+        skipped += bad
+        source_note += f"; checked on {', '.join(cfg.check)}"
+    else:
+        calib, check = images[[i % 3 != 2 for i in range(len(images))]], images[2::3]
+    if len(calib) < MIN_CALIBRATION or len(check) < MIN_CHECK:
+        need = MIN_CALIBRATION + MIN_CHECK  # every third image is held out: 12 give 8 and 4
+        raise UserError(
+            f"{source_note}: {len(calib) + len(check)} decodable images ({skipped} did not decode); quantizing "
+            f"needs at least {need} ({MIN_CALIBRATION} to calibrate, {MIN_CHECK} held out to check)"
+        )
+    return calib, check, skipped, source_note
 
 
 # ---- the model
@@ -270,32 +285,25 @@ def _calibration_sources(cfg: QuantizeConfig, model: _Model) -> tuple[list[str],
 
 
 def _encoded(sources: Sequence[str]) -> Iterator[tuple[str, bytes]]:
-    """(name, file content) of every image in these folders, files and tar shards, in sorted order. Tar shards may
-    be URLs (a dataset's validation split in a bucket); other calibration images are local."""
+    """(name, file content) of every image file in these folders (and their subfolders), files, URL prefixes and
+    tar shards, in `formats.inputs.discover`'s order; a file that cannot be read gives no bytes (counted with the
+    undecodable ones). Files met in folders without an image's suffix are passed over."""
     from PIL import Image
 
     exts = set(Image.registered_extensions())
-    for source in sources:
-        remote = storage.is_remote(source)
-        if remote and not source.lower().endswith(SHARD_SUFFIX):
-            raise UserError(f"--calibration {storage.display(source)}: only tar shards may be URLs; copy images here")
-        path = Path(source)
-        if not remote and not path.exists():
-            raise UserError(f"--calibration {source}: no such file or folder")
-        files = sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else [source]
-        for f in files:
-            if f.lower().endswith(SHARD_SUFFIX):
-                for key, members in iter_samples([f]):
-                    for ext, data in members.items():
-                        if f".{ext.lower()}" in exts:
-                            yield f"{f}:{key}.{ext}", data
-            elif Path(f).suffix.lower() in exts or f == source:
-                try:
-                    data = Path(f).read_bytes()
-                except OSError as e:  # counted with the undecodable ones
-                    log.warning("%s: cannot be read (%s)", f, e.strerror or e)
-                    data = b""
-                yield f, data
+    try:
+        items = discover(sources, recursive=True)
+    except UserError as e:
+        raise UserError(f"--calibration {e}") from None
+    for item in items:
+        if not item.named and suffix(item.path) not in exts and item.error is None:
+            continue
+        try:
+            data = read_item(item)
+        except (OSError, UserError) as e:  # counted with the undecodable ones
+            log.warning("%s: cannot be read (%s)", storage.display(item.path), why(e, item.path))
+            data = b""
+        yield storage.display(item.path), data
 
 
 def read_images(sources: Sequence[str], size: int, limit: int, console: Console) -> tuple[np.ndarray, int]:
@@ -403,8 +411,9 @@ def run_probs(session: Any, outputs: list[str], images: np.ndarray, batch: int) 
 
 
 def agreement(fp32: np.ndarray, int8: np.ndarray, labels: Labels, thresholds: Thresholds) -> dict[str, float]:
-    """Per category, F1 of int8's decisions against fp32's (fp32's as the truth): each tag above its threshold (per
-    tag where the model has one, else its head's); rating, the arg-max. 1.0 where neither decides anything."""
+    """Per category, F1 of int8's decisions against fp32's (fp32's as the truth, micro-averaged over the category's
+    tags: `evaluation.metrics.precision_recall_f1`): each tag above its threshold (per tag where the model has one,
+    else its head's); rating, the arg-max. 1.0 where neither decides anything."""
     out = {}
     for head, ix in labels.heads.items():
         cols = list(ix)
@@ -416,6 +425,9 @@ def agreement(fp32: np.ndarray, int8: np.ndarray, labels: Labels, thresholds: Th
             base = thresholds.heads.get(head, 0.5)
             thr = np.array([thresholds.tags.get(labels.names[i], base) for i in cols], np.float32)
             truth, pred = a > thr, b > thr
-        tp, total = int((truth & pred).sum()), int(truth.sum() + pred.sum())
-        out[head] = round(2 * tp / total, 4) if total else 1.0
+        if not truth.any() and not pred.any():
+            out[head] = 1.0
+            continue
+        f1 = precision_recall_f1(pred.astype(np.float32), truth.astype(np.float32), threshold=0.5)["micro_f1"]
+        out[head] = round(f1, 4)
     return out

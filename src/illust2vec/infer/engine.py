@@ -4,7 +4,8 @@ runs, hand the consumer whole batches in order, and count what could not be used
 WebDataset tar shards (`*.tar`, named or found in a folder: a crawl's `images/*.tar`, img2dataset's output) are read
 in place: each of their members is an item named `SHARD/MEMBER`, read by its offset (`formats.shards`) in the same
 read-ahead, never unpacked to disk. A member cut short or undecodable is a bad item; a shard that cannot be listed at
-all is one bad item, named.
+all is one bad item, named. Walking the inputs into items (`discover`, `Item`) is `formats/inputs.py`'s, which
+`i2v quantize` shares for its calibration images; the names stay importable from here.
 
 Inputs may be URLs (`util.storage`): every file under an `s3://` or `gs://` prefix (its subfolders with
 `recursive`), a single `http(s)://` file, and tar shards at any of them. An item's path is then the URL as given,
@@ -27,7 +28,7 @@ import logging
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from ..errors import UserError
-from ..formats.shards import Member, read_member, scan_shard
+from ..formats.inputs import SHARD_SUFFIX, Item, Loc, discover, is_shard, shard_items, suffix, why  # noqa: F401
+from ..formats.shards import read_member
 from ..util import storage
 from ..util.cores import cores
 from ..util.images import DRAFT_INFO, BadImage
@@ -63,17 +65,7 @@ def reason_of(e: BadImage) -> str:
     return "undecodable" if e.reason == "not_image" else e.reason
 
 
-SHARD_SUFFIX = ".tar"  # a file so named, given or found in a folder, is a WebDataset shard: its members are items
 SNIFF = 1 << 20  # bytes of a remote file without an image suffix read to tell whether it is an image at all
-
-Loc = Path | str  # a local path, or a URL (`s3://...`) as a string
-
-
-def suffix(loc: Loc) -> str:
-    """A path's or URL's suffix, lower case (".jpg"; "" for none)."""
-    name = storage.name(loc)
-    dot = name.rfind(".")
-    return name[dot:].lower() if dot > 0 else ""
 
 
 def shown(loc: Loc) -> str:
@@ -84,25 +76,6 @@ def shown(loc: Loc) -> str:
 def full_path(loc: Loc) -> str:
     """An item's path made absolute (embed's `path` column): a local path resolved, a URL as shown."""
     return storage.display(loc) if storage.is_remote(loc) else str(Path(loc).resolve())
-
-
-@dataclass(frozen=True)
-class Item:
-    """A file, or a member of a tar shard: where it is, the name it is sharded by, and whether the user named it
-    (not found in a walk)."""
-
-    path: Loc  # a URL is a str; a member's is SHARD/MEMBER: the shard's path as found, then its name inside it
-    key: str  # its path relative to the argument it was found under: the same on every machine of a job array
-    named: bool
-    member: Member | None = None  # where a shard member's bytes lie
-    error: tuple[str, str] | None = None  # (message, reason): a shard that could not be listed, failed in turn
-
-    @property
-    def shard(self) -> Loc | None:
-        """The tar shard this item lies in (or is, when it could not be listed); None for a plain file."""
-        if self.member is not None:
-            return self.member.shard
-        return self.path if self.error is not None else None
 
 
 @dataclass
@@ -193,124 +166,6 @@ def check_job(cfg: Any) -> None:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {cfg.backend!r}")
     if cfg.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
-
-
-# ---- discovery
-
-
-def discover(
-    paths: Sequence[str], recursive: bool, summary: BatchSummary | None = None, expand: bool = True
-) -> list[Item]:
-    """Every file under the paths (local, or URLs), in a stable order (files as given, folders sorted), each once;
-    subfolders not entered (without `recursive`) are counted in `summary`. Tar shards are replaced by their members
-    unless `expand` is false (`--ray` lists shards and reads them in its tasks).
-
-    Hidden files and folders (a leading dot) are passed over in folders, as `ls` does. A path that does not exist
-    is the user's mistake.
-    """
-    items: list[Item] = []
-    seen: set[str] = set()
-    for arg in paths:
-        if storage.is_remote(arg):
-            found: Iterable[Item] = _remote(arg, recursive, summary)
-        else:
-            found = _local(arg, recursive, summary)
-        for item in _expand_shards(found) if expand else found:
-            ident = str(item.path) if storage.is_remote(item.path) else os.path.normpath(os.path.abspath(item.path))
-            if ident not in seen:
-                seen.add(ident)
-                items.append(item)
-    return items
-
-
-def _local(arg: str, recursive: bool, summary: BatchSummary | None) -> Iterable[Item]:
-    root = storage.local_path(arg)
-    if root.is_file():
-        return [Item(root, root.name, True)]
-    if root.is_dir():
-        return _walk(root, recursive, summary)
-    if root.exists():
-        raise UserError(f"{arg}: neither a file nor a folder")
-    raise UserError(f"{arg}: no such file or folder")
-
-
-def _remote(arg: str, recursive: bool, summary: BatchSummary | None) -> list[Item]:
-    """A URL: one file, or every file under a prefix (sorted; hidden names and, without `recursive`, subfolders
-    passed over as in a local folder). An http(s) URL is one file (such servers cannot be listed)."""
-    loc = str(storage.location(arg, "input"))
-    if storage.scheme(loc) in storage.READ_ONLY:
-        return [Item(loc, storage.name(loc), True)]
-    if not storage.isdir(loc):
-        if not storage.exists(loc):
-            storage.check_readable_root(loc)  # a missing bucket or wrong credentials, named as such
-            raise UserError(f"{storage.display(arg)}: no such file or folder")
-        return [Item(loc, storage.name(loc), True)]
-    items, subdirs = [], set()
-    for url in storage.walk_files(loc):
-        rel = str(url)[len(loc) + 1 :]
-        parts = rel.split("/")
-        if not rel or rel.endswith("/") or any(p.startswith(".") for p in parts):
-            continue
-        if len(parts) > 1 and not recursive:
-            subdirs.add(parts[0])
-            continue
-        items.append(Item(str(url), rel, False))
-    if summary is not None:
-        summary.subfolders_skipped += len(subdirs)
-    return items
-
-
-def _walk(root: Path, recursive: bool, summary: BatchSummary | None) -> Iterator[Item]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        subdirs = sorted(d for d in dirnames if not d.startswith("."))
-        if not recursive:
-            if summary is not None:
-                summary.subfolders_skipped += len(subdirs)
-            subdirs = []
-        dirnames[:] = subdirs
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                path = Path(dirpath) / name
-                yield Item(path, path.relative_to(root).as_posix(), False)
-
-
-def is_shard(item: Item) -> bool:
-    """Whether an item is a whole tar shard, not yet replaced by its members (`discover(..., expand=False)`)."""
-    return item.member is None and item.error is None and suffix(item.path) == SHARD_SUFFIX
-
-
-def _expand_shards(found: Iterable[Item]) -> Iterator[Item]:
-    """Files as they are; a tar shard -> its members (json, txt... among them, passed over later as non-images)."""
-    for item in found:
-        if suffix(item.path) == SHARD_SUFFIX:
-            yield from shard_items(item)
-        else:
-            yield item
-
-
-def shard_items(shard: Item) -> list[Item]:
-    """The members of a tar shard as items (`SHARD/MEMBER`, keyed `KEY/MEMBER`), in the shard's order. A shard cut
-    short (a half-copied file) gives its readable members and one failing item for the rest; a shard that cannot be
-    listed at all (not a tar, unreadable) is one failing item, named."""
-    try:
-        scan = scan_shard(shard.path)
-    except (OSError, UserError) as e:
-        return [Item(shard.path, shard.key, True, error=(f"cannot read ({why(e, shard.path)})", "unreadable"))]
-    items = []
-    for m in scan.members:
-        name = f"{m.key}.{m.ext}" if m.ext else m.key
-        items.append(Item(storage.join(shard.path, name), f"{shard.key}/{name}", False, member=m))
-    if scan.problem:  # "not a readable tar (...)", or "cut short at N bytes, after M readable members"
-        items.append(Item(shard.path, shard.key, True, error=(scan.problem, "corrupt")))
-    return items
-
-
-def why(e: OSError | UserError, loc: Loc) -> str:
-    """What went wrong reading `loc`, without its name (the report line names it already)."""
-    if isinstance(e, OSError):
-        return str(e.strerror or e)
-    text, prefix = str(e), storage.display(loc) + ": "
-    return text[len(prefix) :] if text.startswith(prefix) else text
 
 
 # ---- decoding
