@@ -146,6 +146,20 @@ def test_a_wd_onnx_directory_is_quantized_in_place_from_the_command_line(wd_dir,
     )
 
 
+def test_check_images_apart_from_calibration(wd_dir, synth_images, tmp_path, i2v):
+    held = tmp_path / "held"
+    held.mkdir()
+    for p in sorted(p for p in synth_images.iterdir() if p.suffix != ".json")[:5]:
+        (held / p.name).write_bytes(p.read_bytes())
+    code, _, err = i2v(
+        "quantize", str(wd_dir), "--calibration", str(synth_images), "--check", str(held), "--out", str(tmp_path / "q")
+    )
+    assert code == 0, err
+    report = read_int8(tmp_path / "q")
+    assert (report["calibration_images"], report["check_images"]) == (12, 5)
+    assert report["calibration_source"].endswith(f"; checked on {held}")
+
+
 def test_too_few_decodable_images_is_one_line_naming_how_many_are_needed(wd_dir, synth_images, tmp_path, i2v):
     few = tmp_path / "few"
     few.mkdir()

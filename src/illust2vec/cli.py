@@ -573,6 +573,9 @@ def quantize(
     out: Path = typer.Option(None, help="Write a copy of the directory here (default: model.int8.onnx in MODEL)."),
     mode: str = typer.Option("static", help="static (QDQ per channel, calibrated) or dynamic (MatMul/Gemm weights)."),
     images: int = typer.Option(96, help="Images read at most: two thirds calibrate, one third checks agreement."),
+    check: list[str] = typer.Option(
+        None, help="Held-out images to check agreement on (up to --images); then every calibration image calibrates."
+    ),
     min_f1: float = typer.Option(0.97, help="Warn when a category's F1 against fp32's decisions is below this."),
     overwrite: bool = typer.Option(False, help="Replace a copy already in --out."),
 ) -> None:
@@ -587,6 +590,7 @@ def quantize(
         out=str(out) if out else None,
         mode=mode,
         images=images,
+        check=tuple(check or ()),
         min_f1=min_f1,
         overwrite=overwrite,
     )
