@@ -30,6 +30,7 @@ from illust2vec.quantize import QuantizeConfig, quantize
 from illust2vec.synth.board import Board
 from illust2vec.synth.cast import SynthConfig
 
+from . import fast_distill
 from .tag import board_vocab, pipeline_rate, save_random_bundle, write_images
 
 QUIET = Console(file=io.StringIO())
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-agreement", action="store_true", help="speed only")
     parser.add_argument("--seed", type=int, default=3)
+    fast_distill.add_flags(parser)
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,3 +137,4 @@ def main(argv: list[str] | None = None) -> None:
             f"{agreed.check_images} held-out images): F1 of int8's decisions against fp32's {f1} (goal 0.97); "
             f"largest probability difference {agreed.max_prob_diff:.4f}"
         )
+    fast_distill.run(args, rows)  # the distilled student against its teacher and the presets above
