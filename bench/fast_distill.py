@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace, rows: list[dict]) -> None:
     """Teacher, student, agreement and speed; `rows` are `bench fast`'s preset measurements of this run."""
     if args.no_distill:
         return
+    print("fast: the distilled student next (a teacher trained first; --no-distill skips it)", file=sys.stderr)
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = args.distill_keep or Path(tmp)
