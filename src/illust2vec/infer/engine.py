@@ -286,19 +286,26 @@ def _load_member(item: Item, size: int, image_exts: frozenset[str], decoder: Dec
     return decoder(data, size)
 
 
-def read_ahead(items: Sequence[Item], work, pool: ThreadPoolExecutor, ahead: int) -> Iterator[tuple[Item, Future]]:
-    """Submit work on up to `ahead` items beyond the one being consumed; yield (item, future) in order."""
+def read_ahead(
+    items: Sequence[Item], work, pool: ThreadPoolExecutor, ahead: int | Callable[[], int]
+) -> Iterator[tuple[Item, Future]]:
+    """Submit work on up to `ahead` items beyond the one being consumed; yield (item, future) in order. `ahead` may
+    be a function, asked again at each item (the read-ahead follows a batch size that changes)."""
+    limit = ahead if callable(ahead) else (lambda: ahead)
     pending: deque[tuple[Item, Future]] = deque()
     queue = iter(items)
-    for item in queue:
-        pending.append((item, pool.submit(work, item)))
-        if len(pending) >= ahead:
-            break
+
+    def fill() -> None:
+        while len(pending) < limit():
+            nxt = next(queue, None)
+            if nxt is None:
+                return
+            pending.append((nxt, pool.submit(work, nxt)))
+
+    fill()
     while pending:
         item, future = pending.popleft()
-        nxt = next(queue, None)
-        if nxt is not None:
-            pending.append((nxt, pool.submit(work, nxt)))
+        fill()
         yield item, future
 
 
@@ -353,7 +360,7 @@ class Engine:
         exts = image_extensions()
         work = lambda item: load(item, self.size, exts, self.keep_captions, self.decoder)  # noqa: E731
         chooser = self.batch_size if isinstance(self.batch_size, AutoBatch) else None
-        largest = chooser.candidates[-1] if chooser else self.batch_size
+        size = chooser.size if chooser else lambda: self.batch_size
         batch: Batch = []
         t0 = time.perf_counter()
         pool = ThreadPoolExecutor(workers, thread_name_prefix="i2v-decode")
@@ -361,13 +368,15 @@ class Engine:
             with progress_bar(self.console, label) as progress:
                 task = progress.add_task(label, total=len(items), rate=0.0)
                 # Two batches ahead: the next one decodes while the model runs on this one; memory stays bounded.
-                for item, future in read_ahead(items, work, pool, ahead=2 * largest + workers):
+                # While auto times its sizes, the read-ahead follows the size timed, so that the decoding beside each
+                # timed batch is what it would be for the whole job at that size.
+                for item, future in read_ahead(items, work, pool, ahead=lambda: 2 * size() + workers):
                     progress.advance(task)
                     x = self._take(item, future)
                     if x is None or (self.accept is not None and not self.accept(item)):
                         continue
                     batch.append((item, x))
-                    if len(batch) >= (chooser.size() if chooser else self.batch_size):
+                    if len(batch) >= size():
                         self._consume(consume, batch, chooser)
                         batch = []
                         progress.update(task, rate=self.summary.done / (time.perf_counter() - t0))
