@@ -7,12 +7,15 @@ QDQ per channel, calibrated on `--calibration` board images); then the same fold
 sizes and formats) is tagged through `i2v tag`'s library function with `--precision fp32` and `--precision int8`,
 alternately, `--repeat` times; the best rate of each is kept and the ratio printed (the issue's goal: at least 1.8).
 
-Agreement: a small tagger trained on the synthetic board (or `--trained BUNDLE`, a bundle with model.onnx whose run
-is here) is quantized, calibrated on its validation split; the per-category F1 of int8's decisions against fp32's
-on the held-out third, and the largest probability difference, are printed (goal: F1 at least 0.97).
+Agreement: a small tagger trained on the synthetic board (`--train-posts` posts, 4 epochs; or `--trained BUNDLE`, a
+bundle with model.onnx whose run is here) is quantized in each of `--agreement-modes`, calibrated on its validation
+split; the per-category F1 of int8's decisions against fp32's on `--check` held-out board images (posts past the
+trained ones, never seen in training or calibration), and the largest probability difference, are printed (goal: F1
+at least 0.97).
 
     python -m bench fast [--archs i2v_small,i2v_convnext_base,i2v_vit_base] [--images 16] [--calibration 12]
                          [--batch-size 8] [--repeat 1] [--mode static|dynamic] [--trained BUNDLE] [--no-agreement]
+                         [--check 240] [--train-posts 400] [--agreement-modes static,dynamic]
 """
 
 from __future__ import annotations
@@ -58,8 +61,21 @@ def speed(arch: str, board: Board, root: Path, args: argparse.Namespace) -> dict
     return {"arch": arch, "size": fp32.image_size, **rates, "bytes": (q.fp32_bytes, q.int8_bytes), "quantize": q}
 
 
-def trained_bundle(root: Path) -> Path:
-    """A small tagger trained on the synthetic board (conftest's synth_bundle recipe), exported with model.onnx."""
+def held_out(root: Path, trained_posts: int, n: int) -> Path:
+    """`n` images of the training board's posts past the first `trained_posts` (so never trained on), in their
+    board formats: where the int8 model's decisions are compared with fp32's."""
+    board = Board(SynthConfig(posts=trained_posts + 2 * n + 50, seed=41))
+    folder = root / "held-out"
+    folder.mkdir(parents=True)
+    posts = [p for p in board.posts[trained_posts:] if p.is_image and not p.is_deleted and not p.is_banned]
+    for post in posts[:n]:
+        (folder / f"{post.id}.{post.file_ext}").write_bytes(board.file(post))
+    return folder
+
+
+def trained_bundle(root: Path, posts: int = 160, epochs: int = 2) -> Path:
+    """A small tagger trained on the synthetic board (conftest's synth_bundle recipe, with `posts` posts and
+    `epochs` epochs), exported with model.onnx."""
     from illust2vec.booru.crawl import CrawlConfig, crawl
     from illust2vec.data.build import BuildConfig, build
     from illust2vec.data.vocab import build_vocab
@@ -69,7 +85,7 @@ def trained_bundle(root: Path) -> Path:
     from illust2vec.train.config import TrainConfig
     from illust2vec.train.loop import fit
 
-    with start_board(SynthConfig(posts=160, seed=41)) as server:
+    with start_board(SynthConfig(posts=posts, seed=41)) as server:
         crawl(CrawlConfig(url=server.url, out=root / "crawl", api_rate=200, file_rate=200, backoff=0.01, decoders=2))
     write_vocab(build_vocab([root / "crawl"], top={"general": 60, "character": 20, "copyright": 8}), root / "tags.csv")
     build(
@@ -86,7 +102,7 @@ def trained_bundle(root: Path) -> Path:
         )
     )
     run = TrainConfig(
-        data=str(root / "build"), out=str(root / "run"), epochs=2, arch="test_resnet", batch_size=16, workers=0
+        data=str(root / "build"), out=str(root / "run"), epochs=epochs, arch="test_resnet", batch_size=16, workers=0
     )
     fit(run)
     export(ExportConfig(run=str(root / "run"), out=str(root / "bundle"), onnx=True, workers=0), console=QUIET)
@@ -105,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         "--trained", default=None, help="a bundle with model.onnx whose run is here (default: train one)"
     )
     parser.add_argument("--no-agreement", action="store_true", help="speed only")
+    parser.add_argument("--check", type=int, default=240, help="held-out board images to measure agreement on")
+    parser.add_argument("--train-posts", type=int, default=400, help="posts the agreement's tagger is trained on")
+    parser.add_argument("--agreement-modes", default="static,dynamic", help="quantize modes whose agreement to show")
     parser.add_argument("--seed", type=int, default=3)
     fast_distill.add_flags(parser)
     args = parser.parse_args(argv)
@@ -116,8 +135,21 @@ def main(argv: list[str] | None = None) -> None:
         rows = [speed(arch, board, root, args) for arch in args.archs.split(",") if arch]
         agreed = None
         if not args.no_agreement:
-            bundle = Path(args.trained) if args.trained else trained_bundle(root / "trained")
-            agreed = quantize(QuantizeConfig(model=str(bundle), out=str(root / "trained-int8")), console=QUIET)
+            bundle = Path(args.trained) if args.trained else trained_bundle(root / "trained", args.train_posts, 4)
+            check = held_out(root, args.train_posts, args.check)
+            agreed = [
+                quantize(
+                    QuantizeConfig(
+                        model=str(bundle),
+                        out=str(root / f"int8-{mode}"),
+                        mode=mode,
+                        check=(str(check),),
+                        images=args.check,
+                    ),
+                    console=QUIET,
+                )
+                for mode in args.agreement_modes.split(",")
+            ]
     print(
         f"fast: i2v tag end to end, int8 ({args.mode}) vs fp32, onnxruntime on the CPU ({os.cpu_count()} cores, load "
         f"average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end); {args.images} board images, batch "
@@ -130,11 +162,11 @@ def main(argv: list[str] | None = None) -> None:
             f"int8/fp32 {r['int8'] / r['fp32']:.2f}x (goal 1.8x); model.int8.onnx {r['bytes'][1] / r['bytes'][0]:.2f}x "
             f"the size (random weights' agreement, not meaningful: {f1})"
         )
-    if agreed is not None:
-        f1 = ", ".join(f"{h} {v:.3f}" for h, v in agreed.f1.items())
+    for q in agreed or []:
+        f1 = ", ".join(f"{h} {v:.3f}" for h, v in q.f1.items())
         print(
-            f"  trained model ({agreed.calibration_source}; calibrated on {agreed.calibration_images}, checked on "
-            f"{agreed.check_images} held-out images): F1 of int8's decisions against fp32's {f1} (goal 0.97); "
-            f"largest probability difference {agreed.max_prob_diff:.4f}"
+            f"  trained model, {q.mode} ({q.calibration_source}; calibrated on {q.calibration_images}, checked on "
+            f"{q.check_images} held-out board images): F1 of int8's decisions against fp32's {f1} (goal 0.97); "
+            f"largest probability difference {q.max_prob_diff:.4f}; model.int8.onnx {q.int8_bytes / q.fp32_bytes:.2f}x"
         )
     fast_distill.run(args, rows)  # the distilled student against its teacher and the presets above

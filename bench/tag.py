@@ -10,6 +10,15 @@ image at a time through the same model on the GPU.
 
     python -m bench tag [--arch i2v_vit_base] [--images 32] [--batch-size 8] [--repeat 1] [--device cpu|cuda]
 
+`--batch-sizes 1,2,4,8,16,32,auto` prints a table instead: `i2v tag` end to end (onnxruntime on the CPU) at each
+batch size, `auto` (timed on the first batches) among them, against the WD script pattern, alternated in each
+repeat, with the size auto chose; sizes larger than `--images` are left out. `--session-options` compares
+onnxruntime's session options (intra-op threads, spinning, graph optimisation level, memory arena) end to end at
+`--batch-size`, against the defaults in the same run.
+
+    python -m bench tag --batch-sizes 1,2,4,8,16,auto --arch i2v_convnext_base --images 16 --repeat 2
+    python -m bench tag --session-options --arch i2v_convnext_base --images 12 --batch-size 1 --repeat 2
+
 `--ray` measures `i2v tag --ray` instead: the same folder tagged on a local Ray cluster of `--ray-cpus` CPUs (2 by
 default; started once, its start-up timed apart) against plain `i2v tag` in the same run, each repeat both, and
 prints the ratio (the issue's target: at least 0.8). The Ray run is timed from the pipeline's start (the model
@@ -94,11 +103,50 @@ def forward_rate(tagger: Tagger, paths: list[Path], batch_size: int) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
-def pipeline_rate(tagger: Tagger, folder: Path, batch_size: int) -> tuple[float, int]:
+def pipeline_rate(tagger: Tagger, folder: Path, batch_size: int | str) -> tuple[float, int]:
     """`i2v tag FOLDER --format jsonl` through its library function, the records written to memory."""
-    cfg = TagConfig(paths=(str(folder),), model="", format="jsonl", batch_size=batch_size)
-    summary = tag_files(cfg, out=io.StringIO(), console=Console(file=io.StringIO()), tagger=tagger)
+    summary = pipeline_summary(tagger, folder, batch_size)
     return summary.done / summary.seconds, summary.done
+
+
+def pipeline_summary(tagger: Tagger, folder: Path, batch_size: int | str):
+    """`i2v tag FOLDER --format jsonl --batch-size B`'s summary (a BatchSummary), the records written to memory."""
+    cfg = TagConfig(paths=(str(folder),), model="", format="jsonl", batch_size=batch_size)
+    return tag_files(cfg, out=io.StringIO(), console=Console(file=io.StringIO()), tagger=tagger)
+
+
+def batch_sizes(args: argparse.Namespace) -> None:
+    """`i2v tag` end to end at each batch size of `--batch-sizes` (auto among them), against the WD script pattern,
+    alternated in each repeat; the best of each printed as a table."""
+    sizes = [s if s == "auto" else int(s) for s in args.batch_sizes.split(",") if s]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        board = Board(SynthConfig(posts=max(200, 2 * args.images), seed=args.seed))
+        bundle = save_random_bundle(args.arch, board_vocab(board), root / "bundle")
+        paths = write_images(board, root / "images", args.images)
+        sizes = [s for s in sizes if s == "auto" or s <= len(paths)]  # a batch larger than the folder is one batch
+        tagger = Tagger.load(bundle, backend="onnx", device="cpu", precision="fp32")
+        tagger.run(load_batch(paths[:1], tagger.image_size))  # warm-up
+        load = os.getloadavg()[0]
+        rates, wd, chosen = dict.fromkeys(sizes, 0.0), 0.0, []
+        for _ in range(args.repeat):  # alternated: a burst of other work on the machine hits each alike
+            wd = max(wd, wd_script_rate(bundle / "model.onnx", paths))
+            for size in sizes:
+                summary = pipeline_summary(tagger, root / "images", size)
+                assert summary.done == len(paths), f"tagged {summary.done} of {len(paths)}"
+                rates[size] = max(rates[size], summary.done / summary.seconds)
+                if size == "auto":
+                    chosen.append(summary.batch)
+    print(
+        f"tag --batch-sizes: {args.arch} at {tagger.image_size} px (random weights), {len(paths)} board images, "
+        f"onnxruntime on the CPU ({os.cpu_count()} cores, load average {load:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end), i2v tag end to end, best of {args.repeat}:"
+    )
+    print(f"  {'WD script pattern':>18}: {wd:.3f} images/s")
+    for size, rate in rates.items():
+        print(f"  {'batch ' + str(size):>18}: {rate:.3f} images/s  {rate / wd:.2f}x the WD script")
+    for note in chosen:
+        print(f"  auto chose batch {note}")
 
 
 def ray_rate(bundle: Path, folder: Path, batch_size: int, out: Path) -> tuple[float, int]:
@@ -178,19 +226,34 @@ def session_options(args: argparse.Namespace) -> None:
         for tagger in taggers.values():
             tagger.run(load_batch(paths[: args.batch_size], tagger.image_size))  # warm-up
         load = os.getloadavg()[0]
+        # The forward pass alone, round robin: one batch per variant in turn, so a burst of other work on a shared
+        # machine hits each alike; the least time of each is its cost with the least interference.
+        batch = load_batch(paths[: args.batch_size], base.image_size)
+        times: dict[str, list[float]] = {name: [] for name in taggers}
+        for _ in range(max(3, len(paths) // args.batch_size)):
+            for name, tagger in taggers.items():
+                t0 = time.perf_counter()
+                tagger.run(batch)
+                times[name].append(time.perf_counter() - t0)
         rates = dict.fromkeys(taggers, 0.0)
         for _ in range(args.repeat):  # alternated: a burst of other work on the machine hits each alike
-            for name, tagger in taggers.items():
+            for name, tagger in list(taggers.items())[:: 1 if _ % 2 == 0 else -1]:  # and in turn first and last
                 rate, tagged = pipeline_rate(tagger, root / "images", args.batch_size)
                 assert tagged == len(paths), f"tagged {tagged} of {len(paths)}"
                 rates[name] = max(rates[name], rate)
     print(
         f"tag --session-options: {args.arch} at {base.image_size} px, {len(paths)} board images, batch "
         f"{args.batch_size}, onnxruntime on the CPU ({os.cpu_count()} cores, load average {load:.1f} at the start, "
-        f"{os.getloadavg()[0]:.1f} at the end), i2v tag end to end, best of {args.repeat}:"
+        f"{os.getloadavg()[0]:.1f} at the end); the forward pass alone (round robin, least and median time of "
+        f"{len(times['defaults'])}) and i2v tag end to end (best of {args.repeat}):"
     )
+    fast = {name: min(t) for name, t in times.items()}
     for name, rate in rates.items():
-        print(f"  {name:20s} {rate:.3f} images/s  {rate / rates['defaults']:.2f}x the defaults")
+        print(
+            f"  {name:20s} forward {fast[name]:.3f} s least, {np.median(times[name]):.3f} s median "
+            f"({fast['defaults'] / fast[name]:.2f}x the defaults' speed); end to end {rate:.3f} images/s "
+            f"({rate / rates['defaults']:.2f}x)"
+        )
 
 
 def wd_prepare(image: Image.Image, size: int) -> np.ndarray:
@@ -255,12 +318,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--session-options", action="store_true", help="compare onnxruntime session options (end to end)"
     )
+    parser.add_argument(
+        "--batch-sizes", default="", help="a table of i2v tag at each of these batch sizes (1,2,4,8,16,32,auto)"
+    )
     args = parser.parse_args(argv)
     if args.ray:
         ray_vs_plain(args)
         return
     if args.session_options:
         session_options(args)
+        return
+    if args.batch_sizes:
+        batch_sizes(args)
         return
     gpu = args.device.startswith("cuda")
     backend = "torch" if gpu else args.backend
