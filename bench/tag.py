@@ -129,9 +129,9 @@ def batch_sizes(args: argparse.Namespace) -> None:
         tagger.run(load_batch(paths[:1], tagger.image_size))  # warm-up
         load = os.getloadavg()[0]
         rates, wd, chosen = dict.fromkeys(sizes, 0.0), 0.0, []
-        for _ in range(args.repeat):  # alternated: a burst of other work on the machine hits each alike
+        for i in range(args.repeat):  # alternated: a burst of other work on the machine hits each alike
             wd = max(wd, wd_script_rate(bundle / "model.onnx", paths))
-            for size in sizes:
+            for size in sizes[:: 1 if i % 2 == 0 else -1]:  # each in turn early and late in a repeat
                 summary = pipeline_summary(tagger, root / "images", size)
                 assert summary.done == len(paths), f"tagged {summary.done} of {len(paths)}"
                 rates[size] = max(rates[size], summary.done / summary.seconds)
