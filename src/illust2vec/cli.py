@@ -644,7 +644,7 @@ def tag(
     ),
     out: str = typer.Option(None, help="Write the records to this file or URL instead of stdout (--ray: a folder)."),
     batch_size: str = typer.Option(
-        "auto", help="Images per forward pass: a number, or auto (32 on a GPU; on a CPU 16 at 128 px, 1 at 448 px)."
+        "auto", help="Images per forward pass: a number, or auto (32 on a GPU; on a CPU timed on the first batches)."
     ),
     exclude: str = typer.Option(None, help="Comma-separated tags never to output (either spelling, * wildcards)."),
     replace: str = typer.Option(None, help='Rename or merge tags: "old=new,..." or a CSV file of old,new rows.'),
@@ -748,7 +748,7 @@ def embed(
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Enter subfolders too."),
     ids: str = typer.Option("path", help="Row ids: path (relative to the folder given) or stem (e.g. post ids)."),
     batch_size: str = typer.Option(
-        "auto", help="Images per forward pass: a number, or auto (32 on a GPU; on a CPU 16 at 128 px, 1 at 448 px)."
+        "auto", help="Images per forward pass: a number, or auto (32 on a GPU; on a CPU timed on the first batches)."
     ),
     shard: str = shard_option("files"),
     device: str = device_option(),
