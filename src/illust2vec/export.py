@@ -3,7 +3,8 @@ extra_tags.csv, thresholds.json) and optionally model.onnx in the WD taggers' co
 ONNX file and its labels named and placed as one of the WD front ends (kohya's tagger, ComfyUI-WD14-Tagger, the
 webui tagger, taggui) expects them.
 
-Thresholds come from `i2v evaluate` when it ran on that epoch; otherwise export calibrates them on the run's
+Thresholds come from `i2v evaluate` when it ran on that epoch, or for a distilled run (`i2v distill`) from those
+matched to its teacher at that epoch; otherwise export calibrates them on the run's
 validation split itself (or, with no validation images, keeps the usual defaults), so export never depends on a
 prior evaluate. The same pass measures each feature's median, which `extract_binary_feature` thresholds at.
 """
@@ -40,6 +41,7 @@ from .formats.bundle import (
     upload_bundle,
 )
 from .formats.run import check_epoch, eval_dir, read_config, read_history, resolve_epoch, vocab_path, weights_path
+from .formats.teacher import agreement_path, read_agreement
 from .formats.vocab import Vocab, read_vocab
 from .models import load_tagger
 from .models.onnx import export_onnx
@@ -307,6 +309,8 @@ def _calibration(
     evaluated = eval_dir(run, epoch) / "thresholds.json"
     thresholds = read_thresholds(evaluated) if evaluated.exists() else None
     source = f"i2v evaluate ({evaluated})" if thresholds is not None else "calibrated on the validation split"
+    if thresholds is None and (matched := read_agreement(run, epoch)) is not None:  # i2v distill's, per epoch
+        thresholds, source = matched, f"matched to the teacher's decisions ({agreement_path(run, epoch)})"
     center = None
     try:
         ds = run_dataset(run, None)
