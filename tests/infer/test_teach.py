@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,42 @@ def board_images(out: Path, n: int, seed: int = 41, first: int = 160) -> Path:
     posts = [p for p in board.posts[first:] if p.is_image and not p.is_deleted and not p.is_banned][:n]
     for post in posts:
         (out / f"{post.id}.{post.file_ext}").write_bytes(board.file(post))
+    return out
+
+
+def wd_teacher(out: Path, size: int = 64, general: int = 24, characters: int = 6, ratings: bool = True) -> Path:
+    """A WD ONNX directory whose outputs follow the picture's colours: the mean colour of each cell of a 4 x 4 grid
+    through a fixed random linear layer, sigmoid. Its decisions differ from picture to picture (a random network's
+    barely do), and a student can learn them."""
+    import torch
+
+    out.mkdir(parents=True)
+    rows = [(9, n) for n in ("general", "sensitive", "questionable", "explicit") if ratings]
+    rows += [(0, f"tag_{i}") for i in range(general)] + [(4, f"chara_{i}") for i in range(characters)]
+    lines = ["tag_id,name,category,count"] + [f"{9999 - i},{n},{c},{100 + i}" for i, (c, n) in enumerate(rows)]
+    (out / "selected_tags.csv").write_text("\n".join(lines) + "\n")
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(len(rows), 48, generator=g) * 4
+    bias = torch.randn(len(rows), generator=g) - 1.0
+
+    class ColourTagger(torch.nn.Module):
+        def forward(self, x):
+            cells = torch.nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2) / 255 - 0.5, 4).flatten(1)
+            z = (cells - cells.mean(dim=1, keepdim=True)) * 4
+            return torch.sigmoid(z @ weight.T + bias)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            ColourTagger().eval(),
+            (torch.rand(2, size, size, 3) * 255,),
+            str(out / "model.onnx"),
+            dynamo=False,
+            input_names=["input_1"],
+            output_names=["predictions_sigmoid"],
+            dynamic_axes={"input_1": {0: "batch"}, "predictions_sigmoid": {0: "batch"}},
+            opset_version=17,
+        )
     return out
 
 
@@ -116,3 +153,16 @@ def test_bad_input_is_one_line(synth_bundle, unlabelled, tmp_path):
         teach(TeachConfig(str(synth_bundle), (str(few),), size=32, cache=str(tmp_path / "b")))
     with pytest.raises(UserError, match="--size"):
         TeachConfig(str(synth_bundle), (str(few),), size=8, cache=str(tmp_path / "c"))
+
+
+def test_a_wd_onnx_teacher_works_and_one_without_a_rating_is_refused(unlabelled, tmp_path):
+    wd = wd_teacher(tmp_path / "wd-colour-tagger-v3")
+    s = teach(TeachConfig(str(wd), (str(unlabelled),), size=32, cache=str(tmp_path / "c")))
+    assert s.finished and s.done == 40
+    info = cache.read_identity(tmp_path / "c")
+    assert info.kind == "wd-onnx" and info.image_size == 64 and info.thresholds["heads"]["character"] == 0.85
+    labels = [json.loads(f["json"])["labels"] for f in cached_samples(tmp_path / "c").values()]
+    assert len({tuple(lab["general"]) for lab in labels}) > 10  # decisions that differ from picture to picture
+    norating = wd_teacher(tmp_path / "no-rating", ratings=False)
+    with pytest.raises(UserError, match="no rating head"):
+        teach(TeachConfig(str(norating), (str(unlabelled),), size=32, cache=str(tmp_path / "d")))

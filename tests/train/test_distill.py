@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 
 from illust2vec.distill import DistillConfig, distill
-from illust2vec.errors import UserError
 from illust2vec.formats import teacher as cache
 from illust2vec.formats.run import read_history
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "infer"))
-from test_teach import board_images  # noqa: E402
+from test_teach import board_images, wd_teacher  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -23,38 +22,41 @@ def unlabelled(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def distilled(synth_bundle, unlabelled, tmp_path_factory) -> tuple[Path, object]:
-    run = tmp_path_factory.mktemp("distill") / "run"
+def distilled(unlabelled, tmp_path_factory) -> tuple[Path, object]:
+    """A student at 32 px distilled for 5 epochs from a WD ONNX teacher whose tags follow the pictures' colours."""
+    root = tmp_path_factory.mktemp("distill")
     cfg = DistillConfig(
-        teacher=str(synth_bundle),
+        teacher=str(wd_teacher(root / "wd-colour-tagger-v3")),
         images=(str(unlabelled),),
         student="resnet10t",
-        size=48,
-        out=str(run),
-        epochs=4,
+        size=32,
+        out=str(root / "run"),
+        epochs=5,
         batch_size=16,
-        lr=3e-3,
         val_fraction=0.25,
         workers=0,
     )
-    return run, distill(cfg)
+    return root / "run", distill(cfg)
 
 
+@pytest.mark.slow
 def test_the_student_learns_to_agree_with_its_teacher(distilled):
     run, s = distilled
     rows = read_history(run)
-    assert len(rows) == 4 and s.train.select_by == "val/agreement/general/f1"
+    assert len(rows) == 5 and s.train.select_by == "val/agreement/general/f1"
     first, best = rows[0], max(rows, key=lambda r: r["val/agreement/general/f1"])
-    # agreement rises over the epochs, and the loss against the teacher falls
-    assert best["val/agreement/general/f1"] > first["val/agreement/general/f1"] + 0.02
+    # agreement rises over the epochs (0.65 to 0.73 in a run of this test), and the loss against the teacher falls
+    assert best["val/agreement/general/f1"] > first["val/agreement/general/f1"] + 0.03
+    assert max(r["val/general/mAP"] for r in rows) > first["val/general/mAP"] + 0.05
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
     assert s.agreement["val/agreement/general/f1"] == pytest.approx(best["val/agreement/general/f1"])
     assert {"val/agreement/character/top1", "val/agreement/rating/accuracy", "val/general/mAP"} <= set(s.agreement)
     config = json.loads((run / "config.json").read_text())
-    assert config["distill"]["kind"] == "bundle" and config["image_size"] == 48
+    assert config["distill"]["kind"] == "wd-onnx" and config["image_size"] == 32
     assert cache.read_agreement(run, s.train.best_epoch) is not None
 
 
+@pytest.mark.slow
 def test_a_distilled_run_exports_with_the_matched_thresholds_and_tags(distilled, synth_images, tmp_path, i2v):
     run, s = distilled
     code, _, err = i2v("export", str(run), "--out", str(tmp_path / "b"), "--onnx")
@@ -65,10 +67,15 @@ def test_a_distilled_run_exports_with_the_matched_thresholds_and_tags(distilled,
     code, out, err = i2v("tag", str(synth_images), "--model", str(tmp_path / "b"), "--format", "jsonl")
     assert code == 0, err
     records = [json.loads(line) for line in out.splitlines()]
-    assert len(records) == 12 and all("rating" in r["tags"] for r in records)
+    assert len(records) == 12 and all(len(r["rating"]) == 4 for r in records)
+    assert len({tuple(r["general"]) for r in records}) > 1
 
 
-def test_a_student_that_cannot_take_the_size_is_one_line(synth_bundle, unlabelled, tmp_path):
-    with pytest.raises(UserError, match="--student test_vit cannot take --size 40"):
-        distill(DistillConfig(str(synth_bundle), (str(unlabelled),), "test_vit", 40, str(tmp_path / "r"), workers=0))
+def test_a_student_that_cannot_take_the_size_is_one_line(unlabelled, tmp_path, i2v):
+    teacher = str(tmp_path / "teacher")  # never opened: the student is refused first
+    args = ["distill", "--teacher", teacher, "--images", str(unlabelled), "--out", str(tmp_path / "r")]
+    code, _, err = i2v(*args, "--student", "test_vit", "--size", "40")
+    assert code == 2 and "--student test_vit cannot take --size 40" in err and "Traceback" not in err
+    code, _, err = i2v(*args, "--student", "no_such_net", "--size", "32")
+    assert code == 2 and "no_such_net" in err
     assert not (tmp_path / "r").exists()  # refused before the teacher pass
