@@ -33,10 +33,13 @@ class Costly:
 
     def __init__(self, session, clock: FakeClock, per_image: dict[int, float]):
         self.session, self.clock, self.per_image, self.sizes = session, clock, per_image, []
+        self.fail_at: int | None = None
 
     def run(self, names, feed):
         n = len(next(iter(feed.values())))
         self.sizes.append(n)
+        if self.fail_at is not None and n >= self.fail_at:
+            raise MemoryError(f"no memory for {n} images")
         self.clock.t += n * self.per_image.get(n, 1.0)
         return self.session.run(names, feed)
 
@@ -140,4 +143,9 @@ def test_serve_max_batch_auto_is_timed_at_start_up(synth_bundle, monkeypatch):
     state = load_state(ServeConfig(model=str(synth_bundle)), tagger=tagger)
     assert state.batcher.max_batch == 2 and backend.sizes == [1, 1, 2, 2, 4, 4]
     assert measure(real, 3) == 3
+    tagger, backend = costly(real, clock, {1: 1.0, 2: 0.5, 4: 0.4, 8: 0.3})
+    backend.fail_at = 16  # out of memory at 16, say: the best size that ran is kept
+    assert measure(tagger) == 8 and backend.sizes[-1] == 16
+    backend.fail_at = 1  # a model that cannot run at all: 1, and the failure shows on requests
+    assert measure(tagger) == 1
     assert load_state(ServeConfig(model=str(synth_bundle), max_batch=5), tagger=real).batcher.max_batch == 5

@@ -112,7 +112,8 @@ def resolve_batch_size(requested: int | str, tagger: Any) -> int | AutoBatch:
 
 def measure(tagger: Any, requested: int | str = AUTO) -> int:
     """The batch size as a number (`i2v serve --max-batch`): `auto` on a CPU times `tagger.run` on blank images of
-    each candidate size, as `AutoBatch` does with a job's first batches."""
+    each candidate size, as `AutoBatch` does with a job's first batches. A size at which the model fails (out of
+    memory, say) ends the climb at the best size before it (1 if none ran: the failure then shows on requests)."""
     chooser = resolve_batch_size(requested, tagger)
     if not isinstance(chooser, AutoBatch):
         return chooser
@@ -121,6 +122,12 @@ def measure(tagger: Any, requested: int | str = AUTO) -> int:
     while chooser.chosen is None:
         n = chooser.size()
         t0 = clock()
-        tagger.run(blank[:n])
+        try:
+            tagger.run(blank[:n])
+        except Exception as e:  # noqa: BLE001 - out of memory at a large size, say: keep what ran
+            timed = [m for m, t in chooser.timings.items() if len(t) >= chooser.trials]
+            chosen = chooser.best() if timed else 1
+            log.warning("--max-batch auto: the model failed at batch %d (%s); max batch %d", n, e, chosen)
+            return chosen
         chooser.record(n, clock() - t0)
     return chooser.chosen
