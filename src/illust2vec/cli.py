@@ -444,7 +444,9 @@ def distill(
     s = run_distill(cfg, console=err)
     shown = ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in s.agreement.items())
     err.print(
-        f"best epoch {s.train.best_epoch}: agreement with the teacher on held-out images: {shown}", highlight=False
+        f"best epoch {s.train.best_epoch}: agreement with the teacher on held-out images: {shown}",
+        highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -129,7 +129,7 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillSummar
     if not cfg.resume:  # a run already there is refused now, not after the teacher pass
         prepare_run(cfg.train_config(()), resume=False)
     taught = teach(cfg.teach_config(), console)
-    console.print(taught.line(), highlight=False)
+    console.print(taught.line(), highlight=False, soft_wrap=True)
     info = cache.read_identity(Path(cfg.cache))
     trained = fit(cfg.train_config(student.student_softmax(info)), resume=cfg.resume, console=console)
     return DistillSummary(cfg.out, cfg.cache, taught, trained, agreement_of(trained))

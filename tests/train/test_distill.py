@@ -71,11 +71,15 @@ def test_a_distilled_run_exports_with_the_matched_thresholds_and_tags(distilled,
     assert len({tuple(r["general"]) for r in records}) > 1
 
 
-def test_a_student_that_cannot_take_the_size_is_one_line(unlabelled, tmp_path, i2v):
-    teacher = str(tmp_path / "teacher")  # never opened: the student is refused first
-    args = ["distill", "--teacher", teacher, "--images", str(unlabelled), "--out", str(tmp_path / "r")]
+def test_a_student_that_cannot_take_the_size_is_one_line(tmp_path, i2v):
+    teacher = str(tmp_path / "teacher")  # never opened, nor the images: the student is refused first
+    args = ["distill", "--teacher", teacher, "--images", str(tmp_path), "--out", str(tmp_path / "r")]
     code, _, err = i2v(*args, "--student", "test_vit", "--size", "40")
     assert code == 2 and "--student test_vit cannot take --size 40" in err and "Traceback" not in err
     code, _, err = i2v(*args, "--student", "no_such_net", "--size", "32")
     assert code == 2 and "no_such_net" in err
     assert not (tmp_path / "r").exists()  # refused before the teacher pass
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text("{}")
+    code, _, err = i2v(*args, "--student", "resnet10t", "--size", "32")
+    assert code == 2 and "already holds a run; add --resume" in err

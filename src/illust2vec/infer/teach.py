@@ -87,7 +87,7 @@ class TeachSummary:
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
         parts = [f"teacher ran on {self.done} images in {self.seconds:.1f} s ({rate:.1f} images/s)"]
         if self.before:
-            parts.append(f"{self.before} cached before (resumed)")
+            parts = [f"teacher: {self.before} images cached before (resumed)"] + (parts if self.done else [])
         if self.failed:
             reasons = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in self.failed.most_common())
             parts.append(f"{sum(self.failed.values())} failed ({reasons})")
