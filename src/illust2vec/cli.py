@@ -414,6 +414,7 @@ def distill(
     resume: bool = typer.Option(
         False, help="Continue the student's training in --out (the teacher pass resumes anyway)."
     ),
+    teacher_only: bool = typer.Option(False, "--teacher-only", help="Run the teacher pass alone (fill the cache)."),
 ) -> None:
     """Train a small student to imitate a teacher on your own images: the teacher's outputs are cached once
     (resumable), then the student learns them; a normal run that `i2v export` makes a bundle of."""
@@ -440,8 +441,11 @@ def distill(
         select_by=select_by,
         amp=amp,
         resume=resume,
+        teacher_only=teacher_only,
     )
     s = run_distill(cfg, console=err)
+    if s.train is None:
+        return
     shown = ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in s.agreement.items())
     err.print(
         f"best epoch {s.train.best_epoch}: agreement with the teacher on held-out images: {shown}",

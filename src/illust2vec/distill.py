@@ -19,6 +19,7 @@ from .formats import teacher as cache
 from .formats.run import read_history
 from .infer.teach import TeachConfig, TeachSummary, teach
 from .train import distill as student
+from .train import distributed
 from .train.config import TrainConfig, default_workers
 from .train.loop import TrainSummary, fit
 from .train.setup import prepare_run
@@ -52,6 +53,7 @@ class DistillConfig:
     amp: str = "auto"
     max_steps_per_epoch: int | None = None
     resume: bool = False  # continue the student's training (the teacher pass always continues)
+    teacher_only: bool = False  # the teacher pass alone (the cache), no training
 
     def __post_init__(self) -> None:
         if isinstance(self.images, str):
@@ -109,7 +111,7 @@ class DistillSummary:
     run: str
     cache: str
     teacher: TeachSummary
-    train: TrainSummary
+    train: TrainSummary | None  # None with teacher_only
     agreement: dict[str, float]  # the best epoch's val/agreement/... figures (and val/general/mAP against the teacher)
 
     def as_dict(self) -> dict:
@@ -117,22 +119,37 @@ class DistillSummary:
             "run": self.run,
             "cache": self.cache,
             "teacher": dataclasses.asdict(self.teacher),
-            "train": self.train.as_dict(),
+            "train": self.train.as_dict() if self.train else None,
             "agreement": self.agreement,
         }
 
 
 def distill(cfg: DistillConfig, console: Console | None = None) -> DistillSummary:
-    """The teacher pass (resumed where a cache exists), then the student's training on its cache."""
+    """The teacher pass (resumed where a cache exists), then the student's training on its cache.
+
+    Under torchrun, rank 0 alone runs the teacher pass while the other ranks wait for it (as long as the process
+    group's timeout allows, 30 minutes by default: run a longer pass first with `teacher_only`), then every rank
+    trains (DDP)."""
     console = console or Console(stderr=True)
     student.check_student(cfg.student, cfg.size)
-    if not cfg.resume:  # a run already there is refused now, not after the teacher pass
-        prepare_run(cfg.train_config(()), resume=False)
+    d = distributed.setup(cfg.device)
+    try:
+        if not cfg.resume and not cfg.teacher_only:  # a run already there is refused now, not after the teacher pass
+            distributed.on_main(d, lambda: prepare_run(cfg.train_config(()), resume=False))
+        taught = distributed.on_main(d, lambda: _teach(cfg, console))
+        if cfg.teacher_only:
+            return DistillSummary(cfg.out, cfg.cache, taught, None, {})
+        info = cache.read_identity(Path(cfg.cache))
+        trained = fit(cfg.train_config(student.student_softmax(info)), resume=cfg.resume, console=console)
+    finally:
+        distributed.teardown(d)
+    return DistillSummary(cfg.out, cfg.cache, taught, trained, agreement_of(trained))
+
+
+def _teach(cfg: DistillConfig, console: Console) -> TeachSummary:
     taught = teach(cfg.teach_config(), console)
     console.print(taught.line(), highlight=False, soft_wrap=True)
-    info = cache.read_identity(Path(cfg.cache))
-    trained = fit(cfg.train_config(student.student_softmax(info)), resume=cfg.resume, console=console)
-    return DistillSummary(cfg.out, cfg.cache, taught, trained, agreement_of(trained))
+    return taught
 
 
 def agreement_of(summary: TrainSummary) -> dict[str, float]:
