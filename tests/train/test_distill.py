@@ -83,3 +83,32 @@ def test_a_student_that_cannot_take_the_size_is_one_line(tmp_path, i2v):
     (tmp_path / "r" / "config.json").write_text("{}")
     code, _, err = i2v(*args, "--student", "resnet10t", "--size", "32")
     assert code == 2 and "already holds a run; add --resume" in err
+
+
+def test_the_loss_is_least_at_the_teachers_outputs_and_agreement_is_one_for_its_copy():
+    import numpy as np
+    import torch
+
+    from illust2vec.evaluation.evaluator import Predictions
+    from illust2vec.formats.bundle import Thresholds
+    from illust2vec.train.distill import Distillation
+
+    info = cache.TeacherInfo(
+        "t", "wd-onnx", None, 64, 32, "h", {}, Thresholds(heads={"general": 0.5}).to_json(), 0.1, 8, 1, "x"
+    )
+    acts = {"rating": "softmax", "general": "sigmoid"}
+    d = Distillation(info, {"rating": ("a", "b", "c", "d"), "general": ("x", "y", "z")}, acts)
+    teacher = {"rating": torch.tensor([[0.7, 0.1, 0.1, 0.1]]), "general": torch.tensor([[0.9, 0.2, 0.6]])}
+    targets = {cache.TARGET + h: v for h, v in teacher.items()}
+    exact = {"rating": teacher["rating"].log(), "general": torch.logit(teacher["general"])}
+    loss, parts = d.loss(exact, targets)
+    for head in exact:  # nudging the logits away from the teacher's only raises the loss
+        moved = {**exact, head: exact[head] + torch.tensor([[0.5, -0.5, 0.3, 0.0][: exact[head].shape[1]]])}
+        assert d.loss(moved, targets)[0] > loss
+    assert set(parts) == {"rating", "general"}
+    p = np.array([[0.9, 0.2, 0.6], [0.1, 0.8, 0.3], [0.7, 0.6, 0.1]], np.float32)
+    preds = Predictions({"general": p, "rating": np.eye(4, dtype=np.float32)[:3]}, {"general": (p > 0.5) * 1.0})
+    preds.targets["rating"] = np.array([0, 1, 2])
+    figures = d.metrics(preds)
+    assert figures["agreement/general/f1"] == 1.0 and figures["agreement/general/f1_at_teacher"] == 1.0
+    assert figures["agreement/rating/accuracy"] == 1.0 and d.thresholds is not None

@@ -9,7 +9,8 @@ cross-entropy between the teacher's distribution and the student's (KL divergenc
 Validation runs as in every run, so `val/general/mAP` is the student's mAP against the teacher's decisions and
 `val/character/top1` how often the student's first character is one the teacher decided. Then the student's
 thresholds are matched to the teacher's decisions on the held-out images (F1, `evaluation/calibration.py`), and
-`val/agreement/HEAD/f1` is each head's F1 at them; `val/agreement/character/top1` and `val/agreement/rating/accuracy`
+`val/agreement/HEAD/f1` is each head's F1 at them (`.../f1_at_teacher`: at the teacher's own thresholds, none
+chosen on these images); `val/agreement/character/top1` and `val/agreement/rating/accuracy`
 repeat the top-1 figures under the same prefix. The matched thresholds are saved per epoch
 (`RUN/agreement/epoch-NNN.json`), where `i2v export` takes them from.
 """
@@ -46,6 +47,11 @@ class Distillation:
     thresholds: Thresholds | None = None  # the last validation's, matched to the teacher
     figures: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def teacher(self) -> Thresholds:
+        """The teacher's thresholds."""
+        return self.info.teacher_thresholds()
+
     def loss(self, logits: dict[str, torch.Tensor], targets: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """The distillation loss over every head, and each head's part for logging."""
         total, parts = None, {}
@@ -79,6 +85,9 @@ class Distillation:
             prf = precision_recall_f1(p, t, self.thresholds.heads.get(head, 0.5))
             out[f"agreement/{head}/f1"] = prf["micro_f1"]
             out[f"agreement/{head}/macro_f1"] = prf["macro_f1"]
+            # At the teacher's own threshold: no threshold chosen on these images (matching one is mildly optimistic).
+            at_teacher = precision_recall_f1(p, t, self.teacher.heads.get(head, 0.5))
+            out[f"agreement/{head}/f1_at_teacher"] = at_teacher["micro_f1"]
             if has_top_k(head, self.activations[head]):
                 out[f"agreement/{head}/top1"] = float(topk_accuracy(p, t, 1))
         self.figures = out
