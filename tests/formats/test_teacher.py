@@ -109,7 +109,8 @@ def test_unfinished_parts_are_cleared_and_other_teachers_named(tmp_path):
         (root / name).write_bytes(b"x")
     cache.clear_unfinished(root, 1)
     assert sorted(p.name for p in root.glob("*.tar*")) == ["train-000000.tar"] and not (root / "dataset.json").exists()
-    assert info().differences(info(size=64, weights="cd" * 32)) == ["weights", "size"]
+    assert info().differences(info(size=64, weights="cd" * 32)) == ["teacher weights", "size"]
+    assert info().differences(info(items=4, items_hash="x")) == ["image list"]
     (root / cache.IDENTITY).write_text("{")
     with pytest.raises(UserError, match="teacher.json"):
         cache.read_identity(root)

@@ -69,6 +69,9 @@ def test_a_distilled_run_exports_with_the_matched_thresholds_and_tags(distilled,
     records = [json.loads(line) for line in out.splitlines()]
     assert len(records) == 12 and all(len(r["rating"]) == 4 for r in records)
     assert len({tuple(r["general"]) for r in records}) > 1
+    code, _, err = i2v("quantize", str(tmp_path / "b"))  # calibrated on the run's held-out images, the cache's
+    assert code == 0, err
+    assert (tmp_path / "b" / "model.int8.onnx").exists() and "validation split" in err
 
 
 def test_a_student_that_cannot_take_the_size_is_one_line(tmp_path, i2v):

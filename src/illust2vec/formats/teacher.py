@@ -73,8 +73,11 @@ class TeacherInfo:
         return Thresholds.from_json(self.thresholds)
 
     def differences(self, other: TeacherInfo) -> list[str]:
-        """The settings that differ between two caches' identities (the names of `SAME`)."""
-        return [k for k in SAME if getattr(self, k) != getattr(other, k)]
+        """What differs between two caches' identities, in words ("size", "teacher weights", "image list")."""
+        words = {"items": "image list", "items_hash": "image list", "weights": "teacher weights"}
+        words |= {"vocab_hash": "vocabulary", "image_size": "teacher input size", "val_fraction": "val fraction"}
+        found = [words.get(k, k.replace("_", " ")) for k in SAME if getattr(self, k) != getattr(other, k)]
+        return list(dict.fromkeys(found))
 
 
 @dataclass(frozen=True)
