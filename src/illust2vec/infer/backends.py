@@ -84,12 +84,21 @@ GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 @dataclass(frozen=True)
 class SessionOptions:
     """onnxruntime's session options that `i2v tag` sets. The defaults are what measured best on a 2-core CPU
-    (`python -m bench tag --session-options`, docs/benchmarks.md); the others stay for that bench to compare."""
+    (`python -m bench tag --session-options`, docs/benchmarks.md); the others stay for that bench to compare.
+
+    Measured there (ConvNeXt-base, 448 px, batch 1, onnxruntime 1.32, load average 6 to 7 from other work): with
+    onnxruntime's defaults as 1.00x, the forward pass alone (least time of 8, round robin) ran 1.26x with spinning
+    off, 1.25x with one intra-op thread, 0.88x and 0.87x at graph levels extended and basic, 1.00x without the
+    memory arena; `i2v tag` end to end 1.71x with spinning off. Spinning threads hold the cores between operators,
+    which the decoding threads (and anything else on the machine) then wait for; without spinning both intra-op
+    threads still work when there is work. So spinning is off; one thread would halve the forward pass on an idle
+    machine, and the graph level and the arena stay onnxruntime's.
+    """
 
     threads: int = 0  # intra-op threads; 0: onnxruntime's choice (one per physical core)
     graph: str = "all"  # graph optimisation level: disable, basic, extended, all
     arena: bool = True  # the CPU memory arena (reuses allocations between runs)
-    spinning: bool = True  # intra-op threads spin while waiting for work (fast hand-offs, burns CPU meanwhile)
+    spinning: bool = False  # intra-op threads spin while waiting for work (fast hand-offs, but they hold the cores)
 
     def __post_init__(self) -> None:
         if self.graph not in GRAPH_LEVELS:
