@@ -1,6 +1,8 @@
 """--keep-old: learning without forgetting keeps the original model's outputs for its own tags while a new tag is
 learnt; tags the new data never labels take the original's outputs as targets, or no target at all without it."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +112,28 @@ def test_keep_old_loss_is_smallest_at_the_original_outputs():
     same = torch.tensor([[2.0, 9.0, -1.0]])  # the model's columns 0 and 2 are the original's 0 and 1
     losses = [at(same + torch.tensor([[d, 0.0, -d]])) for d in np.linspace(-2, 2, 9)]
     assert int(np.argmin(losses)) == 4 and losses[0] > losses[4] + 0.1
+
+
+def test_the_original_s_rows_learn_at_the_backbone_s_rate_and_new_rows_at_the_heads():
+    _, model, ext = extension(1.0)
+    x, y = images(16, 3)
+    batch, targets, original = ext.batch(x, {"general": y})
+    moved = {}
+    for scale in (1.0, 0.1):
+        net = copy.deepcopy(model).train()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.05)
+        ext.scale_old_rows(net, opt, scale)
+        logits = net(batch)
+        loss, parts = multitask_loss(logits, targets, ext.activations, LossConfig())
+        loss, _ = ext.keep(logits, original, loss, parts)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        moved[scale] = {k: (v - model.state_dict()[k]).detach() for k, v in net.state_dict().items()}
+    full, scaled = moved[1.0], moved[0.1]
+    for key in ("heads.general.fc.weight", "heads.general.fc.bias"):
+        assert full[key][:6].abs().max() > 1e-3  # the old rows (the original's 6 tags) did move
+        assert torch.allclose(scaled[key][:6], 0.1 * full[key][:6], atol=1e-6, rtol=1e-4)
+        assert torch.allclose(scaled[key][6:], full[key][6:])  # the new tag's row: the whole step
+    conv = next(k for k in full if k.startswith("backbone.") and k.endswith("weight"))
+    assert torch.allclose(scaled[conv], full[conv])  # the backbone: its own optimizer group, untouched here

@@ -29,7 +29,7 @@ from ..formats.dataset import Dataset
 from ..formats.vocab import Vocab
 from ..models.tagger import TaggerNet, load_tagger
 from .config import TrainConfig
-from .init import InitModel, check_arch, count_rows, extend_model, load_init, merge_vocab
+from .init import InitModel, check_arch, count_rows, extend_model, last_linear, load_init, merge_vocab
 from .losses import keep_old_loss
 
 
@@ -118,6 +118,41 @@ class Extension:
             square[ours[:, None], ours[None, :]] = p.cpu()[at[:, None], at[None, :]]
             out_p[head] = square.to(p.device)
         return out_w, out_p
+
+    def scale_old_rows(self, model: TaggerNet, optimizer: torch.optim.Optimizer, scale: float) -> None:
+        """--backbone-lr-scale for the rest of what the original model learnt: after every optimizer step, the rows of
+        the heads' output layers for the original's tags (and an old head's other layers) keep only `scale` of the
+        step's change, as if their learning rate were the backbone's; new rows and new heads take the whole step.
+        (Rows sit in one tensor per head, so a per-row rate cannot be an optimizer group; AdamW's step, weight decay
+        included, is proportional to the learning rate, so keeping `scale` of it is that rate.)"""
+        if scale == 1:
+            return
+        moving = []  # (parameter, the rows to scale, or None: all of it)
+        for name, head in model.heads.items():
+            old = torch.as_tensor(self.old.known[name])
+            if not old.any():
+                continue  # a new head: learnt from scratch
+            last = last_linear(head)
+            for pname, p in head.named_parameters():
+                if p.requires_grad:
+                    moving.append((p, old.to(p.device) if pname.startswith(f"{last}.") else None))
+        before: list[torch.Tensor] = []
+
+        def keep(_opt, _args, _kwargs) -> None:
+            before[:] = [p.detach().clone() for p, _ in moving]
+
+        def scaled(_opt, _args, _kwargs) -> None:
+            with torch.no_grad():
+                for (p, rows), was in zip(moving, before, strict=True):
+                    moved = torch.lerp(was, p, scale)
+                    if rows is None:
+                        p.copy_(moved)
+                    else:
+                        p[rows] = moved[rows]
+
+        if moving:
+            optimizer.register_step_pre_hook(keep)
+            optimizer.register_step_post_hook(scaled)
 
     def save(self, run: Path) -> None:
         """The original model as a bundle in RUN/init/ (replacing what a failed start left there)."""

@@ -224,13 +224,13 @@ def extend_model(
     to_data = VocabMap.between(vocab, data)
     with torch.no_grad():
         for h in model.cfg.heads:
-            _copy_head(old, h, state, theirs, _last_linear(model.heads[h.name]), to_old.positions[h.name])
+            _copy_head(old, h, state, theirs, last_linear(model.heads[h.name]), to_old.positions[h.name])
             prior = _prior(counts.get(h.name), samples, h.activation, to_data.positions[h.name])
             if prior is None:
                 continue
             # New rows (all of a new head's) start at the prior; a tag the old model had keeps its bias.
             new = torch.as_tensor(to_old.positions[h.name] < 0) if h.name in acts else torch.ones(h.classes).bool()
-            bias = state[f"heads.{h.name}.{_last_linear(model.heads[h.name])}.bias"]
+            bias = state[f"heads.{h.name}.{last_linear(model.heads[h.name])}.bias"]
             bias[new] = prior[new].to(bias.dtype)
     model.load_state_dict(state, strict=True)
     return model
@@ -253,7 +253,7 @@ def _copy_head(old: TaggerNet, h: HeadConfig, state: dict, theirs: dict, last: s
             state[key] = theirs[key].clone()
 
 
-def _last_linear(head: nn.Module) -> str:
+def last_linear(head: nn.Module) -> str:
     """The name of a head's output layer (its last Linear), e.g. "fc" or "fc2"."""
     return [name for name, m in head.named_modules() if isinstance(m, nn.Linear)][-1]
 

@@ -127,6 +127,8 @@ def setup_run(cfg: TrainConfig, resume: bool, console: Console, d: distributed.D
         distillation=distill.prepare(ds, activations) if cfg.distill else None,
     )
     state = TrainState(model, make_optimizer(model, cfg))
+    if ext is not None:  # the heads' rows of the original's tags learn at the backbone's rate too
+        ext.scale_old_rows(model, state.optimizer, cfg.backbone_lr_scale)
     if done:
         restored = distributed.on_main(d, lambda: run_dir.load_checkpoint(run, done[-1], model, state.optimizer))
         distributed.sync_state(d, model, state.optimizer)
