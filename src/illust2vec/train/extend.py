@@ -4,6 +4,8 @@ moved into the extended vocabulary, learning without forgetting, and validation 
 On every training image the original model's outputs for its own tags are soft targets (`--keep-old W`, the weight
 of that term; `losses.keep_old_loss`). A tag of the model that DATA's vocabulary lacks is not pushed to zero by a
 label DATA never gives: its target is the original model's output (with `--keep-old 0`, it is left out of the loss).
+The original's weights learn gently (`--backbone-lr-scale`, 0.1 by default): the backbone through its optimizer groups,
+the heads' rows of the original's tags through `scale_old_rows`; new rows and new heads learn at the full rate.
 Validation counts the tags DATA labels (`general/mAP` and the rest, as in every run), and again the old tags and the
 new ones apart (`old/general/mAP`, `new/character/top1`, ...).
 
@@ -64,6 +66,10 @@ class Extension:
         for head, t in targets.items():
             if t.dim() != 2 or head not in original or self.activations[head] != "sigmoid":
                 continue
+            # Not zero on a post DATA labels with a character of its own, though the original's old characters compete
+            # there (0.4 on average on the bench's new posts): every post of such DATA carries one, so zero there
+            # pulls the old characters down on every image, the original's included (tried: old top-1 0.68 -> 0.21
+            # on the old posts for new top-1 0.42 -> 0.63; docs/train.md, "Why the new characters trail").
             cols = np.flatnonzero(~self.data.known[head] & self.old.known[head])
             if len(cols):
                 theirs = torch.as_tensor(self.old.positions[head][cols], device=t.device)
