@@ -115,7 +115,8 @@ def make_models(root: Path, args: argparse.Namespace) -> Models:
     unlabelled = write_originals(board, images[: args.unlabelled], root / "unlabelled")
     held_out = write_originals(board, images[args.unlabelled : args.unlabelled + args.held_out], root / "held-out")
     t0 = time.perf_counter()
-    run_dir, bundle = root / "student-run", root / "student"
+    name = f"student-{args.student}-{args.student_size}"
+    run_dir, bundle = root / f"{name}-run", root / name
     distilled = None
     if not (bundle / "model.int8.onnx").exists():
         cfg = DistillConfig(
@@ -243,10 +244,11 @@ def goal(value: float, target: float) -> str:
 
 def report(m: Models, agreed: dict, rates: dict, rows: list[dict], args, load: tuple, n: int) -> None:
     s = m.distilled
+    took = {k: f"{v:.0f} s" if v >= 1 else "kept from an earlier run" for k, v in m.seconds.items()}
     print(
-        f"fast, distilled student: {m.teacher_line} ({m.seconds['teacher']:.0f} s); student {args.student} at "
+        f"fast, distilled student: {m.teacher_line} ({took['teacher']}); student {args.student} at "
         f"{args.student_size} px distilled on {args.unlabelled} unlabelled board originals for {args.student_epochs} "
-        f"epochs ({m.seconds['student']:.0f} s with the teacher pass, export and quantize); measured on {n} held-out "
+        f"epochs ({took['student']}, with the teacher pass, export and quantize); measured on {n} held-out "
         f"originals (load average {load[0]:.1f} at the start, {load[1]:.1f} at the end):"
     )
     if s is not None and getattr(s, "agreement", None):
@@ -276,5 +278,5 @@ def report(m: Models, agreed: dict, rates: dict, rows: list[dict], args, load: t
         print(
             f"  student ({best:.1f} images/s) vs {arch} at {r['size']} px: {best / r['fp32']:.0f}x its fp32 "
             f"({r['fp32']:.2f} images/s), {best / r['int8']:.0f}x its int8 ({r['int8']:.2f}); "
-            f"{goal(best / r['int8'], GOALS['x presets'])}x (against int8)"
+            f"{goal(best / r['int8'], GOALS['x presets'])} (against int8)"
         )
