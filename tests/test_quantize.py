@@ -2,7 +2,6 @@
 i2v tag prepares them, with the int8-vs-fp32 agreement report recorded beside."""
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from illust2vec.formats.bundle import INT8_FILE, INT8_REPORT, open_bundle, read_int8
 from illust2vec.quantize import QuantizeConfig, agreement, quantize, run_probs
 from illust2vec.util.images import load_for_input, pad_resize
+from onnxfile import export_nhwc
 
 WD_SIZE = 64
 
@@ -94,18 +94,7 @@ def wd_layout(out: Path, arch: str, **model_args) -> Path:
         def forward(self, x):
             return torch.sigmoid(self.model((x.permute(0, 3, 1, 2) - 127.5) / 127.5))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            WDOnnx().eval(),
-            (torch.rand(2, WD_SIZE, WD_SIZE, 3) * 255,),
-            str(out / "model.onnx"),
-            dynamo=False,
-            input_names=["input_1"],
-            output_names=["predictions_sigmoid"],
-            dynamic_axes={"input_1": {0: "batch"}, "predictions_sigmoid": {0: "batch"}},
-            opset_version=17,
-        )
+    export_nhwc(WDOnnx(), WD_SIZE, out / "model.onnx")
     return out
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from illust2vec.formats import teacher as cache
 from illust2vec.formats.dataset import open_dataset
 from illust2vec.formats.shards import iter_samples
 from illust2vec.infer.teach import TeachConfig, teach
+from onnxfile import export_nhwc
 
 
 def board_images(out: Path, n: int, seed: int = 41, first: int = 160) -> Path:
@@ -54,18 +54,7 @@ def wd_teacher(out: Path, size: int = 64, general: int = 24, characters: int = 6
             z = (cells - cells.mean(dim=1, keepdim=True)) * 4
             return torch.sigmoid(z @ weight.T + bias)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            ColourTagger().eval(),
-            (torch.rand(2, size, size, 3) * 255,),
-            str(out / "model.onnx"),
-            dynamo=False,
-            input_names=["input_1"],
-            output_names=["predictions_sigmoid"],
-            dynamic_axes={"input_1": {0: "batch"}, "predictions_sigmoid": {0: "batch"}},
-            opset_version=17,
-        )
+    export_nhwc(ColourTagger(), size, out / "model.onnx")
     return out
 
 

@@ -4,7 +4,6 @@
 import csv
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from illust2vec.infer.preprocess import read_image
 from illust2vec.infer.tagger import Tagger
 from illust2vec.infer.thresholds import Selection, mcut_threshold
 from illust2vec.util.images import DRAFT_INFO
+from onnxfile import export_nhwc
 
 REAL = Path("/work/shared/fixtures/real/images")
 WD_TAGS = Path("/work/shared/fixtures/real/tagger-meta/wd-v3_selected_tags.reconstructed.csv")
@@ -195,19 +195,8 @@ def wd_repo(tmp_path_factory):
         def forward(self, x):
             return torch.sigmoid(self.model((x.permute(0, 3, 1, 2) - self.mean) / self.std))
 
-    example = torch.rand(2, WD_SIZE, WD_SIZE, 3) * 255
-    with warnings.catch_warnings():  # the TorchScript exporter is deprecated; WD's own files came from tf2onnx
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            WDOnnx().eval(),
-            (example,),
-            str(out / "model.onnx"),
-            dynamo=False,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-            opset_version=17,
-        )
+    # the TorchScript exporter is deprecated; WD's own files came from tf2onnx
+    export_nhwc(WDOnnx(), WD_SIZE, out / "model.onnx", names=("input", "output"))
     return out, model
 
 
