@@ -20,12 +20,13 @@ Printed, each with its goal:
 The default teacher is what about 30 minutes of an idle 2-core CPU allow for the whole teacher (board, crawl, build,
 training): `i2v_small` (ResNet-10t, avg+max pooling) at 160 px, 4,000 posts, 12 epochs. Smaller runs for a busy
 machine: e.g. `--teacher-posts 2000 --teacher-size 128 --teacher-epochs 6`. The default student is `i2v_small` at
-64 px too: at 64 px decoding the originals is most of `i2v tag`'s time, so ResNet-10t tags about as fast as
-MobileNetV3-small, and it learned the teacher far faster (general F1 0.90 against 0.73 after 10 epochs; with 16,
-0.906 and character top-1 0.956, the goals: docs/benchmarks.md).
+96 px: at these sizes decoding the originals is most of `i2v tag`'s time, so ResNet-10t tags about as fast as
+MobileNetV3-small and learns the teacher far faster (general F1 0.90 against 0.73 after 10 epochs at 64 px); from
+the default 160 px teacher a 64 px student missed the goals (general F1 0.891, character top-1 0.914) and a 96 px
+one met them (0.921, 0.959) at 156 images/s fp32, 212 int8 (docs/benchmarks.md).
 
     python -m bench fast [--archs ...] [--teacher-posts 4000] [--teacher-size 160] [--teacher-epochs 12]
-        [--teacher-arch i2v_small] [--student i2v_small] [--student-size 64] [--student-epochs 16]
+        [--teacher-arch i2v_small] [--student i2v_small] [--student-size 96] [--student-epochs 16]
         [--unlabelled 1600] [--held-out 300] [--distill-keep DIR] [--teacher BUNDLE] [--no-distill]
 """
 
@@ -65,7 +66,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher-arch", default="i2v_small")
     g.add_argument("--teacher", default=None, help="a teacher bundle (with model.onnx) instead of training one")
     g.add_argument("--student", default="i2v_small", help="a preset or timm model name")
-    g.add_argument("--student-size", type=int, default=64)
+    g.add_argument("--student-size", type=int, default=96)
     g.add_argument("--student-epochs", type=int, default=16)
     g.add_argument("--unlabelled", type=int, default=1600, help="board originals the student is distilled on")
     g.add_argument("--held-out", type=int, default=300, help="board originals agreement and speed are measured on")
