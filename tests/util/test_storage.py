@@ -153,3 +153,13 @@ def test_an_upload_whose_connection_keeps_dropping_fails_in_one_line_and_leaves_
     assert not storage.exists(f"{bucket}/part.tar")
     storage.upload(src, f"{bucket}/part.tar")  # the rerun
     assert storage.read_bytes(f"{bucket}/part.tar") == src.read_bytes()
+
+
+def test_a_lost_connection_whose_message_holds_403_is_not_access_denied():
+    from illust2vec.util.storage import _describe
+
+    lost = _describe(OSError("Connection broken: IncompleteRead(403112 bytes read, 1234 more expected)"))
+    assert lost.startswith("could not reach the store"), lost
+    assert _describe(OSError("An error occurred (403) when calling the PutObject operation: Forbidden")).startswith(
+        "access denied"
+    )

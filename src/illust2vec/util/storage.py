@@ -121,7 +121,9 @@ def _describe(e: BaseException) -> str:
         return "no such bucket"
     if "nocredentials" in low or "unable to locate credentials" in low:
         return "no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the store's own)"
-    if any(k in low for k in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "403")):
+    # Words, not a bare "403": a lost connection's message can carry a byte count such as "403112 bytes read"
+    # (it once read as "access denied"); botocore says "Forbidden" with a 403, and s3fs raises PermissionError.
+    if any(k in low for k in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden")):
         return "access denied: the credentials are wrong or lack permission"
     if isinstance(e, PermissionError):
         return "access denied: the credentials are wrong or lack permission"
