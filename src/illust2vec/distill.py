@@ -133,16 +133,19 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillSummar
     console = console or Console(stderr=True)
     student.check_student(cfg.student, cfg.size)
     d = distributed.setup(cfg.device)
+    finished = False
     try:
         if not cfg.resume and not cfg.teacher_only:  # a run already there is refused now, not after the teacher pass
             distributed.on_main(d, lambda: prepare_run(cfg.train_config(()), resume=False))
         taught = distributed.on_main(d, lambda: _teach(cfg, console))
         if cfg.teacher_only:
+            finished = True
             return DistillSummary(cfg.out, cfg.cache, taught, None, {})
         info = cache.read_identity(Path(cfg.cache))
         trained = fit(cfg.train_config(student.student_softmax(info)), resume=cfg.resume, console=console)
+        finished = True
     finally:
-        distributed.teardown(d)
+        distributed.teardown(d, finished)
     return DistillSummary(cfg.out, cfg.cache, taught, trained, agreement_of(trained))
 
 

@@ -140,7 +140,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     got["weight"] = model.weight.tolist()
     got["exp_avg"] = optimizer.state_dict()["state"][0]["exp_avg"].tolist()
     Path(out, f"{rank}.json").write_text(json.dumps(got))
-    dist.destroy_process_group()
+    distributed.teardown(d, finished=True)
 
 
 @pytest.mark.slow

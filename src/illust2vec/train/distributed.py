@@ -111,8 +111,13 @@ def _to_cpu(value):
     return value
 
 
-def teardown(d: Dist) -> None:
+def teardown(d: Dist, finished: bool = False) -> None:
+    """Leave the process group. After a clean finish every rank first waits for the others: a gloo rank whose peer
+    destroys the group and exits while their connection is still open can abort (SIGABRT, "terminate called without
+    an active exception"). After a failure there is no barrier, since a rank that crashed would never reach it."""
     if d.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

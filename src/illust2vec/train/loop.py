@@ -56,13 +56,16 @@ def fit(cfg: TrainConfig, resume: bool = False, console: Console | None = None) 
     """Train (or resume) a run; returns a summary with the best epoch and its metrics."""
     console = console or Console(stderr=True)
     d = distributed.setup(cfg.device)
+    finished = False
     try:
         state, ctx = setup_run(cfg, resume, console, d)
         if d.enabled and d.main:
             console.print(distributed.describe(d, cfg.out))
-        return train_epochs(state, ctx)
+        summary = train_epochs(state, ctx)
+        finished = True
+        return summary
     finally:
-        distributed.teardown(d)
+        distributed.teardown(d, finished)
 
 
 def train_epochs(state: TrainState, ctx: Context) -> TrainSummary:
