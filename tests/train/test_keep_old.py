@@ -57,7 +57,7 @@ def train(keep_old: float, steps: int = 40) -> dict:
         batch, targets, original = ext.batch(x[i], {"general": y[i]})
         logits = model(batch)
         loss, parts = multitask_loss(logits, targets, ext.activations, LossConfig())
-        loss, parts = ext.keep(logits, original, loss, parts)
+        loss, parts = ext.keep(logits, original, targets, loss, parts)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -125,7 +125,7 @@ def test_the_original_s_rows_learn_at_the_backbone_s_rate_and_new_rows_at_the_he
         ext.scale_old_rows(net, opt, scale)
         logits = net(batch)
         loss, parts = multitask_loss(logits, targets, ext.activations, LossConfig())
-        loss, _ = ext.keep(logits, original, loss, parts)
+        loss, _ = ext.keep(logits, original, targets, loss, parts)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -137,3 +137,53 @@ def test_the_original_s_rows_learn_at_the_backbone_s_rate_and_new_rows_at_the_he
         assert torch.allclose(scaled[key][6:], full[key][6:])  # the new tag's row: the whole step
     conv = next(k for k in full if k.startswith("backbone.") and k.endswith("weight"))
     assert torch.allclose(scaled[conv], full[conv])  # the backbone: its own optimizer group, untouched here
+
+
+def characters(names):
+    return Vocab(tuple(tag_id(n) for n in names), tuple(names), (4,) * len(names), (1,) * len(names))
+
+
+def character_extension(data: Vocab) -> tuple[torch.nn.Module, Extension]:
+    """An original that knows characters a, b, c; DATA of another vocabulary; the merged model (union)."""
+    torch.manual_seed(0)
+    old_vocab = characters(["a", "b", "c"])
+    old = create_tagger("test_resnet", heads=default_heads({"character": 3}), image_size=32).eval()
+    merged = merge_vocab(old_vocab, data, "union")
+    init = InitModel(old, old_vocab, Thresholds(), {"model": "old"})
+    model = extend_model(init, merged, data, {"character": [5] * len(data.names)}, 20, {})
+    maps = VocabMap.between(merged, data), VocabMap.between(merged, old_vocab)
+    return model, Extension(merged, *maps, {"character": "sigmoid"}, 1.0, old, None, None, init, {})
+
+
+def test_on_a_post_of_a_new_character_the_old_characters_data_labels_take_its_label_alone():
+    """DATA built from the new crawl and a sample of the old board labels old character b as well as the new one:
+    where a post carries the new character, b's keep-old term is left out (DATA says b is absent), while a and c,
+    which DATA never labels, keep theirs; on a post of the old board every term counts."""
+    model, ext = character_extension(characters(["b", "new"]))  # merged: a, b, c, new
+    x = torch.randint(0, 255, (3, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])  # a new character's post, b's post, neither
+    batch, targets, original = ext.batch(x, {"character": labels})
+    logits = model(batch)
+    columns = {"character": tuple(torch.as_tensor(c) for c in ext.old.columns("character"))}
+    masks = ext.rival_masks(columns, targets)
+    assert masks["character"].tolist() == [[True, False, True], [True, True, True], [True, True, True]]
+    loss, parts = ext.keep(logits, original, targets, torch.zeros(()), {})
+    loss.backward()
+    head = model.heads["character"].fc.weight.grad  # rows a, b, c, new
+    assert parts["keep_old"] > 0 and head[:3].abs().sum() > 0
+    # b's keep-old term only ever sees posts 2 and 3: leaving post 1 out changes its gradient, not a's
+    model.zero_grad()
+    alone = keep_old_loss(model(batch), original, columns, ext.activations)
+    alone.backward()
+    full = model.heads["character"].fc.weight.grad
+    assert not torch.allclose(full[1], head[1]) and torch.allclose(full[0], head[0], atol=1e-6)
+
+
+def test_with_new_characters_alone_every_keep_old_term_counts():
+    """DATA of the new characters alone labels no old one: the original's outputs stay the old characters' targets on
+    every post, the new characters' included (leaving them out there forgets the old characters)."""
+    _, ext = character_extension(characters(["new"]))
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    _, targets, _ = ext.batch(x, {"character": torch.tensor([[1.0], [0.0]])})
+    columns = {"character": tuple(torch.as_tensor(c) for c in ext.old.columns("character"))}
+    assert ext.rival_masks(columns, targets) == {}

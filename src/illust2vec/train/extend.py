@@ -34,6 +34,9 @@ from .config import TrainConfig
 from .init import InitModel, check_arch, count_rows, extend_model, last_linear, load_init, merge_vocab
 from .losses import keep_old_loss
 
+# Heads whose tags compete for a post (who is drawn, from what): a new one of them makes the original's guesses moot.
+RIVAL_HEADS = ("character", "copyright")
+
 
 @dataclass
 class Extension:
@@ -76,7 +79,9 @@ class Extension:
                 t[:, torch.as_tensor(cols, device=t.device)] = torch.sigmoid(original[head].index_select(1, theirs))
         return images, targets, original
 
-    def keep(self, logits: dict, original: dict | None, loss: torch.Tensor, parts: dict) -> tuple[torch.Tensor, dict]:
+    def keep(
+        self, logits: dict, original: dict | None, targets: dict, loss: torch.Tensor, parts: dict
+    ) -> tuple[torch.Tensor, dict]:
         """The training loss plus W times the learning-without-forgetting term (logged as keep_old)."""
         if original is None or self.keep_old == 0:
             return loss, parts
@@ -86,8 +91,31 @@ class Extension:
             for h in self.old.positions
             if h in original
         }
-        term = keep_old_loss(logits, original, columns, self.activations)
+        masks = self.rival_masks(columns, targets)
+        term = keep_old_loss(logits, original, columns, self.activations, masks)
         return loss + self.keep_old * term, {**parts, "keep_old": float(term.detach())}
+
+    def rival_masks(self, columns: dict, targets: dict) -> dict[str, torch.Tensor]:
+        """Where the original's outputs are no evidence: on a post that DATA labels with a character (or series) the
+        original cannot know, its scores for the old characters are guesses at a cast it never saw (0.4 at best on
+        the bench's new posts), so the old characters that DATA labels itself take DATA's label there alone. Only
+        DATA that labels old characters too (the new crawl built with a sample of the old board) is affected; with
+        new characters alone there is no such label, and the original's outputs stay their targets.
+        Head -> a bool (images, old columns) mask of the keep-old entries that count."""
+        masks = {}
+        for head in RIVAL_HEADS:
+            if head not in columns or head not in targets or self.activations.get(head) != "sigmoid":
+                continue
+            known = self.data.known[head]
+            new = np.flatnonzero(known & ~self.old.known[head])
+            ours = columns[head][0]
+            labelled = torch.as_tensor(known, device=ours.device)[ours]
+            if len(new) == 0 or not labelled.any():
+                continue
+            t = targets[head]
+            carries_new = (t.index_select(1, torch.as_tensor(new, device=t.device)) > 0.5).any(1)  # NaN: no
+            masks[head] = ~(carries_new[:, None] & labelled[None, :])
+        return masks
 
     def transform(self):
         """For validation's `predict_split`: batches at the model's size, targets in its vocabulary."""

@@ -165,7 +165,7 @@ def train_one_epoch(state: TrainState, ctx: Context, progress: Progress | None) 
         else:
             loss, parts = multitask_loss(logits, targets, ctx.activations, cfg.loss, ctx.weights, ctx.pairs)
         if ctx.extension is not None:  # learning without forgetting: the original's outputs as soft targets
-            loss, parts = ctx.extension.keep(logits, original, loss, parts)
+            loss, parts = ctx.extension.keep(logits, original, targets, loss, parts)
         # Backward and clip.
         state.optimizer.zero_grad(set_to_none=True)
         if ctx.scaler is not None:

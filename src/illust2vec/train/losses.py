@@ -325,6 +325,7 @@ def keep_old_loss(
     original: Mapping[str, Tensor],
     columns: Mapping[str, tuple[Tensor, Tensor]],
     activations: Mapping[str, str],
+    masks: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """Learning without forgetting (Li and Hoiem 2016): the original model's outputs for its own tags as soft targets.
 
@@ -337,6 +338,8 @@ def keep_old_loss(
         original: the original model's logits per head (no gradient).
         columns: head -> (the model's columns, the original's columns) of the tags both have, in step.
         activations: head -> the model's activation ("sigmoid" or "softmax").
+        masks: head -> a bool (images, len(columns)) tensor of the entries that count, for a sigmoid head (the rest
+            are left out; the mean still divides by every entry, so a mask only takes terms away).
     """
     total = None
     for head, (ours, theirs) in columns.items():
@@ -346,6 +349,9 @@ def keep_old_loss(
         y = original[head].float().index_select(1, theirs)
         if activations[head] == "softmax":
             loss = -(y.softmax(dim=1) * F.log_softmax(x, dim=1)).sum(dim=1).mean()
+        elif masks is not None and head in masks:
+            each = F.binary_cross_entropy_with_logits(x, torch.sigmoid(y), reduction="none")
+            loss = (each * masks[head]).sum() / each.numel()
         else:
             loss = F.binary_cross_entropy_with_logits(x, torch.sigmoid(y))
         total = loss if total is None else total + loss
