@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--posts", type=int, default=3000, help="posts of the seed-0 board (the base)")
     parser.add_argument("--new-posts", type=int, default=1200, help="posts of the seed-1 board before the cap")
     parser.add_argument("--cap", type=int, default=50, help="at most this many posts per new character")
-    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--size", type=int, default=128, help="the image size (i2v_small's own)")
     parser.add_argument("--epochs", type=int, default=8, help="epochs of the base and of the from-scratch run")
     parser.add_argument("--extend-epochs", type=int, default=4)
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: train's)")

@@ -159,3 +159,23 @@ def i2v(monkeypatch, capsys):
         return e.value.code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def new_build(synth_crawl, tmp_path_factory):
+    """The synthetic crawl built with more tags than synth_build (more general tags and characters, an artist head)
+    at 64 px, not the model's 96: DATA for extending synth_run."""
+    from illust2vec.data.build import BuildConfig, build
+    from illust2vec.data.vocab import build_vocab
+    from illust2vec.formats.vocab import write_vocab
+
+    root = tmp_path_factory.mktemp("new")
+    top = {"general": 70, "character": 24, "copyright": 8, "artist": 3}
+    write_vocab(build_vocab([synth_crawl], top=top, artist=True), root / "selected_tags.csv")
+    build(
+        BuildConfig(
+            dirs=(synth_crawl,), vocab=root / "selected_tags.csv", out=root / "ds", size=64, shard_size=40,
+            val_fraction=0.15, test_fraction=0.1, workers=2, format="png",
+        )
+    )  # fmt: skip
+    return root / "ds"

@@ -350,6 +350,9 @@ def train(
     keep_old: float = typer.Option(
         None, min=0.0, help="With --init: weight of the original model's outputs as soft targets (default 1; 0: off)."
     ),
+    probe_new: bool = typer.Option(
+        True, help="With --init: fit the new tags' rows on the original's features before training (a linear probe)."
+    ),
 ) -> None:
     """Train a tagger on built shards; checkpoints and curves every epoch. Under torchrun, with DDP."""
     from .train.config import TrainConfig
@@ -384,6 +387,7 @@ def train(
         freeze_backbone=freeze_backbone,
         backbone_lr_scale=backbone_lr_scale,
         keep_old=keep_old,
+        probe_new=probe_new,
     )
     summary = fit(cfg, resume=resume, console=err)
     err.print(f"best epoch {summary.best_epoch} by {summary.select_by} = {summary.best:.4f}", highlight=False)

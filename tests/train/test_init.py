@@ -200,26 +200,6 @@ def test_init_settings_are_checked():
 # ---- an extended run, end to end
 
 
-@pytest.fixture(scope="module")
-def new_build(synth_crawl, tmp_path_factory):
-    """The synthetic crawl built with more tags than synth_build (more general tags and characters, an artist head)
-    at 64 px, not the model's 96: DATA for extending synth_run."""
-    from illust2vec.data.build import BuildConfig, build
-    from illust2vec.data.vocab import build_vocab
-    from illust2vec.formats.vocab import write_vocab
-
-    root = tmp_path_factory.mktemp("new")
-    top = {"general": 70, "character": 24, "copyright": 8, "artist": 3}
-    write_vocab(build_vocab([synth_crawl], top=top, artist=True), root / "selected_tags.csv")
-    build(
-        BuildConfig(
-            dirs=(synth_crawl,), vocab=root / "selected_tags.csv", out=root / "ds", size=64, shard_size=40,
-            val_fraction=0.15, test_fraction=0.1, workers=2, format="png",
-        )
-    )  # fmt: skip
-    return root / "ds"
-
-
 @pytest.mark.slow
 def test_an_extended_run_exports_evaluates_on_two_sets_and_resumes(synth_run, synth_build, new_build, tmp_path, i2v):
     base = tmp_path / "base"

@@ -23,7 +23,7 @@ from ..formats import run as run_dir
 from ..formats.dataset import Dataset, open_dataset
 from ..models import create_tagger, default_heads
 from ..models.tagger import PRESETS, TaggerConfig, TaggerNet
-from . import distill, distributed, extend
+from . import distill, distributed, extend, probe
 from .config import TrainConfig
 from .losses import cooccurrence, exclusive_pairs, prior_bias, tag_weights
 
@@ -98,6 +98,11 @@ def setup_run(cfg: TrainConfig, resume: bool, console: Console, d: distributed.D
     model = model.to(d.device)
     if cfg.freeze_backbone:
         extend.freeze_backbone(model)
+    if ext is not None and cfg.probe_new and not done and d.main:  # DDP hands rank 0's rows to the rest
+        fitted = probe.probe_new_rows(model, ext, ds, d.device, cfg.workers, console)
+        if fitted:
+            rows = ", ".join(f"{n} {head}" for head, n in fitted.items())
+            console.print(f"new rows fitted on the original's features (a linear probe): {rows}", highlight=False)
     if cfg.prior_init and not done and ext is None:
         init_head_priors(model, ds.tag_counts("train"), ds.samples("train"))
     autocast, channels_last = precision(cfg, d.device)
