@@ -351,7 +351,11 @@ def train(
         None, min=0.0, help="With --init: weight of the original model's outputs as soft targets (default 1; 0: off)."
     ),
     probe_new: bool = typer.Option(
-        True, help="With --init: fit the new tags' rows on the original's features before training (a linear probe)."
+        None,
+        "--probe-new/--no-probe-new",
+        help="With --init: fit the new tags' rows on the original's features first (a linear probe); default: when "
+        "DATA labels some of the original's characters or series too.",
+        show_default=False,
     ),
 ) -> None:
     """Train a tagger on built shards; checkpoints and curves every epoch. Under torchrun, with DDP."""

@@ -210,6 +210,7 @@ def test_an_extended_run_exports_evaluates_on_two_sets_and_resumes(synth_run, sy
     assert code == 0, err
     said = " ".join(err.split())  # rich wraps at 80 columns
     assert "92 tags kept" in said and "resized to the model's 96 px" in said
+    assert "new rows fitted on the original's features" in said  # DATA labels old characters too: the probe runs
     config = json.loads((run / "config.json").read_text())
     merged = read_vocab(run / "selected_tags.csv")
     assert config["vocab_hash"] == merged.hash

@@ -1,15 +1,19 @@
 """--probe-new: the new rows of an extended model are fitted by logistic regression on the original's features
 before training; the original's rows are never touched."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from rich.console import Console
 
+from illust2vec.evaluation.vocab_map import VocabMap
 from illust2vec.formats.dataset import open_dataset
+from illust2vec.formats.vocab import Vocab, tag_id
 from illust2vec.train import extend, probe
 from illust2vec.train.config import TrainConfig
-from illust2vec.train.init import last_linear
+from illust2vec.train.init import last_linear, merge_vocab
 
 
 def test_fit_rows_separates_what_the_features_say_and_works_on_raw_features():
@@ -82,6 +86,23 @@ def test_probed_rows_already_tell_the_new_tags_apart(extension):
 
 
 def test_probe_new_is_a_setting_that_is_checked():
-    assert TrainConfig(data="d", out="o", init="m").probe_new is True
-    with pytest.raises(Exception, match="probe_new must be true or false"):
+    assert TrainConfig(data="d", out="o", init="m").probe_new is None
+    with pytest.raises(Exception, match="probe_new must be true, false or null"):
         TrainConfig(data="d", out="o", init="m", probe_new="yes")
+
+
+def test_by_default_the_probe_runs_when_data_labels_some_of_the_original_s_characters():
+    """DATA of new characters alone: no probe (its rows would never see an old character as a negative); DATA that
+    labels an old character too (a sample of the old board in it): the probe; the setting overrides either way."""
+
+    def chars(names, general=()):
+        names = list(general) + list(names)
+        cats = [0] * len(general) + [4] * (len(names) - len(general))
+        return Vocab(tuple(tag_id(n) for n in names), tuple(names), tuple(cats), (1,) * len(names))
+
+    original = chars(["a", "b"], general=["smile"])
+    for data, auto in ((chars(["new"], general=["smile"]), False), (chars(["b", "new"]), True)):
+        merged = merge_vocab(original, data, "union")
+        ext = SimpleNamespace(data=VocabMap.between(merged, data), old=VocabMap.between(merged, original))
+        assert probe.wanted(None, ext) is auto
+        assert probe.wanted(True, ext) is True and probe.wanted(False, ext) is False

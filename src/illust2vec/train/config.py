@@ -84,8 +84,8 @@ class TrainConfig:
     # forgetting); None: 1 with init, else 0 (no original model to keep).
     keep_old: float | None = None
     # With init: fit the new tags' rows by logistic regression on the original's features before training
-    # (train/probe.py); without init it has nothing to do.
-    probe_new: bool = True
+    # (train/probe.py); None: when DATA labels some of the original's characters or series too (see probe.py).
+    probe_new: bool | None = None
     # i2v distill: `data` is a teacher's soft-target cache (formats/teacher.py); the student learns the teacher's
     # probabilities and is measured by its agreement with the teacher (train/distill.py).
     distill: bool = False
@@ -182,8 +182,8 @@ def _check_init(cfg: TrainConfig) -> None:
         raise UserError(f"distill must be true or false, not {cfg.distill!r}")
     if cfg.distill and cfg.init is not None:
         raise UserError("distill: a student starts from its architecture (or --pretrained), not from --init")
-    if not isinstance(cfg.probe_new, bool):
-        raise UserError(f"probe_new must be true or false, not {cfg.probe_new!r}")
+    if cfg.probe_new is not None and not isinstance(cfg.probe_new, bool):
+        raise UserError(f"probe_new must be true, false or null (auto), not {cfg.probe_new!r}")
     if not isinstance(cfg.freeze_backbone, bool):
         raise UserError(f"freeze_backbone must be true or false, not {cfg.freeze_backbone!r}")
     if cfg.init is None:

@@ -98,7 +98,7 @@ def setup_run(cfg: TrainConfig, resume: bool, console: Console, d: distributed.D
     model = model.to(d.device)
     if cfg.freeze_backbone:
         extend.freeze_backbone(model)
-    if ext is not None and cfg.probe_new and not done and d.main:  # DDP hands rank 0's rows to the rest
+    if ext is not None and not done and d.main and probe.wanted(cfg.probe_new, ext):  # DDP hands rank 0's rows on
         fitted = probe.probe_new_rows(model, ext, ds, d.device, cfg.workers, console)
         if fitted:
             rows = ", ".join(f"{n} {head}" for head, n in fitted.items())
