@@ -158,9 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--replay",
         type=int,
-        default=600,
+        default=1000,
         help="also extend with DATA built from the new board and this many training posts of the old one (0: not)",
     )
+    parser.add_argument("--replay-epochs", type=int, default=3, help="epochs of that extension")
     parser.add_argument(
         "--skip-scratch", action="store_true", help="no from-scratch run: its time estimated from the base's"
     )
@@ -203,7 +204,7 @@ def run_all(root: Path, args) -> None:
         sample = sample_crawl(root, crawl0, args.replay, args.test_fraction)
         mixed = build_set(root, f"new+old{args.replay}", [crawl1, sample], args.size, w, args.test_fraction)
         runs[f"extended, +{args.replay} old"] = train(
-            root / f"extended-old{args.replay}", seconds, **{**extend, "data": str(mixed)}
+            root / f"extended-old{args.replay}", seconds, **{**extend, "data": str(mixed), "epochs": args.replay_epochs}
         )
     if args.skip_scratch:  # the base's time per training image, times both boards' training images
         scale = open_dataset(both).samples("train") / open_dataset(old).samples("train")
@@ -219,8 +220,9 @@ def report(runs: dict, old: Path, new: Path, seconds: dict, args, workers: int) 
     print(
         f"extend: i2v_small at {args.size} px; base {ds_old.samples('train')} training posts of seed 0, "
         f"{args.epochs} epochs; new data {ds_new.samples('train')} training posts of seed 1 "
-        f"(at most {args.cap} per character), {args.extend_epochs} epochs; test posts {ds_old.samples('test')} "
-        f"(seed 0) and {ds_new.samples('test')} (seed 1)"
+        f"(at most {args.cap} per character), {args.extend_epochs} epochs"
+        + (f"; with {args.replay} of seed 0, {args.replay_epochs} epochs" if args.replay else "")
+        + f"; test posts {ds_old.samples('test')} (seed 0) and {ds_new.samples('test')} (seed 1)"
     )
     print(
         "columns: top-1 over every character; 'among' ranks only the post's own group (new on seed 1, old on "
