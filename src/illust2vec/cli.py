@@ -354,7 +354,7 @@ def train(
         None,
         "--probe-new/--no-probe-new",
         help="With --init: fit the new tags' rows on the original's features first (a linear probe); default: when "
-        "DATA labels some of the original's characters or series too.",
+        "a tenth of DATA's posts show the original's characters (DATA holds a sample of the old board).",
         show_default=False,
     ),
 ) -> None:

@@ -91,18 +91,24 @@ def test_probe_new_is_a_setting_that_is_checked():
         TrainConfig(data="d", out="o", init="m", probe_new="yes")
 
 
-def test_by_default_the_probe_runs_when_data_labels_some_of_the_original_s_characters():
-    """DATA of new characters alone: no probe (its rows would never see an old character as a negative); DATA that
-    labels an old character too (a sample of the old board in it): the probe; the setting overrides either way."""
+def test_by_default_the_probe_runs_when_a_tenth_of_data_s_posts_show_the_original_s_characters():
+    """DATA of new characters alone: no probe (its rows would never see an old character as a negative), even when
+    it shares a generic series tag ("original") with the original; DATA built with a sample of the old board: the
+    probe; a few old characters beside the new ones (crossovers) are not such a sample; the setting overrides."""
 
-    def chars(names, general=()):
-        names = list(general) + list(names)
-        cats = [0] * len(general) + [4] * (len(names) - len(general))
+    def vocab(chars, series=()):
+        names = list(chars) + list(series)
+        cats = [4] * len(chars) + [3] * len(series)
         return Vocab(tuple(tag_id(n) for n in names), tuple(names), tuple(cats), (1,) * len(names))
 
-    original = chars(["a", "b"], general=["smile"])
-    for data, auto in ((chars(["new"], general=["smile"]), False), (chars(["b", "new"]), True)):
+    original = vocab(["a", "b"], series=["original", "old_series"])
+    cases = (  # DATA's vocabulary, its training counts per head, its training posts, the default
+        (vocab(["new"], series=["original", "new_series"]), {"character": [100], "copyright": [30, 70]}, 100, False),
+        (vocab(["b", "new"], series=["new_series"]), {"character": [45, 100], "copyright": [100]}, 150, True),
+        (vocab(["b", "new"], series=["new_series"]), {"character": [5, 100], "copyright": [100]}, 100, False),
+    )
+    for data, counts, samples, auto in cases:
         merged = merge_vocab(original, data, "union")
         ext = SimpleNamespace(data=VocabMap.between(merged, data), old=VocabMap.between(merged, original))
-        assert probe.wanted(None, ext) is auto
-        assert probe.wanted(True, ext) is True and probe.wanted(False, ext) is False
+        assert probe.wanted(None, ext, counts, samples) is auto, (data.names, counts)
+        assert probe.wanted(True, ext, counts, samples) is True and probe.wanted(False, ext, counts, samples) is False

@@ -84,7 +84,7 @@ class TrainConfig:
     # forgetting); None: 1 with init, else 0 (no original model to keep).
     keep_old: float | None = None
     # With init: fit the new tags' rows by logistic regression on the original's features before training
-    # (train/probe.py); None: when DATA labels some of the original's characters or series too (see probe.py).
+    # (train/probe.py); None: when a tenth of DATA's posts show the original's characters (probe.py).
     probe_new: bool | None = None
     # i2v distill: `data` is a teacher's soft-target cache (formats/teacher.py); the student learns the teacher's
     # probabilities and is measured by its agreement with the teacher (train/distill.py).

@@ -98,11 +98,8 @@ def setup_run(cfg: TrainConfig, resume: bool, console: Console, d: distributed.D
     model = model.to(d.device)
     if cfg.freeze_backbone:
         extend.freeze_backbone(model)
-    if ext is not None and not done and d.main and probe.wanted(cfg.probe_new, ext):  # DDP hands rank 0's rows on
-        fitted = probe.probe_new_rows(model, ext, ds, d.device, cfg.workers, console)
-        if fitted:
-            rows = ", ".join(f"{n} {head}" for head, n in fitted.items())
-            console.print(f"new rows fitted on the original's features (a linear probe): {rows}", highlight=False)
+    if ext is not None and not done and d.main:  # under DDP, its wrap hands rank 0's rows to the other ranks
+        _probe(cfg, ext, model, ds, d.device, console)
     if cfg.prior_init and not done and ext is None:
         init_head_priors(model, ds.tag_counts("train"), ds.samples("train"))
     autocast, channels_last = precision(cfg, d.device)
@@ -142,6 +139,16 @@ def setup_run(cfg: TrainConfig, resume: bool, console: Console, d: distributed.D
         if d.main:
             console.print(f"resuming {run} after epoch {state.epoch}")
     return state, ctx
+
+
+def _probe(cfg: TrainConfig, ext: extend.Extension, model: TaggerNet, ds: Dataset, device, console: Console) -> None:
+    """--probe-new (train/probe.py): the new rows fitted on the original's features, when wanted."""
+    if not probe.wanted(cfg.probe_new, ext, ds.tag_counts("train"), ds.samples("train")):
+        return
+    fitted = probe.probe_new_rows(model, ext, ds, device, cfg.workers, console)
+    if fitted:
+        rows = ", ".join(f"{n} {head}" for head, n in fitted.items())
+        console.print(f"new rows fitted on the original's features (a linear probe): {rows}", highlight=False)
 
 
 def _run_plan(cfg: TrainConfig, resume: bool) -> tuple[Path, list[int], dict | None]:
