@@ -47,20 +47,25 @@ def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, label.float()[:, None]
 
 
+def step(model, ext: Extension, opt, batch: torch.Tensor, targets: dict, original: dict | None) -> dict:
+    """One training step as the loop takes it: the loss, the keep-old term, the optimizer's step; the loss parts."""
+    logits = model(batch)
+    loss, parts = multitask_loss(logits, targets, ext.activations, LossConfig())
+    loss, parts = ext.keep(logits, original, targets, loss, parts)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return parts
+
+
 def train(keep_old: float, steps: int = 40) -> dict:
     old, model, ext = extension(keep_old)
     x, y = images(128, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(steps):
-        i = torch.arange(16) + 16 * (step % 8)
-        batch, targets, original = ext.batch(x[i], {"general": y[i]})
-        logits = model(batch)
-        loss, parts = multitask_loss(logits, targets, ext.activations, LossConfig())
-        loss, parts = ext.keep(logits, original, targets, loss, parts)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    for n in range(steps):
+        i = torch.arange(16) + 16 * (n % 8)
+        parts = step(model, ext, opt, *ext.batch(x[i], {"general": y[i]}))
     model.eval()
     test, truth = images(64, 1)
     with torch.no_grad():
@@ -123,12 +128,7 @@ def test_the_original_s_rows_learn_at_the_backbone_s_rate_and_new_rows_at_the_he
         net = copy.deepcopy(model).train()
         opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.05)
         ext.scale_old_rows(net, opt, scale)
-        logits = net(batch)
-        loss, parts = multitask_loss(logits, targets, ext.activations, LossConfig())
-        loss, _ = ext.keep(logits, original, targets, loss, parts)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        step(net, ext, opt, batch, targets, original)
         moved[scale] = {k: (v - model.state_dict()[k]).detach() for k, v in net.state_dict().items()}
     full, scaled = moved[1.0], moved[0.1]
     for key in ("heads.general.fc.weight", "heads.general.fc.bias"):

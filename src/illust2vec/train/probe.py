@@ -25,11 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import Progress
 
+from ..evaluation.evaluator import PredictOptions, predict_split
 from ..evaluation.vocab_map import batch_mapper
 from ..formats.dataset import Dataset
-from ..formats.loader import BadSamples, LoaderConfig, make_loader
 from ..models.tagger import TaggerNet
 from .init import last_linear
 
@@ -77,41 +76,27 @@ def features(
     heads: list[str],
     device: torch.device,
     workers: int,
-    limit: int,
     console: Console | None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The inputs of the heads' output layers and the targets (in the model's vocabulary) over a split."""
+    """The inputs of the heads' output layers (caught with hooks while `predict_split` runs the model) and the
+    targets in the model's vocabulary, over at most MAX_IMAGES of a split."""
     layers = {h: dict(model.heads[h].named_modules())[last_linear(model.heads[h])] for h in heads}
     seen: dict[str, list] = {h: [] for h in heads}
     hooks = [
         layer.register_forward_hook(lambda _m, args, _out, h=h: seen[h].append(args[0].detach().float().cpu()))
         for h, layer in layers.items()
     ]
-    targets: dict[str, list] = {h: [] for h in heads}
-    total = min(ds.samples(split), limit)
-    loader = make_loader(ds, split, LoaderConfig(batch_size=64, workers=workers), False, bad=BadSamples())
     was = model.training
-    model.eval()
     try:
-        with torch.no_grad(), Progress(console=console, transient=True, disable=console is None) as bar:
-            task = bar.add_task(f"probing new tags: {split} features", total=total)
-            count = 0
-            for batch in loader:
-                images, batch_targets = transform(batch) if transform else batch
-                model(images.to(device))
-                for h in heads:
-                    targets[h].append(batch_targets[h].float().cpu())
-                count += len(images)
-                bar.update(task, completed=min(count, total))
-                if count >= limit:
-                    break
+        opts = PredictOptions(batch_size=64, workers=workers, max_samples=MAX_IMAGES)
+        preds = predict_split(model, ds, split, device, opts, console, transform)
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was)
     return (
-        {h: torch.cat(seen[h])[:limit] for h in heads},
-        {h: torch.cat(targets[h])[:limit] for h in heads},
+        {h: torch.cat(seen[h])[:MAX_IMAGES] for h in heads},
+        {h: torch.from_numpy(preds.targets[h][:MAX_IMAGES]).float() for h in heads},
     )
 
 
@@ -145,9 +130,9 @@ def probe_new_rows(
         return {}
     transform = batch_mapper(ext.data, ext.size)
     heads = list(cols)
-    x, y = features(model, ds, "train", transform, heads, device, workers, MAX_IMAGES, console)
-    has_val = ds.samples("val") > 0 if "val" in ds.info.splits else False
-    vx, vy = features(model, ds, "val", transform, heads, device, workers, MAX_IMAGES, None) if has_val else ({}, {})
+    x, y = features(model, ds, "train", transform, heads, device, workers, console)
+    has_val = "val" in ds.info.splits and ds.samples("val") > 0
+    vx, vy = features(model, ds, "val", transform, heads, device, workers, None) if has_val else ({}, {})
     fitted = {}
     for head, c in cols.items():
         index = torch.as_tensor(c)
